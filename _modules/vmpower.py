@@ -1,0 +1,231 @@
+"""
+Keep the recorded power state of libvirt VMs true to the hypervisor, and act on it.
+
+vmpower records every domain of this minion (vm_state, power_state, task_state) and applies
+Nova's power-state rules when the record and libvirt disagree. Settings come from minion
+config or pillar under ``vmpower:`` (pillar wins):
+
+.. code-block:: yaml
+
+    vmpower:
+      uri: qemu:///system        # libvirt URI
+      stop_timeout: 60           # graceful shutdown before power-off, seconds
+      sync_interval: 600         # the periodic safety-net sync, seconds
+      instances:
+        web1:
+          vm_state: active       # pinned: restarted after a guest shutdown or crash
+        db1:
+          task_state: maintenance  # hands off while set
+"""
+
+import logging
+import os
+
+from salt.exceptions import CommandExecutionError
+
+try:
+    from vmpower.core import arguments
+    from vmpower.core.settings import ConfigError, parse_settings
+    from vmpower.hypervisor import HAS_LIBVIRT, HypervisorError
+    from vmpower.operations import HostOperations, OperationError
+    from vmpower.store import Store, StoreError
+
+    IMPORT_ERROR = None
+except ImportError as exc:  # reported by __virtual__
+    IMPORT_ERROR = exc
+
+log = logging.getLogger(__name__)
+
+__virtualname__ = "vmpower"
+
+
+def __virtual__():
+    if IMPORT_ERROR is not None:
+        return False, f"vmpower: the vmpower library cannot be imported: {IMPORT_ERROR}"
+    if not HAS_LIBVIRT:
+        return False, "vmpower: the libvirt Python bindings (libvirt-python) are not installed"
+    return __virtualname__
+
+
+def _settings():
+    raw = __salt__["config.get"]("vmpower", default={}, merge="recurse")
+    return parse_settings(raw)
+
+
+def _store_path(settings):
+    return settings.store or os.path.join(__opts__["cachedir"], "vmpower", "records.sqlite")
+
+
+def _run(operation, *args, **kwargs):
+    """Run one HostOperations method with this minion's settings, store and identity.
+
+    vmpower's own errors become CommandExecutionError with their message, so ``salt-call``
+    prints what was wrong and exits non-zero.
+    """
+    try:
+        settings = _settings()
+        with Store(_store_path(settings)) as store:
+            ops = HostOperations(settings, __opts__["id"], store)
+            return getattr(ops, operation)(*args, **kwargs)
+    except (ConfigError, StoreError, HypervisorError, OperationError) as exc:
+        raise CommandExecutionError(f"vmpower.{operation}: {exc}") from exc
+
+
+def _check(check, *args):
+    try:
+        return check(*args)
+    except ConfigError as exc:
+        raise CommandExecutionError(str(exc)) from exc
+
+
+def get_info(name):
+    """
+    Return the power state, memory (KiB), vCPUs and CPU time (ns) of one domain.
+
+    name
+        The domain's name or UUID.
+
+    CLI Example:
+
+    .. code-block:: bash
+
+        salt '*' vmpower.get_info web1
+    """
+    return _run("get_info", _check(arguments.target, name))
+
+
+def list_instances():
+    """
+    Return the names of every domain on this host.
+
+    CLI Example:
+
+    .. code-block:: bash
+
+        salt '*' vmpower.list_instances
+    """
+    return _run("list_instances")
+
+
+def get_num_instances():
+    """
+    Return how many domains this host has.
+
+    CLI Example:
+
+    .. code-block:: bash
+
+        salt '*' vmpower.get_num_instances
+    """
+    return len(_run("list_instances"))
+
+
+def stop(name, timeout=None, force=False):
+    """
+    Shut a domain down and record it as stopped.
+
+    The guest is asked to shut down (ACPI); if it is still running after ``timeout`` seconds
+    (default ``vmpower:stop_timeout``, 60) it is powered off. ``task_state`` is
+    ``powering-off`` meanwhile, so events and syncs leave it alone.
+
+    name
+        The domain's name or UUID.
+    timeout
+        Seconds to wait for the guest before powering it off.
+    force
+        Power off at once, without asking the guest.
+
+    CLI Example:
+
+    .. code-block:: bash
+
+        salt '*' vmpower.stop web1
+        salt '*' vmpower.stop web1 timeout=10
+        salt '*' vmpower.stop web1 force=True
+    """
+    return _run("stop", _check(arguments.target, name),
+                timeout=_check(arguments.seconds, timeout, "timeout"),
+                force=_check(arguments.flag, force, "force"))
+
+
+def start(name):
+    """
+    Start a domain and record it as active.
+
+    CLI Example:
+
+    .. code-block:: bash
+
+        salt '*' vmpower.start web1
+    """
+    return _run("start", _check(arguments.target, name))
+
+
+def reconcile(uuid, transition=None):
+    """
+    Decide about one domain on its live state, as a lifecycle event asks.
+
+    The event is only a trigger: the decision is made on what libvirt says now, and an event
+    whose transition no longer matches the live state is dropped as stale.
+
+    uuid
+        The domain's UUID.
+    transition
+        What the event claimed: started, stopped, paused, resumed, suspended or crashed.
+
+    CLI Example:
+
+    .. code-block:: bash
+
+        salt '*' vmpower.reconcile uuid=6695eb01-f6a4-8304-79aa-97f2502e193f transition=stopped
+    """
+    return _run("reconcile", _check(arguments.uuid, uuid),
+                _check(arguments.transition, transition))
+
+
+def sync():
+    """
+    Check every domain and record of this host against the rules, as Nova's periodic
+    power-state sync does, with one bulk libvirt listing.
+
+    Returns ``{host, checked, updated, actions, skipped, warnings, took}``.
+
+    CLI Example:
+
+    .. code-block:: bash
+
+        salt '*' vmpower.sync
+    """
+    return _run("sync")
+
+
+def history(name, limit=None):
+    """
+    Return the audit log of one domain, oldest first: what changed, why and what caused it.
+
+    name
+        The domain's name or UUID.
+    limit
+        Only the newest ``limit`` entries.
+
+    CLI Example:
+
+    .. code-block:: bash
+
+        salt '*' vmpower.history web1
+        salt '*' vmpower.history web1 limit=5
+    """
+    return _run("history", _check(arguments.target, name), _check(arguments.count, limit, "limit"))
+
+
+def status():
+    """
+    Report whether libvirt answers, where the records are, and how many there are.
+
+    CLI Example:
+
+    .. code-block:: bash
+
+        salt '*' vmpower.status
+    """
+    return _run("status")

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Install everything vmpower needs on a fresh Debian machine, as root, with no prompt:
+# Debian packages for libvirt and QEMU, then a virtual environment with Salt, libvirt-python
+# and the test tools. Safe to run again: every step is skipped when already done.
+set -euo pipefail
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+venv="${VMPOWER_VENV:-$here/.venv}"
+
+debs=(libvirt-dev pkg-config libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients
+      qemu-system-x86 procps)
+missing=()
+for p in "${debs[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "setup: installing Debian packages: ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+if [ ! -x "$venv/bin/python" ]; then
+  echo "setup: creating virtual environment $venv"
+  python3 -m venv "$venv"
+fi
+stamp="$venv/.vmpower-deps"
+if [ ! -f "$stamp" ] || [ "$here/setup.cfg" -nt "$stamp" ] || [ "$here/requirements-dev.txt" -nt "$stamp" ]; then
+  echo "setup: installing Python packages"
+  "$venv/bin/pip" install -q --upgrade pip
+  "$venv/bin/pip" install -q -r "$here/requirements-dev.txt"
+  "$venv/bin/pip" install -q -e "$here"
+  touch "$stamp"
+fi

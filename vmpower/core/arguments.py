@@ -1,0 +1,57 @@
+"""Checks for arguments that arrive from the command line, states and events.
+
+Salt passes CLI arguments through YAML, so ``force=yes`` arrives as True and ``timeout=10`` as
+10; anything else of the wrong type is refused with a message naming the argument.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Optional
+
+from vmpower.core.model import Transition, parse_enum
+from vmpower.core.settings import ConfigError, normalize_uuid
+
+
+def target(value: Any, what: str = "name") -> str:
+    """A domain name or UUID."""
+    if isinstance(value, bool) or not isinstance(value, (str, int)) or not str(value).strip():
+        raise ConfigError(f"{what} must be a domain name or UUID, not {value!r}")
+    return str(value).strip()
+
+
+def uuid(value: Any) -> str:
+    return normalize_uuid(value)
+
+
+def seconds(value: Any, what: str) -> Optional[float]:
+    """A non-negative number of seconds, or None for the default."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or value < 0:
+        raise ConfigError(f"{what} must be a number of seconds (0 or more), not {value!r}")
+    return float(value)
+
+
+def flag(value: Any, what: str) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{what} must be true or false, not {value!r}")
+    return value
+
+
+def count(value: Any, what: str) -> Optional[int]:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{what} must be a whole number of at least 1, not {value!r}")
+    return value
+
+
+def transition(value: Any) -> Optional[Transition]:
+    if value is None or value == "":
+        return None
+    try:
+        return parse_enum(Transition, value, "transition")
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None

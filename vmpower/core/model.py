@@ -1,0 +1,151 @@
+"""The vocabulary: power, VM and task states, lifecycle transitions, events and records."""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import time
+
+
+class PowerState(str, enum.Enum):
+    """What the hypervisor says a domain is doing (Nova's power_state)."""
+
+    NOSTATE = "nostate"
+    RUNNING = "running"
+    PAUSED = "paused"
+    SHUTDOWN = "shutdown"
+    CRASHED = "crashed"
+    SUSPENDED = "suspended"
+
+    @property
+    def is_off(self) -> bool:
+        return self in (PowerState.SHUTDOWN, PowerState.CRASHED)
+
+
+class VmState(str, enum.Enum):
+    """What the VM is meant to be doing (Nova's vm_state)."""
+
+    ACTIVE = "active"
+    STOPPED = "stopped"
+    PAUSED = "paused"
+    SUSPENDED = "suspended"
+    BUILDING = "building"
+    RESCUED = "rescued"
+    RESIZED = "resized"
+    ERROR = "error"
+    SHELVED = "shelved"
+    DELETED = "deleted"
+
+
+class Transition(str, enum.Enum):
+    """A lifecycle change as published on the Salt bus."""
+
+    STARTED = "started"
+    STOPPED = "stopped"
+    PAUSED = "paused"
+    RESUMED = "resumed"
+    SUSPENDED = "suspended"
+    CRASHED = "crashed"
+
+
+class Cause(str, enum.Enum):
+    """What made vmpower look at a VM; every audit entry names one."""
+
+    EVENT = "event"
+    SYNC = "sync"
+    API = "api"
+    STATE = "state"
+
+
+# Task states vmpower sets itself while one of its own operations runs.
+TASK_POWERING_OFF = "powering-off"
+TASK_POWERING_ON = "powering-on"
+
+
+@dataclasses.dataclass(frozen=True)
+class Event:
+    """Something that happened at ``timestamp`` (epoch seconds)."""
+
+    timestamp: float
+
+
+@dataclasses.dataclass(frozen=True)
+class InstanceEvent(Event):
+    """Something that happened to one domain."""
+
+    uuid: str
+    name: str
+
+
+@dataclasses.dataclass(frozen=True)
+class LifecycleEvent(InstanceEvent):
+    """A libvirt lifecycle callback, translated.
+
+    ``libvirt_event`` and ``libvirt_detail`` keep libvirt's own names (``STOPPED``,
+    ``SHUTDOWN``...) so an operator can match them against libvirt's documentation.
+    """
+
+    transition: Transition
+    reason: str
+    libvirt_event: str
+    libvirt_detail: str
+
+
+@dataclasses.dataclass(frozen=True)
+class LiveState:
+    """A domain's state as read from libvirt just now.
+
+    ``reason`` is libvirt's state reason in words (``shutdown``, ``crashed``, ``destroyed``...):
+    it tells a guest shutdown from a crash when both read as power ``shutdown``.
+    """
+
+    power_state: PowerState
+    reason: str = "unknown"
+
+    @property
+    def is_crash(self) -> bool:
+        return self.power_state is PowerState.CRASHED or self.reason in ("crashed", "failed")
+
+
+@dataclasses.dataclass(frozen=True)
+class Record:
+    """What vmpower has recorded about one domain.
+
+    ``restart_count`` and ``last_restart_at`` carry the restart back-off of a VM pinned
+    ``active``; they are reset when the VM is started on purpose.
+    """
+
+    uuid: str
+    name: str
+    host: str
+    vm_state: VmState
+    power_state: PowerState
+    task_state: str = ""
+    updated_at: float = 0.0
+    version: int = 0
+    restart_count: int = 0
+    last_restart_at: float = 0.0
+
+    def replace(self, **changes) -> "Record":
+        return dataclasses.replace(self, **changes)
+
+    def as_dict(self) -> dict:
+        """The record as plain data, for Salt returns."""
+        data = dataclasses.asdict(self)
+        data["vm_state"] = self.vm_state.value
+        data["power_state"] = self.power_state.value
+        return data
+
+
+def now() -> float:
+    """Wall-clock epoch seconds; the one clock records and events use."""
+    return time.time()
+
+
+def parse_enum(enum_type, value, what: str):
+    """``enum_type(value)`` with an error that names ``what`` and the allowed values."""
+    try:
+        return enum_type(value)
+    except ValueError:
+        allowed = ", ".join(member.value for member in enum_type)
+        raise ValueError(f"{what} must be one of {allowed}, not {value!r}") from None

@@ -1,0 +1,183 @@
+"""vmpower's settings from minion config and pillar (``vmpower:``), validated.
+
+Errors name the exact key and what was wrong. A bad global setting stops the whole call; a bad
+``instances:<vm>`` entry only takes that VM out of vmpower's hands (it is reported as skipped).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import math
+import re
+from typing import Any, Dict, Mapping, Optional, Tuple
+
+from vmpower.core.model import VmState, parse_enum
+
+DEFAULT_URI = "qemu:///system"
+DEFAULT_STOP_TIMEOUT = 60.0  # Nova's shutdown_timeout default
+DEFAULT_SYNC_INTERVAL = 600  # Nova's sync_power_state_interval default
+DEFAULT_RESTART_LIMIT = 5
+DEFAULT_RESTART_BACKOFF = 10.0
+MAX_RESTART_BACKOFF = 600.0
+
+UUID_RE = re.compile(r"^[0-9a-fA-F]{8}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{12}$")
+
+
+class ConfigError(ValueError):
+    """Configuration or pillar that vmpower cannot act on; the message says what and where."""
+
+
+class OnGuestShutdown(str, enum.Enum):
+    STOP = "stop"
+    RESTART = "restart"
+    IGNORE = "ignore"
+
+
+class OnCrash(str, enum.Enum):
+    STOP = "stop"
+    RESTART = "restart"
+
+
+@dataclasses.dataclass(frozen=True)
+class InstancePolicy:
+    """Pillar ``vmpower:instances:<name or uuid>``: the operator's word on one VM."""
+
+    vm_state: Optional[VmState] = None
+    task_state: str = ""
+    managed: bool = True
+    on_guest_shutdown: OnGuestShutdown = OnGuestShutdown.STOP
+    on_crash: OnCrash = OnCrash.STOP
+
+
+DEFAULT_POLICY = InstancePolicy()
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    uri: str = DEFAULT_URI
+    store: str = ""  # empty: SQLite in the minion's cachedir
+    stop_timeout: float = DEFAULT_STOP_TIMEOUT
+    sync_interval: int = DEFAULT_SYNC_INTERVAL
+    restart_limit: int = DEFAULT_RESTART_LIMIT
+    restart_backoff: float = DEFAULT_RESTART_BACKOFF
+    instances: Mapping[str, InstancePolicy] = dataclasses.field(default_factory=dict)
+    instance_errors: Mapping[str, str] = dataclasses.field(default_factory=dict)
+
+    def policy_for(self, uuid: str, name: str) -> Tuple[InstancePolicy, Optional[str]]:
+        """The policy for one domain, looked up by UUID first, then by name.
+
+        Returns ``(policy, error)``; when ``error`` is set the pillar for this VM is bad and
+        nothing may be done to it.
+        """
+        for key in (uuid, name):
+            if key in self.instance_errors:
+                return DEFAULT_POLICY, self.instance_errors[key]
+            if key in self.instances:
+                return self.instances[key], None
+        return DEFAULT_POLICY, None
+
+    def restart_delay(self, restarts_so_far: int) -> float:
+        """Seconds to wait before the next automatic restart: none for the first, then doubling."""
+        if restarts_so_far <= 0:
+            return 0.0
+        return min(self.restart_backoff * 2 ** (restarts_so_far - 1), MAX_RESTART_BACKOFF)
+
+
+def _number(raw: Mapping, key: str, default, kind, minimum) -> Any:
+    value = raw.get(key, default)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ConfigError(f"vmpower:{key} must be a number, not {value!r}")
+    if kind is int and value != int(value):
+        raise ConfigError(f"vmpower:{key} must be a whole number, not {value!r}")
+    if value < minimum:
+        raise ConfigError(f"vmpower:{key} must be at least {minimum}, not {value!r}")
+    return kind(value)
+
+
+def _string(raw: Mapping, key: str, default: str) -> str:
+    value = raw.get(key, default)
+    if value is None:
+        return default
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(f"vmpower:{key} must be a non-empty string, not {value!r}")
+    return value
+
+
+INSTANCE_KEYS = ("vm_state", "task_state", "managed", "on_guest_shutdown", "on_crash")
+
+
+def parse_instance(key: str, raw: Any) -> InstancePolicy:
+    """Validate one ``vmpower:instances:<key>`` entry."""
+    where = f"vmpower:instances:{key}"
+    if raw is None:
+        return DEFAULT_POLICY
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{where} must be a mapping, not {type(raw).__name__}")
+    unknown = sorted(set(raw) - set(INSTANCE_KEYS))
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(map(str, unknown))}; "
+                          f"known: {', '.join(INSTANCE_KEYS)}")
+    try:
+        vm_state = None if raw.get("vm_state") is None else parse_enum(
+            VmState, raw["vm_state"], f"{where}:vm_state")
+        on_guest_shutdown = parse_enum(OnGuestShutdown, raw.get("on_guest_shutdown", "stop"),
+                                       f"{where}:on_guest_shutdown")
+        on_crash = parse_enum(OnCrash, raw.get("on_crash", "stop"), f"{where}:on_crash")
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    task_state = raw.get("task_state") or ""
+    if not isinstance(task_state, str):
+        raise ConfigError(f"{where}:task_state must be a string, not {task_state!r}")
+    managed = raw.get("managed", True)
+    if not isinstance(managed, bool):
+        raise ConfigError(f"{where}:managed must be true or false, not {managed!r}")
+    if vm_state is VmState.ACTIVE:
+        # A VM pinned active must run: restarting it is the pin's meaning, not a policy.
+        for field, value in (("on_guest_shutdown", raw.get("on_guest_shutdown")),
+                             ("on_crash", raw.get("on_crash"))):
+            if value not in (None, "restart"):
+                raise ConfigError(f"{where}: vm_state active means the VM is restarted, "
+                                  f"so {field}: {value} contradicts it")
+        on_guest_shutdown, on_crash = OnGuestShutdown.RESTART, OnCrash.RESTART
+    return InstancePolicy(vm_state, task_state, managed, on_guest_shutdown, on_crash)
+
+
+def parse_settings(raw: Optional[Mapping]) -> Settings:
+    """Validate the merged ``vmpower:`` settings; raise ConfigError on a bad global key."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"vmpower must be a mapping, not {type(raw).__name__}")
+    instances_raw = raw.get("instances") or {}
+    if not isinstance(instances_raw, Mapping):
+        raise ConfigError(f"vmpower:instances must be a mapping of VM name or UUID to settings, "
+                          f"not {type(instances_raw).__name__}")
+    instances: Dict[str, InstancePolicy] = {}
+    errors: Dict[str, str] = {}
+    for key, value in instances_raw.items():
+        key = str(key)
+        try:
+            instances[key] = parse_instance(key, value)
+        except ConfigError as exc:
+            errors[key] = str(exc)
+    return Settings(
+        uri=_string(raw, "uri", DEFAULT_URI),
+        store=raw.get("store") and _string(raw, "store", "") or "",
+        stop_timeout=_number(raw, "stop_timeout", DEFAULT_STOP_TIMEOUT, float, 0),
+        sync_interval=_number(raw, "sync_interval", DEFAULT_SYNC_INTERVAL, int, 1),
+        restart_limit=_number(raw, "restart_limit", DEFAULT_RESTART_LIMIT, int, 0),
+        restart_backoff=_number(raw, "restart_backoff", DEFAULT_RESTART_BACKOFF, float, 0),
+        instances=instances,
+        instance_errors=errors,
+    )
+
+
+def normalize_uuid(value: Any) -> str:
+    """A UUID in libvirt's canonical dashed lowercase form, or ConfigError naming the value."""
+    if not isinstance(value, str) or not UUID_RE.match(value.strip()):
+        raise ConfigError(f"{value!r} is not a UUID (expected 8-4-4-4-12 hexadecimal digits)")
+    digits = value.strip().replace("-", "").lower()
+    return f"{digits[:8]}-{digits[8:12]}-{digits[12:16]}-{digits[16:20]}-{digits[20:]}"

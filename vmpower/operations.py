@@ -1,0 +1,306 @@
+"""What vmpower does on one host: reconcile, sync, stop and start, over the rules and the store.
+
+This is the shell around the pure core: it reads live state through ``Hypervisor``, asks
+``rules.decide``, carries the answer out and records it. It knows nothing of Salt, so the
+execution module, the states, the tests and the benchmarks all drive the same code.
+
+Concurrency: every write to one record is compare-and-set on its version, and anything that
+acts on a domain holds that instance's lock, re-reads and decides again first. A decision
+that writes nothing takes no lock at all, which keeps a sync of thousands of VMs cheap.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Callable, Dict, List, Optional
+
+from vmpower.core.mapping import is_stale
+from vmpower.core.model import (
+    TASK_POWERING_OFF,
+    TASK_POWERING_ON,
+    Cause,
+    LiveState,
+    PowerState,
+    Record,
+    Transition,
+    VmState,
+    now,
+)
+from vmpower.core.rules import Action, Decision, adopt, decide
+from vmpower.core.settings import Settings
+from vmpower.hypervisor import Hypervisor, LiveDomain
+from vmpower.store import Change, Store
+
+log = logging.getLogger(__name__)
+
+GONE = LiveState(PowerState.NOSTATE, "undefined")
+
+
+class OperationError(RuntimeError):
+    """An operation that cannot be carried out as asked; the message says why."""
+
+
+class HostOperations:
+    """vmpower's operations for the minion ``host``, with its settings and store."""
+
+    def __init__(self, settings: Settings, host: str, store: Store,
+                 hypervisor: Callable[[str], Hypervisor] = Hypervisor):
+        self.settings = settings
+        self.host = host
+        self.store = store
+        self._hypervisor = hypervisor
+
+    def connect(self) -> Hypervisor:
+        return self._hypervisor(self.settings.uri)
+
+    # Reading
+    def get_info(self, target: str) -> dict:
+        with self.connect() as hv:
+            return hv.info(target)
+
+    def list_instances(self) -> List[str]:
+        with self.connect() as hv:
+            return sorted(dom.name for dom in hv.list_all().values())
+
+    def history(self, target: str, limit: Optional[int] = None) -> List[dict]:
+        record = self.store.find(target)
+        if record is None:
+            with self.connect() as hv:
+                uuid = hv.lookup(target).UUIDString()  # UnknownDomain names it if it is not there
+            return self.store.history(uuid, limit)
+        return self.store.history(record.uuid, limit)
+
+    # Deciding
+    def _policy(self, uuid: str, name: str):
+        return self.settings.policy_for(uuid, name)
+
+    def _decide(self, record: Record, live: LiveState, at: float) -> Decision:
+        policy, error = self._policy(record.uuid, record.name)
+        return decide(record, live, self.host, policy, self.settings, at, error)
+
+    def _adopt(self, dom: LiveDomain, cause: Cause, at: float) -> Optional[Record]:
+        """Record a domain seen for the first time, unless pillar says hands off."""
+        policy, error = self._policy(dom.uuid, dom.name)
+        if error or policy.task_state:
+            return None
+        record = adopt(dom.uuid, dom.name, self.host, dom.state, policy, at).replace(version=1)
+        reason = (f"first seen {dom.state.power_state.value}: vm_state={record.vm_state.value}"
+                  + (" (pinned by pillar)" if policy.vm_state else " (adopted)"))
+        if self.store.commit([Change(None, record, cause, "adopt", reason)], at):
+            return self.store.get(dom.uuid)  # someone else adopted it first
+        return record
+
+    def _apply(self, hv: Hypervisor, record: Record, live: LiveState, decision: Decision,
+               cause: Cause, at: float) -> dict:
+        """Carry out one decision under the instance lock, and record it."""
+        fields = dict(decision.observed)
+        result = "ok"
+        if decision.action is not Action.NONE:
+            try:
+                if decision.action is Action.POWER_OFF:
+                    hv.power_off(record.uuid)
+                else:
+                    hv.start(record.uuid)
+                fields.update(decision.outcome)
+                fields["power_state"] = hv.state(record.uuid).power_state
+            except Exception as exc:  # recorded and reported; the next sync tries again
+                result = f"failed: {exc}"
+                log.error("vmpower: %s of %s failed: %s", decision.action.value, record.name, exc)
+        else:
+            fields.update(decision.outcome)
+        reason = decision.reason if result == "ok" else f"{decision.reason} ({result})"
+        after = record.replace(**fields, version=record.version + 1, updated_at=at)
+        if fields and self.store.commit(
+                [Change(record, after, cause, decision.action.value, reason)], at):
+            raise OperationError(f"the record of {record.name} changed under its lock")
+        if not fields:
+            self.store.note(record, cause, decision.action.value, reason, at)
+        return self._report(after if fields else record, decision, result)
+
+    @staticmethod
+    def _report(record: Record, decision: Decision, result: str = "ok") -> dict:
+        return {"uuid": record.uuid, "name": record.name, "action": decision.action.value,
+                "reason": decision.reason, "result": result, "vm_state": record.vm_state.value,
+                "power_state": record.power_state.value}
+
+    def _reconcile_locked(self, hv: Hypervisor, uuid: str, cause: Cause,
+                          transition: Optional[Transition] = None) -> dict:
+        """Re-read everything under the instance lock, decide and act."""
+        with self.store.lock(uuid):
+            at = now()
+            dom = hv.find(uuid)
+            live = dom.state if dom else GONE
+            record = self.store.get(uuid)
+            if record is None:
+                if dom is None:
+                    return {"uuid": uuid, "action": "none", "skipped": True,
+                            "reason": f"no domain and no record with UUID {uuid} on {self.host}"}
+                record = self._adopt(dom, cause, at)
+                if record is None:
+                    _, error = self._policy(dom.uuid, dom.name)
+                    return {"uuid": uuid, "name": dom.name, "action": "none", "skipped": True,
+                            "reason": error or "task_state is set in pillar: not even recorded"}
+            decision = self._decide(record, live, at)
+            if decision.skipped:
+                return {**self._report(record, decision), "skipped": True}
+            if transition is not None and is_stale(transition, live):
+                reason = (f"event {transition.value} is stale: the domain is "
+                          f"{live.power_state.value} now; nothing done")
+                self.store.note(record, cause, "dropped", reason, at)
+                return {**self._report(record, decision), "action": "dropped", "reason": reason}
+            if decision.recheck:
+                fresh = hv.state(uuid)
+                if fresh != live:
+                    live, decision = fresh, self._decide(record, fresh, now())
+            return self._apply(hv, record, live, decision, cause, at)
+
+    # The operations
+    def reconcile(self, uuid: str, transition: Optional[Transition] = None,
+                  cause: Cause = Cause.EVENT) -> dict:
+        """Decide about one domain on its live state now; ``transition`` is what an event claimed."""
+        with self.connect() as hv:
+            result = self._reconcile_locked(hv, uuid, cause, transition)
+        if transition is not None:
+            result["transition"] = transition.value
+        return result
+
+    def sync(self) -> dict:
+        """Check every domain and record of this host against the rules, in bulk."""
+        started = time.monotonic()
+        report: Dict[str, object] = {"host": self.host, "checked": 0, "updated": 0,
+                                     "actions": [], "skipped": [], "warnings": []}
+        with self.store.lock(f"host-{self.host}"), self.connect() as hv:
+            at = now()
+            live = hv.list_all()
+            records = self.store.for_host(self.host)
+            missing = [uuid for uuid in live if uuid not in records]
+            elsewhere = self.store.get_many(missing) if missing else {}
+            for uuid in records:
+                if uuid not in live:
+                    live[uuid] = LiveDomain(uuid, records[uuid].name, GONE)
+
+            writes: List[Change] = []
+            to_act: List[str] = []
+            for uuid, dom in live.items():
+                record = records.get(uuid) or elsewhere.get(uuid)
+                if record is None:
+                    policy, error = self._policy(uuid, dom.name)
+                    if error or policy.task_state:
+                        report["skipped"].append({"uuid": uuid, "name": dom.name,
+                                                  "reason": error or f"task_state={policy.task_state}"})
+                        continue
+                    record = adopt(uuid, dom.name, self.host, dom.state, policy, at)
+                    decision = self._decide(record, dom.state, at)
+                    writes.append(Change(None, record.replace(version=1), Cause.SYNC, "adopt",
+                                         f"first seen {dom.state.power_state.value}: "
+                                         f"vm_state={record.vm_state.value}"))
+                else:
+                    decision = self._decide(record, dom.state, at)
+                if decision.skipped:
+                    report["skipped"].append({"uuid": uuid, "name": dom.name,
+                                              "reason": decision.reason})
+                elif decision.warning:
+                    log.warning("vmpower: %s: %s", dom.name, decision.reason)
+                    report["warnings"].append({"uuid": uuid, "name": dom.name,
+                                               "reason": decision.reason})
+                if decision.action is not Action.NONE:
+                    to_act.append(uuid)
+                elif (decision.observed or decision.outcome) and uuid in records:
+                    fields = {**decision.observed, **decision.outcome}
+                    writes.append(Change(record, record.replace(
+                        **fields, version=record.version + 1, updated_at=at),
+                        Cause.SYNC, "update", decision.reason))
+            report["checked"] = len(live)
+            conflicts = self.store.commit(writes, at) if writes else []
+            report["updated"] = len(writes) - len(conflicts)
+            # Actions, and writes that lost a race, go one by one under their locks.
+            for uuid in to_act + [change.after.uuid for change in conflicts]:
+                outcome = self._reconcile_locked(hv, uuid, Cause.SYNC)
+                if outcome.get("action", "none") != "none":
+                    report["actions"].append(outcome)
+                    report["updated"] += 1
+        report["took"] = round(time.monotonic() - started, 6)
+        return report
+
+    def stop(self, target: str, timeout: Optional[float] = None, force: bool = False,
+             cause: Cause = Cause.API) -> dict:
+        """Shut the domain down gracefully, power it off after ``timeout``; vm_state=stopped."""
+        timeout = self.settings.stop_timeout if timeout is None else timeout
+        return self._power(target, cause, TASK_POWERING_OFF, VmState.STOPPED,
+                           lambda hv, uuid: self._shut_down(hv, uuid, timeout, force))
+
+    def start(self, target: str, cause: Cause = Cause.API) -> dict:
+        """Start the domain; vm_state=active, and its restart count starts afresh."""
+        def boot(hv, uuid):
+            return "started" if hv.start(uuid) else "already running"
+        return self._power(target, cause, TASK_POWERING_ON, VmState.ACTIVE, boot)
+
+    @staticmethod
+    def _shut_down(hv: Hypervisor, uuid: str, timeout: float, force: bool) -> str:
+        if force:
+            return "powered off (force)" if hv.power_off(uuid) else "already off"
+        if hv.state(uuid).power_state.is_off:
+            return "already off"
+        begun = time.monotonic()
+        if hv.shutdown(uuid, timeout):
+            return f"shut down gracefully in {time.monotonic() - begun:.1f}s"
+        hv.power_off(uuid)
+        return f"still running after {timeout:g}s: powered off"
+
+    def _power(self, target: str, cause: Cause, task: str, vm_state: VmState,
+               operate: Callable[[Hypervisor, str], str]) -> dict:
+        """Run one power operation under the instance lock with ``task_state`` set meanwhile."""
+        with self.connect() as hv:
+            dom = hv.lookup(target)
+            uuid, name = dom.UUIDString(), dom.name()
+            policy, error = self._policy(uuid, name)
+            if error:
+                raise OperationError(f"{name}: {error}")
+            if not policy.managed:
+                raise OperationError(f"{name} is managed: false in pillar: vmpower does not act on it")
+            with self.store.lock(uuid):
+                at = now()
+                record = self.store.get(uuid) or self._adopt(
+                    LiveDomain(uuid, name, hv.state(uuid)), cause, at)
+                lock = policy.task_state or (record.task_state if record else "")
+                if lock:
+                    raise OperationError(f"{name} has task_state={lock}: vmpower leaves it "
+                                         f"alone until that is cleared")
+                busy = record.replace(task_state=task, version=record.version + 1, updated_at=at)
+                self.store.commit([Change(record, busy, cause, task,
+                                          f"{task} requested ({cause.value})")], at)
+                begun = time.monotonic()
+                try:
+                    how = operate(hv, uuid)
+                except Exception as exc:
+                    self._finish(busy, {}, cause, f"{task} failed: {exc}")
+                    raise
+                live = hv.state(uuid)
+                fields = {"vm_state": vm_state, "power_state": live.power_state}
+                if vm_state is VmState.ACTIVE:
+                    fields.update(restart_count=0, last_restart_at=0.0)
+                done = self._finish(busy, fields, cause, f"{task.replace('powering', 'power')}: {how}")
+        return {"uuid": uuid, "name": name, "result": how, "vm_state": done.vm_state.value,
+                "power_state": done.power_state.value,
+                "took": round(time.monotonic() - begun, 3)}
+
+    def _finish(self, busy: Record, fields: dict, cause: Cause, reason: str) -> Record:
+        at = now()
+        done = busy.replace(**fields, task_state="", version=busy.version + 1, updated_at=at)
+        if self.store.commit([Change(busy, done, cause, "done", reason)], at):
+            raise OperationError(f"the record of {busy.name} changed under its lock")
+        return done
+
+    def status(self) -> dict:
+        """Whether libvirt answers at the configured URI, and what the store holds."""
+        result = {"host": self.host, "uri": self.settings.uri, "store": self.store.path,
+                  "records": self.store.count()}
+        try:
+            with self.connect() as hv:
+                result["domains"] = len(hv.list_all())
+            result["connected"] = True
+        except Exception as exc:  # status reports a broken connection, it does not fail on it
+            result.update(connected=False, error=str(exc))
+        return result
+
