@@ -1,0 +1,97 @@
+"""The ``vmpower`` execution module as Salt loads it: through the ``salt.loader`` entry point,
+with pillar, against libvirt's test driver and a real SQLite file."""
+
+import inspect
+import os
+
+import pytest
+import salt.config
+import salt.loader
+from salt.exceptions import CommandExecutionError
+
+from .conftest import TEST_URI
+
+
+@pytest.fixture
+def minion(tmp_path):
+    """Load the minion's execution modules with ``vmpower`` settings given as pillar."""
+    def load(pillar=None, **config):
+        opts = salt.config.minion_config(None)
+        opts.update(id="unit-minion", file_client="local", cachedir=str(tmp_path / "cache"),
+                    pki_dir=str(tmp_path / "pki"), extension_modules=str(tmp_path / "extmods"),
+                    vmpower={"uri": TEST_URI, "stop_timeout": 0, **config},
+                    pillar=pillar or {})
+        return salt.loader.minion_mods(opts)
+    return load
+
+
+PUBLIC = ["get_info", "list_instances", "get_num_instances", "stop", "start", "reconcile", "sync",
+          "status", "history"]
+
+
+def test_every_public_function_is_loaded_and_documented(minion):
+    mods = minion()
+    for name in PUBLIC:
+        func = mods[f"vmpower.{name}"]
+        assert "CLI Example:" in inspect.getdoc(func.func), name
+
+
+def test_the_module_comes_from_the_entry_point(minion):
+    path = inspect.getfile(minion()["vmpower.sync"].func)
+    assert os.path.samefile(os.path.dirname(path),
+                            os.path.join(os.path.dirname(__file__), "..", "..", "_modules"))
+
+
+def test_a_walk_through_get_info_stop_sync_history(minion, testdriver):
+    dom = testdriver.define("web")
+    mods = minion()
+    assert dom.name() in mods["vmpower.list_instances"]()
+    assert mods["vmpower.get_num_instances"]() == len(mods["vmpower.list_instances"]())
+    assert mods["vmpower.get_info"](dom.name())["power_state"] == "running"
+    assert mods["vmpower.stop"](dom.name(), timeout=1)["vm_state"] == "stopped"
+    report = mods["vmpower.sync"]()
+    assert {"checked", "updated", "actions", "skipped", "took"} <= set(report)
+    history = mods["vmpower.history"](dom.name())
+    assert [e["cause"] for e in history][-2:] == ["api", "api"]
+    assert mods["vmpower.status"]()["connected"] is True
+
+
+def test_pillar_overrides_minion_config(minion, testdriver):
+    dom = testdriver.define("web", start=False)
+    mods = minion(pillar={"vmpower": {"instances": {dom.name(): {"task_state": "maintenance"}}}})
+    report = mods["vmpower.sync"]()
+    assert dom.name() in [s["name"] for s in report["skipped"]]
+
+
+@pytest.mark.parametrize("call,args,kwargs,message", [
+    ("get_info", [""], {}, "name must be a domain name or UUID"),
+    ("get_info", ["no-such-vm"], {}, "no domain named or with UUID 'no-such-vm'"),
+    ("stop", ["x"], {"timeout": "soon"}, "timeout must be a number of seconds"),
+    ("stop", ["x"], {"force": "maybe"}, "force must be true or false"),
+    ("reconcile", ["not-a-uuid"], {}, "'not-a-uuid' is not a UUID"),
+    ("reconcile", ["6695eb01-f6a4-8304-79aa-97f2502e193f"], {"transition": "exploded"},
+     "transition must be one of"),
+    ("history", ["x"], {"limit": "all"}, "limit must be a whole number"),
+])
+def test_bad_arguments_are_named(minion, call, args, kwargs, message):
+    with pytest.raises(CommandExecutionError, match=message):
+        minion()[f"vmpower.{call}"](*args, **kwargs)
+
+
+def test_bad_global_settings_stop_the_call(minion):
+    with pytest.raises(CommandExecutionError, match="vmpower:stop_timeout must be a number"):
+        minion(stop_timeout="forever")["vmpower.sync"]()
+
+
+def test_a_corrupt_store_acts_on_nothing(minion, testdriver, tmp_path):
+    dom = testdriver.define("db", start=False)
+    mods = minion()
+    mods["vmpower.sync"]()
+    dom.create()  # would be powered off by a sync...
+    store = tmp_path / "cache" / "vmpower" / "records.sqlite"
+    for leftover in (store.with_name("records.sqlite-wal"), store.with_name("records.sqlite-shm")):
+        leftover.unlink(missing_ok=True)
+    store.write_bytes(b"garbage" * 1000)
+    with pytest.raises(CommandExecutionError, match="the vmpower store .* is unreadable"):
+        mods["vmpower.sync"]()
+    assert dom.isActive()  # ...but not without its records

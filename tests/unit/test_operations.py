@@ -1,0 +1,170 @@
+"""HostOperations on libvirt's test driver and a real SQLite file: sync, reconcile, stop,
+start and history, with the rules deciding."""
+
+import libvirt
+import pytest
+
+from vmpower.core.model import Cause, Transition
+from vmpower.core.settings import parse_settings
+from vmpower.hypervisor import UnknownDomain
+from vmpower.operations import HostOperations, OperationError
+from vmpower.store import Store
+
+from .conftest import TEST_URI
+
+HOST = "minion-1"
+
+
+@pytest.fixture
+def store(tmp_path):
+    with Store(str(tmp_path / "records.sqlite")) as s:
+        yield s
+
+
+def operations(store, **settings):
+    return HostOperations(parse_settings({"uri": TEST_URI, "stop_timeout": 0, **settings}), HOST, store)
+
+
+def test_sync_adopts_every_domain_then_finds_nothing_to_do(store, testdriver):
+    running, stopped = testdriver.define("running"), testdriver.define("stopped", start=False)
+    ops = operations(store)
+    first = ops.sync()
+    assert first["host"] == HOST and first["checked"] >= 2
+    assert store.get(running.UUIDString()).vm_state.value == "active"
+    assert store.get(stopped.UUIDString()).vm_state.value == "stopped"
+    second = ops.sync()
+    assert (second["updated"], second["actions"]) == (0, [])
+
+
+def test_sync_records_a_shutdown_guest_as_stopped(store, testdriver):
+    dom = testdriver.define("web")
+    ops = operations(store)
+    ops.sync()
+    dom.shutdown()  # behind vmpower's back
+    report = ops.sync()
+    assert [a["name"] for a in report["actions"]] == [dom.name()]
+    record = store.get(dom.UUIDString())
+    assert (record.vm_state.value, record.power_state.value) == ("stopped", "shutdown")
+    assert "on_guest_shutdown=stop" in ops.history(dom.name())[-1]["reason"]
+
+
+def test_sync_powers_off_a_stopped_vm_started_behind_its_back(store, testdriver):
+    dom = testdriver.define("db", start=False)
+    ops = operations(store)
+    ops.sync()
+    dom.create()
+    report = ops.sync()
+    assert report["actions"][0]["action"] == "power_off"
+    assert not dom.isActive()
+    assert store.get(dom.UUIDString()).vm_state.value == "stopped"
+
+
+def test_sync_skips_locked_and_misconfigured_vms_without_writing(store, testdriver):
+    locked, bad = testdriver.define("locked", start=False), testdriver.define("bad", start=False)
+    ops = operations(store, instances={locked.name(): {"task_state": "maintenance", },
+                                       bad.name(): {"vm_state": "sideways"}})
+    report = ops.sync()
+    skipped = {s["name"]: s["reason"] for s in report["skipped"]}
+    assert "task_state=maintenance" in skipped[locked.name()]
+    assert "vm_state must be one of" in skipped[bad.name()]
+    assert store.get(locked.UUIDString()) is None and store.get(bad.UUIDString()) is None
+
+
+def test_a_record_whose_domain_is_gone_is_recorded_as_nostate(store, testdriver):
+    dom = testdriver.define("ghost", start=False)
+    ops = operations(store)
+    ops.sync()
+    dom.undefine()
+    testdriver.domains.remove(dom)
+    ops.sync()
+    assert store.get(dom.UUIDString()).power_state.value == "nostate"
+
+
+def test_reconcile_drops_a_stale_event_and_says_why(store, testdriver):
+    dom = testdriver.define("web")
+    ops = operations(store)
+    ops.sync()
+    result = ops.reconcile(dom.UUIDString(), Transition.STOPPED)  # a forged or late event
+    assert result["action"] == "dropped" and "stale" in result["reason"]
+    assert dom.isActive()
+    assert ops.history(dom.UUIDString())[-1]["action"] == "dropped"
+
+
+def test_reconcile_acts_on_a_true_event(store, testdriver):
+    dom = testdriver.define("web")
+    ops = operations(store)
+    ops.sync()
+    dom.destroy()
+    result = ops.reconcile(dom.UUIDString(), Transition.STOPPED)
+    assert result["vm_state"] == "stopped" and result["transition"] == "stopped"
+    assert ops.history(dom.UUIDString())[-1]["cause"] == Cause.EVENT.value
+
+
+def test_reconcile_of_a_locked_vm_writes_nothing(store, testdriver):
+    dom = testdriver.define("web")
+    operations(store).sync()
+    before = store.history(dom.UUIDString())
+    dom.destroy()
+    locked = operations(store, instances={dom.name(): {"task_state": "maintenance"}})
+    result = locked.reconcile(dom.UUIDString(), Transition.STOPPED)
+    assert result["skipped"] and store.history(dom.UUIDString()) == before
+    assert store.get(dom.UUIDString()).power_state.value == "running"
+
+
+def test_pinned_active_restarts_a_guest_that_shut_down(store, testdriver):
+    dom = testdriver.define("web")
+    ops = operations(store, instances={dom.name(): {"vm_state": "active"}})
+    ops.sync()
+    dom.shutdown()
+    result = ops.reconcile(dom.UUIDString(), Transition.STOPPED)
+    assert result["action"] == "start" and dom.isActive()
+    record = store.get(dom.UUIDString())
+    assert (record.vm_state.value, record.power_state.value, record.restart_count) == ("active", "running", 1)
+
+
+def test_stop_and_start_with_task_state_in_between(store, testdriver):
+    dom = testdriver.define("web")
+    ops = operations(store)
+    stopped = ops.stop(dom.name(), timeout=5)
+    assert stopped["vm_state"] == "stopped" and stopped["result"].startswith("shut down gracefully")
+    actions = [e["action"] for e in ops.history(dom.name())]
+    assert actions == ["adopt", "powering-off", "done"]
+    assert store.get(dom.UUIDString()).task_state == ""
+    again = ops.stop(dom.name())
+    assert again["result"] == "already off"
+    started = ops.start(dom.UUIDString())
+    assert started["result"] == "started" and started["vm_state"] == "active" and dom.isActive()
+    forced = ops.stop(dom.name(), force=True)
+    assert forced["result"] == "powered off (force)" and not dom.isActive()
+
+
+def test_operations_refuse_locked_and_unmanaged_vms(store, testdriver):
+    dom = testdriver.define("web")
+    with pytest.raises(OperationError, match="task_state=maintenance"):
+        operations(store, instances={dom.name(): {"task_state": "maintenance"}}).stop(dom.name())
+    with pytest.raises(OperationError, match="managed: false"):
+        operations(store, instances={dom.name(): {"managed": False}}).stop(dom.name())
+    assert dom.isActive()
+
+
+def test_unknown_domains_are_named(store):
+    ops = operations(store)
+    with pytest.raises(UnknownDomain, match="no domain named or with UUID 'nope'"):
+        ops.get_info("nope")
+    with pytest.raises(UnknownDomain, match="'nope'"):
+        ops.history("nope")
+
+
+def test_get_info_reports_libvirts_units(store, testdriver):
+    dom = testdriver.define("web")
+    info = operations(store).get_info(dom.name())
+    _, max_mem, mem, cpus, cpu_time = dom.info()
+    cpu_time_read = info.pop("cpu_time")
+    assert info == {"uuid": dom.UUIDString(), "name": dom.name(), "power_state": "running",
+                    "max_mem": max_mem, "mem": mem, "num_cpu": cpus}
+    assert 0 < cpu_time_read <= cpu_time  # nanoseconds, and it only grows
+
+
+def test_status_reports_a_broken_connection_without_failing(store):
+    status = operations(store, uri="test:///nonexistent/path.xml").status()
+    assert status["connected"] is False and "cannot connect" in status["error"]

@@ -1,0 +1,190 @@
+"""The decision table, cell by cell: every vm_state x power_state, locks, hosts and pillar."""
+
+import itertools
+
+import pytest
+
+from vmpower.core.model import LiveState, PowerState as P, Record, VmState as V
+from vmpower.core.rules import RESTART_RESET_AFTER, Action, adopt, decide
+from vmpower.core.settings import InstancePolicy, OnCrash, OnGuestShutdown, Settings, parse_instance
+
+HOST = "minion-a"
+NOW = 1_000_000.0
+SETTINGS = Settings()
+DEFAULT = InstancePolicy()
+
+# The spec's rules 4-8 restated as data: (vm_state, live power) -> (action, vm_state after,
+# warning). Cells not listed do nothing.
+OFF = Action.POWER_OFF
+EXPECTED = {
+    (V.ACTIVE, P.SHUTDOWN): (OFF, V.STOPPED, False),
+    (V.ACTIVE, P.CRASHED): (OFF, V.STOPPED, False),
+    (V.ACTIVE, P.SUSPENDED): (OFF, V.STOPPED, False),
+    (V.ACTIVE, P.PAUSED): (Action.NONE, None, True),
+    (V.ACTIVE, P.NOSTATE): (Action.NONE, None, True),
+    (V.STOPPED, P.RUNNING): (OFF, None, False),
+    (V.STOPPED, P.PAUSED): (OFF, None, False),
+    (V.STOPPED, P.SUSPENDED): (OFF, None, False),
+    (V.PAUSED, P.SHUTDOWN): (OFF, V.STOPPED, False),
+    (V.PAUSED, P.CRASHED): (OFF, V.STOPPED, False),
+    (V.DELETED, P.RUNNING): (Action.NONE, None, True),
+    (V.DELETED, P.PAUSED): (Action.NONE, None, True),
+    (V.DELETED, P.SUSPENDED): (Action.NONE, None, True),
+    (V.DELETED, P.CRASHED): (Action.NONE, None, True),
+}
+REASON_FOR = {P.SHUTDOWN: "shutdown", P.CRASHED: "unknown"}
+CELLS = list(itertools.product(V, P, P))  # vm_state, recorded power, live power
+
+
+def record(vm_state=V.ACTIVE, power=P.RUNNING, **kw):
+    fields = dict(uuid="u-1", name="vm1", host=HOST, vm_state=vm_state, power_state=power,
+                  version=3)
+    fields.update(kw)
+    return Record(**fields)
+
+
+def live(power, reason=None):
+    return LiveState(power, reason or REASON_FOR.get(power, "unknown"))
+
+
+@pytest.mark.parametrize("vm_state,recorded,power", CELLS)
+def test_every_vm_state_and_power_state_pair(vm_state, recorded, power):
+    decision = decide(record(vm_state, recorded), live(power), HOST, DEFAULT, SETTINGS, NOW)
+    action, vm_after, warning = EXPECTED.get((vm_state, power), (Action.NONE, None, False))
+    assert decision.action is action, decision.reason
+    assert decision.outcome.get("vm_state") is vm_after
+    assert decision.warning is warning
+    assert not decision.skipped
+    # Rule 3: the truth is written whenever it differs, and only then.
+    assert decision.observed == ({"power_state": power} if power is not recorded else {})
+    # Rule 5 re-reads before stopping a VM that is meant to run.
+    assert decision.recheck is (vm_state is V.ACTIVE and power in (P.SHUTDOWN, P.CRASHED))
+    assert decision.reason
+
+
+@pytest.mark.parametrize("vm_state,recorded,power", CELLS)
+@pytest.mark.parametrize("where", ["record", "pillar"])
+def test_task_state_means_nothing_at_all(vm_state, recorded, power, where):
+    rec = record(vm_state, recorded, task_state="maintenance" if where == "record" else "")
+    policy = InstancePolicy(task_state="maintenance" if where == "pillar" else "")
+    decision = decide(rec, live(power), HOST, policy, SETTINGS, NOW)
+    assert decision.skipped and decision.action is Action.NONE
+    assert not decision.observed and not decision.outcome
+    assert f"task_state=maintenance ({where})" in decision.reason
+
+
+@pytest.mark.parametrize("vm_state,recorded,power", CELLS)
+def test_a_vm_recorded_on_another_host_is_left_alone(vm_state, recorded, power):
+    decision = decide(record(vm_state, recorded, host="minion-b"), live(power), HOST, DEFAULT,
+                      SETTINGS, NOW)
+    assert decision.skipped and not decision.changes_anything
+    assert "minion-b" in decision.reason
+
+
+@pytest.mark.parametrize("vm_state,power", list(itertools.product(V, P)))
+def test_unmanaged_vms_are_recorded_but_never_acted_on(vm_state, power):
+    policy = InstancePolicy(managed=False)
+    decision = decide(record(vm_state, P.RUNNING), live(power), HOST, policy, SETTINGS, NOW)
+    assert decision.action is Action.NONE and not decision.outcome
+    assert decision.observed == ({"power_state": power} if power is not P.RUNNING else {})
+    assert "managed: false" in decision.reason
+
+
+def test_bad_pillar_takes_the_vm_out_of_vmpowers_hands():
+    decision = decide(record(V.STOPPED), live(P.RUNNING), HOST, DEFAULT, SETTINGS, NOW,
+                      pillar_error="vmpower:instances:vm1:vm_state must be one of ...")
+    assert decision.skipped and not decision.changes_anything
+    assert "bad pillar" in decision.reason
+
+
+def test_pillar_pin_overrides_and_rewrites_the_recorded_vm_state():
+    policy = parse_instance("vm1", {"vm_state": "stopped"})
+    decision = decide(record(V.ACTIVE), live(P.RUNNING), HOST, policy, SETTINGS, NOW)
+    assert decision.observed == {"vm_state": V.STOPPED}
+    assert decision.action is Action.POWER_OFF
+    assert "pillar pins vm_state=stopped" in decision.reason
+
+
+class TestGuestShutdownPolicies:
+    def test_stop_is_the_default_and_says_why(self):
+        decision = decide(record(), live(P.SHUTDOWN, "shutdown"), HOST, DEFAULT, SETTINGS, NOW)
+        assert decision.action is Action.POWER_OFF
+        assert decision.outcome == {"vm_state": V.STOPPED}
+        assert "shut down" in decision.reason and "on_guest_shutdown=stop" in decision.reason
+
+    def test_ignore_records_the_truth_and_nothing_else(self):
+        policy = InstancePolicy(on_guest_shutdown=OnGuestShutdown.IGNORE)
+        decision = decide(record(), live(P.SHUTDOWN), HOST, policy, SETTINGS, NOW)
+        assert decision.action is Action.NONE and not decision.outcome
+        assert decision.observed == {"power_state": P.SHUTDOWN}
+
+    def test_restart_policy_starts_it_and_counts(self):
+        policy = InstancePolicy(on_guest_shutdown=OnGuestShutdown.RESTART)
+        decision = decide(record(), live(P.SHUTDOWN), HOST, policy, SETTINGS, NOW)
+        assert decision.action is Action.START
+        assert decision.outcome == {"restart_count": 1, "last_restart_at": NOW}
+
+    @pytest.mark.parametrize("power,reason", [(P.CRASHED, "panicked"), (P.SHUTDOWN, "crashed"),
+                                              (P.SHUTDOWN, "failed")])
+    def test_a_crash_follows_on_crash_not_on_guest_shutdown(self, power, reason):
+        restart_on_shutdown = InstancePolicy(on_guest_shutdown=OnGuestShutdown.RESTART)
+        decision = decide(record(), live(power, reason), HOST, restart_on_shutdown, SETTINGS, NOW)
+        assert decision.action is Action.POWER_OFF and "on_crash=stop" in decision.reason
+        restart_on_crash = InstancePolicy(on_crash=OnCrash.RESTART)
+        decision = decide(record(), live(power, reason), HOST, restart_on_crash, SETTINGS, NOW)
+        assert decision.action is Action.START and "crashed" in decision.reason
+
+
+class TestPinnedActive:
+    policy = parse_instance("vm1", {"vm_state": "active"})
+
+    @pytest.mark.parametrize("power,reason", [(P.SHUTDOWN, "shutdown"), (P.SHUTDOWN, "crashed"),
+                                              (P.CRASHED, "panicked")])
+    def test_it_is_started_again_after_shutdown_or_crash(self, power, reason):
+        decision = decide(record(), live(power, reason), HOST, self.policy, SETTINGS, NOW)
+        assert decision.action is Action.START and decision.recheck
+        assert "pillar pins vm_state=active" in decision.reason
+
+    def test_restarts_back_off_exponentially(self):
+        settings = Settings(restart_backoff=10, restart_limit=5)
+        # The second restart waits 10 s after the first, the third 20 s after the second.
+        for restarts, delay in ((1, 10), (2, 20), (3, 40)):
+            rec = record(power=P.SHUTDOWN, restart_count=restarts, last_restart_at=NOW)
+            early = decide(rec, live(P.SHUTDOWN), HOST, self.policy, settings, NOW + delay - 1)
+            assert early.action is Action.NONE and "backs off" in early.reason
+            due = decide(rec, live(P.SHUTDOWN), HOST, self.policy, settings, NOW + delay)
+            assert due.action is Action.START
+            assert due.outcome["restart_count"] == restarts + 1
+
+    def test_the_limit_turns_it_to_error(self):
+        settings = Settings(restart_limit=3)
+        rec = record(power=P.SHUTDOWN, restart_count=3, last_restart_at=NOW - 10_000)
+        decision = decide(rec, live(P.SHUTDOWN), HOST, self.policy, settings, NOW)
+        assert decision.action is Action.NONE and decision.warning
+        assert decision.outcome == {"vm_state": V.ERROR}
+        # ...and error is hands off from then on.
+        errored = decide(rec.replace(vm_state=V.ERROR), live(P.SHUTDOWN), HOST, DEFAULT,
+                         settings, NOW)
+        assert errored.action is Action.NONE and not errored.outcome
+
+    def test_a_vm_that_keeps_running_earns_its_count_back(self):
+        rec = record(restart_count=2, last_restart_at=NOW - RESTART_RESET_AFTER)
+        decision = decide(rec, live(P.RUNNING), HOST, self.policy, SETTINGS, NOW)
+        assert decision.observed == {"restart_count": 0}
+        recent = rec.replace(last_restart_at=NOW - 1)
+        assert not decide(recent, live(P.RUNNING), HOST, self.policy, SETTINGS, NOW).observed
+
+
+@pytest.mark.parametrize("power,vm_state", [(P.RUNNING, V.ACTIVE), (P.PAUSED, V.PAUSED),
+                                            (P.SUSPENDED, V.SUSPENDED), (P.SHUTDOWN, V.STOPPED),
+                                            (P.CRASHED, V.STOPPED), (P.NOSTATE, V.STOPPED)])
+def test_a_new_domain_adopts_its_vm_state_from_its_power_state(power, vm_state):
+    rec = adopt("u-9", "new", HOST, live(power), DEFAULT, NOW)
+    assert (rec.vm_state, rec.power_state, rec.host, rec.task_state) == (vm_state, power, HOST, "")
+    # An adopted record is in sync with what it was adopted from.
+    assert not decide(rec, live(power), HOST, DEFAULT, SETTINGS, NOW).changes_anything
+
+
+def test_a_pin_wins_over_adoption():
+    rec = adopt("u-9", "new", HOST, live(P.RUNNING), InstancePolicy(vm_state=V.STOPPED), NOW)
+    assert rec.vm_state is V.STOPPED

@@ -1,0 +1,143 @@
+"""The SQLite store: compare-and-set, the append-only audit log, locks across processes,
+crash safety, and a clear error for a store that cannot be read."""
+
+import os
+import sqlite3
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from vmpower.core.model import Cause, PowerState, Record, VmState
+from vmpower.store import Change, Store, StoreError
+
+
+def rec(uuid="u-1", **kw):
+    fields = dict(uuid=uuid, name="vm1", host="h1", vm_state=VmState.ACTIVE,
+                  power_state=PowerState.RUNNING, version=1)
+    fields.update(kw)
+    return Record(**fields)
+
+
+@pytest.fixture
+def store(tmp_path):
+    with Store(str(tmp_path / "records.sqlite")) as s:
+        yield s
+
+
+def test_insert_update_and_history(store):
+    first = rec()
+    assert store.commit([Change(None, first, Cause.SYNC, "adopt", "first seen")], at=1.0) == []
+    second = first.replace(power_state=PowerState.SHUTDOWN, version=2)
+    assert store.commit([Change(first, second, Cause.EVENT, "update", "guest shut down")], at=2.0) == []
+    assert store.get("u-1") == second
+    assert store.find("vm1") == second and store.find("u-1") == second
+    entries = store.history("u-1")
+    assert [e["cause"] for e in entries] == ["sync", "event"]
+    assert entries[1]["old"] == {"power_state": "running"}
+    assert entries[1]["new"] == {"power_state": "shutdown"}
+    assert entries[1]["reason"] == "guest shut down"
+    assert store.history("u-1", limit=1) == entries[1:]
+
+
+def test_a_stale_version_loses_and_writes_nothing(store):
+    first = rec()
+    store.commit([Change(None, first, Cause.SYNC, "adopt", "x")], at=1.0)
+    winner = first.replace(vm_state=VmState.STOPPED, version=2)
+    store.commit([Change(first, winner, Cause.API, "stop", "x")], at=2.0)
+    loser = Change(first, first.replace(power_state=PowerState.PAUSED, version=2), Cause.SYNC, "update", "x")
+    other = rec("u-2")
+    conflicts = store.commit([loser, Change(None, other, Cause.SYNC, "adopt", "x")], at=3.0)
+    assert conflicts == [loser]
+    assert store.get("u-1") == winner and store.get("u-2") == other
+    assert len(store.history("u-1")) == 2  # the loser left no audit entry
+    # A second insert of an existing record is a conflict too, not an overwrite.
+    assert store.commit([Change(None, rec("u-2", name="other"), Cause.SYNC, "adopt", "x")], at=4.0)
+
+
+def test_the_audit_log_is_append_only(store):
+    store.commit([Change(None, rec(), Cause.SYNC, "adopt", "x")], at=1.0)
+    db = sqlite3.connect(store.path)
+    with pytest.raises(sqlite3.DatabaseError, match="append-only"):
+        db.execute("UPDATE audit SET reason = 'rewritten'")
+    with pytest.raises(sqlite3.DatabaseError, match="append-only"):
+        db.execute("DELETE FROM audit")
+
+
+def test_get_many_crosses_sqlites_parameter_limit(store):
+    records = [rec(f"u-{i}", name=f"vm{i}") for i in range(1200)]
+    store.commit([Change(None, r, Cause.SYNC, "adopt", "x") for r in records], at=1.0)
+    found = store.get_many([r.uuid for r in records] + ["missing"])
+    assert len(found) == 1200 and store.count() == 1200
+    assert len(store.for_host("h1")) == 1200 and store.for_host("h2") == {}
+
+
+def test_a_corrupt_store_is_a_clear_error(tmp_path):
+    path = tmp_path / "records.sqlite"
+    path.write_bytes(b"this is not a database, it is a shopping list\n" * 100)
+    with pytest.raises(StoreError, match=f"the vmpower store {path} is unreadable"):
+        Store(str(path))
+
+
+def test_an_unwritable_place_is_a_clear_error(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(StoreError, match="is unreadable"):
+        Store(str(blocker / "records.sqlite"))
+
+
+def test_it_is_configured_to_survive_a_crash(store):
+    db = sqlite3.connect(store.path)
+    assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert store._db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+
+
+def _python(code, *args):
+    return subprocess.Popen([sys.executable, "-c", textwrap.dedent(code), *args],
+                            stdout=subprocess.PIPE, text=True)
+
+
+def test_a_writer_killed_mid_transaction_leaves_the_last_commit_intact(store):
+    store.commit([Change(None, rec(), Cause.SYNC, "adopt", "committed")], at=1.0)
+    writer = _python("""
+        import os, sys
+        from vmpower.core.model import Cause, Record, VmState, PowerState
+        from vmpower.store import Store
+        store = Store(sys.argv[1])
+        store._db.execute("BEGIN IMMEDIATE")
+        for i in range(1000):
+            store._db.execute("INSERT INTO audit (at, uuid, name, host, cause, action, old, new, reason)"
+                              " VALUES (1, 'u-x', 'x', 'h', 'sync', 'adopt', '{}', '{}', 'torn')")
+        print("half-way", flush=True)
+        os.kill(os.getpid(), 9)
+    """, store.path)
+    assert writer.stdout.readline().strip() == "half-way"
+    writer.wait()
+    assert writer.returncode == -9
+    with Store(store.path) as reopened:
+        assert reopened.get("u-1") == rec()
+        assert reopened.history("u-x") == []
+        assert [e["reason"] for e in reopened.history("u-1")] == ["committed"]
+
+
+def test_the_instance_lock_holds_across_processes(store):
+    holder = _python("""
+        import sys, time
+        from vmpower.store import Store
+        with Store(sys.argv[1]).lock("u-1"):
+            print("holding", flush=True)
+            time.sleep(30)
+    """, store.path)
+    try:
+        assert holder.stdout.readline().strip() == "holding"
+        with pytest.raises(StoreError, match="could not take the vmpower lock 'u-1'"):
+            with store.lock("u-1", timeout=0.2):
+                pass
+        with store.lock("u-2", timeout=0.2):  # other instances are not held up
+            pass
+    finally:
+        holder.kill()
+        holder.wait()
+    with store.lock("u-1", timeout=5):  # released when its holder dies
+        pass
