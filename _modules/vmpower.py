@@ -19,16 +19,14 @@ config or pillar under ``vmpower:`` (pillar wins):
 """
 
 import logging
-import os
 
 from salt.exceptions import CommandExecutionError
 
 try:
+    from vmpower import minion
     from vmpower.core import arguments
-    from vmpower.core.settings import ConfigError, parse_settings
-    from vmpower.hypervisor import HAS_LIBVIRT, HypervisorError
-    from vmpower.operations import HostOperations, OperationError
-    from vmpower.store import Store, StoreError
+    from vmpower.core.settings import ConfigError
+    from vmpower.hypervisor import HAS_LIBVIRT
 
     IMPORT_ERROR = None
 except ImportError as exc:  # reported by __virtual__
@@ -47,15 +45,6 @@ def __virtual__():
     return __virtualname__
 
 
-def _settings():
-    raw = __salt__["config.get"]("vmpower", default={}, merge="recurse")
-    return parse_settings(raw)
-
-
-def _store_path(settings):
-    return settings.store or os.path.join(__opts__["cachedir"], "vmpower", "records.sqlite")
-
-
 def _run(operation, *args, **kwargs):
     """Run one HostOperations method with this minion's settings, store and identity.
 
@@ -63,11 +52,9 @@ def _run(operation, *args, **kwargs):
     prints what was wrong and exits non-zero.
     """
     try:
-        settings = _settings()
-        with Store(_store_path(settings)) as store:
-            ops = HostOperations(settings, __opts__["id"], store)
+        with minion.operations(__opts__, __salt__["config.get"]) as ops:
             return getattr(ops, operation)(*args, **kwargs)
-    except (ConfigError, StoreError, HypervisorError, OperationError) as exc:
+    except minion.ERRORS as exc:
         raise CommandExecutionError(f"vmpower.{operation}: {exc}") from exc
 
 

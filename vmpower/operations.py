@@ -63,6 +63,19 @@ class HostOperations:
         with self.connect() as hv:
             return sorted(dom.name for dom in hv.list_all().values())
 
+    def overview(self) -> List[dict]:
+        """Every domain of this host with its live power state and its record, if any."""
+        with self.connect() as hv:
+            live = hv.list_all()
+        records = self.store.get_many(list(live))
+        rows = []
+        for uuid, dom in sorted(live.items(), key=lambda item: item[1].name):
+            record = records.get(uuid)
+            rows.append({"uuid": uuid, "name": dom.name, "power_state": dom.state.power_state.value,
+                         "vm_state": record.vm_state.value if record else None,
+                         "task_state": record.task_state if record else ""})
+        return rows
+
     def history(self, target: str, limit: Optional[int] = None) -> List[dict]:
         record = self.store.find(target)
         if record is None:
@@ -259,6 +272,10 @@ class HostOperations:
                 raise OperationError(f"{name}: {error}")
             if not policy.managed:
                 raise OperationError(f"{name} is managed: false in pillar: vmpower does not act on it")
+            if policy.vm_state not in (None, vm_state):
+                # The next sync would undo it: refuse rather than fight the operator's pin.
+                raise OperationError(f"{name}: pillar pins vm_state={policy.vm_state.value}, "
+                                     f"so it cannot be made {vm_state.value}")
             with self.store.lock(uuid):
                 at = now()
                 record = self.store.get(uuid) or self._adopt(

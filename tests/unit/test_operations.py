@@ -144,6 +144,8 @@ def test_operations_refuse_locked_and_unmanaged_vms(store, testdriver):
         operations(store, instances={dom.name(): {"task_state": "maintenance"}}).stop(dom.name())
     with pytest.raises(OperationError, match="managed: false"):
         operations(store, instances={dom.name(): {"managed": False}}).stop(dom.name())
+    with pytest.raises(OperationError, match="pillar pins vm_state=active, so it cannot be made stopped"):
+        operations(store, instances={dom.name(): {"vm_state": "active"}}).stop(dom.name())
     assert dom.isActive()
 
 
