@@ -5,23 +5,16 @@ import inspect
 import os
 
 import pytest
-import salt.config
-import salt.loader
 from salt.exceptions import CommandExecutionError
 
 from .conftest import TEST_URI
 
 
 @pytest.fixture
-def minion(tmp_path):
-    """Load the minion's execution modules with ``vmpower`` settings given as pillar."""
-    def load(pillar=None, **config):
-        opts = salt.config.minion_config(None)
-        opts.update(id="unit-minion", file_client="local", cachedir=str(tmp_path / "cache"),
-                    pki_dir=str(tmp_path / "pki"), extension_modules=str(tmp_path / "extmods"),
-                    vmpower={"uri": TEST_URI, "stop_timeout": 0, **config},
-                    pillar=pillar or {})
-        return salt.loader.minion_mods(opts)
+def minion(load_minion):
+    """The minion's execution modules on the test driver; pillar and settings per call."""
+    def load(pillar=None, **settings):
+        return load_minion(TEST_URI, pillar, **{"stop_timeout": 0, **settings}).functions
     return load
 
 

@@ -1,8 +1,6 @@
 """The ``vmpower.running`` / ``vmpower.stopped`` states as Salt loads them, on the test driver."""
 
 import pytest
-import salt.config
-import salt.loader
 
 from vmpower.store import Store
 
@@ -10,16 +8,10 @@ from .conftest import TEST_URI
 
 
 @pytest.fixture
-def states(tmp_path):
-    """The minion's state functions; ``test`` and pillar set per call of the factory."""
+def states(load_minion):
+    """The minion's state functions on the test driver; ``test`` and pillar set per call."""
     def load(test=False, pillar=None):
-        opts = salt.config.minion_config(None)
-        opts.update(id="unit-minion", file_client="local", cachedir=str(tmp_path / "cache"),
-                    pki_dir=str(tmp_path / "pki"), extension_modules=str(tmp_path / "extmods"),
-                    vmpower={"uri": TEST_URI, "stop_timeout": 0}, pillar=pillar or {}, test=test)
-        utils = salt.loader.utils(opts)
-        mods = salt.loader.minion_mods(opts, utils=utils)
-        return salt.loader.states(opts, mods, utils, salt.loader.serializers(opts))
+        return load_minion(TEST_URI, pillar, test, stop_timeout=0).states
     return load
 
 

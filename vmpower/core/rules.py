@@ -150,7 +150,7 @@ def _active_but_off(record: Record, live: LiveState, policy: InstancePolicy,
                     settings: Settings, at: float, result) -> Decision:
     """Rule 5 for a VM meant to run whose guest is off: stop, restart or ignore, per pillar."""
     what = "crashed" if live.is_crash else "shut down"
-    off = f"vm_state=active but the guest {what} ({live.power_state.value}, {live.reason})"
+    off = f"vm_state=active but the guest {what} (libvirt reason: {live.reason})"
     if live.is_crash:
         wants_restart = policy.on_crash is OnCrash.RESTART
         policy_text = f"on_crash={policy.on_crash.value}"
