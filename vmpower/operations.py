@@ -104,25 +104,25 @@ class HostOperations:
             return self.store.get(dom.uuid)  # someone else adopted it first
         return record
 
-    def _apply(self, hv: Hypervisor, record: Record, live: LiveState, decision: Decision,
-               cause: Cause, at: float) -> dict:
+    def _apply(self, hv: Hypervisor, record: Record, decision: Decision, cause: Cause,
+               at: float) -> dict:
         """Carry out one decision under the instance lock, and record it."""
         fields = dict(decision.observed)
-        result = "ok"
-        if decision.action is not Action.NONE:
+        if decision.action is Action.NONE:
+            fields.update(decision.outcome)
+            result = "recorded" if fields else "nothing to do"
+        else:
             try:
                 if decision.action is Action.POWER_OFF:
-                    hv.power_off(record.uuid)
+                    result = "powered off" if hv.power_off(record.uuid) else "already off"
                 else:
-                    hv.start(record.uuid)
+                    result = "started" if hv.start(record.uuid) else "already running"
                 fields.update(decision.outcome)
                 fields["power_state"] = hv.state(record.uuid).power_state
             except Exception as exc:  # recorded and reported; the next sync tries again
                 result = f"failed: {exc}"
                 log.error("vmpower: %s of %s failed: %s", decision.action.value, record.name, exc)
-        else:
-            fields.update(decision.outcome)
-        reason = decision.reason if result == "ok" else f"{decision.reason} ({result})"
+        reason = f"{decision.reason} ({result})" if decision.action is not Action.NONE else decision.reason
         after = record.replace(**fields, version=record.version + 1, updated_at=at)
         if fields and self.store.commit(
                 [Change(record, after, cause, decision.action.value, reason)], at):
@@ -132,7 +132,7 @@ class HostOperations:
         return self._report(after if fields else record, decision, result)
 
     @staticmethod
-    def _report(record: Record, decision: Decision, result: str = "ok") -> dict:
+    def _report(record: Record, decision: Decision, result: str = "nothing to do") -> dict:
         return {"uuid": record.uuid, "name": record.name, "action": decision.action.value,
                 "reason": decision.reason, "result": result, "vm_state": record.vm_state.value,
                 "power_state": record.power_state.value}
@@ -166,7 +166,7 @@ class HostOperations:
                 fresh = hv.state(uuid)
                 if fresh != live:
                     live, decision = fresh, self._decide(record, fresh, now())
-            return self._apply(hv, record, live, decision, cause, at)
+            return self._apply(hv, record, decision, cause, at)
 
     # The operations
     def reconcile(self, uuid: str, transition: Optional[Transition] = None,

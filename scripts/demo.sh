@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# The first command: set everything up on a fresh Debian machine (as root) and run the main job,
+# a live walk through vmpower with a real salt-master, salt-minion, libvirtd and QEMU guests.
+set -euo pipefail
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+bash "$here/scripts/setup.sh"
+exec "$here/.venv/bin/python" "$here/scripts/demo.py" "$@"
