@@ -55,6 +55,7 @@ def test_uuid_keys_win_over_names():
     ({"restart_limit": -2}, "vmpower:restart_limit must be at least 0"),
     ({"instances": ["web1"]}, "vmpower:instances must be a mapping"),
     ({"store": 3}, "vmpower:store must be a non-empty string"),
+    ({"store": "postgresql://db/vmpower"}, "vmpower:store must be the path of a SQLite file"),
 ])
 def test_bad_global_settings_are_refused_by_name(raw, message):
     with pytest.raises(ConfigError, match=message):

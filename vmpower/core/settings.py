@@ -84,26 +84,37 @@ class Settings:
         return min(self.restart_backoff * 2 ** (restarts_so_far - 1), MAX_RESTART_BACKOFF)
 
 
-def _number(raw: Mapping, key: str, default, kind, minimum) -> Any:
+def _number(raw: Mapping, key: str, default, kind, minimum, where: str = "vmpower") -> Any:
     value = raw.get(key, default)
     if value is None:
         return default
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ConfigError(f"vmpower:{key} must be a number, not {value!r}")
+        raise ConfigError(f"{where}:{key} must be a number, not {value!r}")
     if kind is int and value != int(value):
-        raise ConfigError(f"vmpower:{key} must be a whole number, not {value!r}")
+        raise ConfigError(f"{where}:{key} must be a whole number, not {value!r}")
     if value < minimum:
-        raise ConfigError(f"vmpower:{key} must be at least {minimum}, not {value!r}")
+        raise ConfigError(f"{where}:{key} must be at least {minimum}, not {value!r}")
     return kind(value)
 
 
-def _string(raw: Mapping, key: str, default: str) -> str:
+def _string(raw: Mapping, key: str, default: str, where: str = "vmpower") -> str:
     value = raw.get(key, default)
     if value is None:
         return default
     if not isinstance(value, str) or not value.strip():
-        raise ConfigError(f"vmpower:{key} must be a non-empty string, not {value!r}")
+        raise ConfigError(f"{where}:{key} must be a non-empty string, not {value!r}")
     return value
+
+
+def _store(raw: Mapping) -> str:
+    if raw.get("store") in (None, ""):
+        return ""
+    store = _string(raw, "store", "")
+    if "://" in store:
+        # Only SQLite is built in; a DSN must not be mistaken for a file name.
+        raise ConfigError(f"vmpower:store must be the path of a SQLite file; {store.split('://')[0]}:// "
+                          f"stores are not supported by this version")
+    return store
 
 
 INSTANCE_KEYS = ("vm_state", "task_state", "managed", "on_guest_shutdown", "on_crash")
@@ -165,7 +176,7 @@ def parse_settings(raw: Optional[Mapping]) -> Settings:
             errors[key] = str(exc)
     return Settings(
         uri=_string(raw, "uri", DEFAULT_URI),
-        store=raw.get("store") and _string(raw, "store", "") or "",
+        store=_store(raw),
         stop_timeout=_number(raw, "stop_timeout", DEFAULT_STOP_TIMEOUT, float, 0),
         sync_interval=_number(raw, "sync_interval", DEFAULT_SYNC_INTERVAL, int, 1),
         restart_limit=_number(raw, "restart_limit", DEFAULT_RESTART_LIMIT, int, 0),
@@ -181,3 +192,81 @@ def normalize_uuid(value: Any) -> str:
         raise ConfigError(f"{value!r} is not a UUID (expected 8-4-4-4-12 hexadecimal digits)")
     digits = value.strip().replace("-", "").lower()
     return f"{digits[:8]}-{digits[8:12]}-{digits[12:16]}-{digits[16:20]}-{digits[20:]}"
+
+
+# The beacon's configuration (``beacons:vmpower``), as Salt passes it to validate() and beacon().
+DEFAULT_STOP_GRACE = 15.0  # Nova's hard-coded delay before it believes a STOPPED event
+DEFAULT_QUEUE_SIZE = 10000
+DEFAULT_KEEPALIVE_INTERVAL = 5
+DEFAULT_KEEPALIVE_COUNT = 3
+BEACON_KEYS = ("uri", "stop_grace", "queue_size", "keepalive")
+KEEPALIVE_KEYS = ("interval", "count")
+# Keys Salt itself reads from, or adds to, every beacon's configuration.
+SALT_BEACON_KEYS = ("enabled", "interval", "disable_during_state_run", "run_once", "beacon_module",
+                    "_beacon_name")
+
+
+@dataclasses.dataclass(frozen=True)
+class BeaconSettings:
+    """The ``vmpower`` beacon's configuration; ``name`` is the beacon's name in Salt's config."""
+
+    name: str = "vmpower"
+    uri: str = DEFAULT_URI
+    stop_grace: float = DEFAULT_STOP_GRACE
+    queue_size: int = DEFAULT_QUEUE_SIZE
+    keepalive_interval: int = DEFAULT_KEEPALIVE_INTERVAL
+    keepalive_count: int = DEFAULT_KEEPALIVE_COUNT
+
+
+def _merged(raw: Any, where: str, expected: str) -> Mapping:
+    """A mapping, or Salt's list of one-key mappings merged into one (later keys win, as in Salt)."""
+    if isinstance(raw, Mapping):
+        return raw
+    if isinstance(raw, (list, tuple)) and all(isinstance(item, Mapping) for item in raw):
+        merged: Dict[Any, Any] = {}
+        for item in raw:
+            merged.update(item)
+        return merged
+    raise ConfigError(f"{where} must be {expected}, not {raw!r}")
+
+
+def _known_keys(raw: Mapping, known: Tuple[str, ...], where: str, allowed: Tuple[str, ...] = ()) -> None:
+    unknown = sorted(str(key) for key in raw if key not in known and key not in allowed)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; known: {', '.join(known)}")
+
+
+def _keepalive(value: Any, where: str) -> Tuple[int, int]:
+    where = f"{where}:keepalive"
+    if value is None:
+        return DEFAULT_KEEPALIVE_INTERVAL, DEFAULT_KEEPALIVE_COUNT
+    if isinstance(value, (list, tuple)) and len(value) == 2 \
+            and not any(isinstance(item, Mapping) for item in value):
+        value = dict(zip(KEEPALIVE_KEYS, value))  # the [interval, count] pair
+    raw = _merged(value, where, "a mapping of interval and count, or a list [interval, count]")
+    _known_keys(raw, KEEPALIVE_KEYS, where)
+    return (_number(raw, "interval", DEFAULT_KEEPALIVE_INTERVAL, int, 1, where),
+            _number(raw, "count", DEFAULT_KEEPALIVE_COUNT, int, 0, where))
+
+
+def parse_beacon_config(config: Any) -> BeaconSettings:
+    """Validate the ``vmpower`` beacon's configuration; raise ConfigError naming the bad key.
+
+    ``config`` is what Salt passes: a list of one-key mappings (a plain mapping is accepted
+    too). Salt's own keys (``interval``, ``disable_during_state_run``...) are allowed and left
+    to Salt.
+    """
+    raw = _merged([] if config is None else config, "beacons:vmpower",
+                  "a list of mappings (uri, stop_grace, queue_size, keepalive)")
+    name = str(raw.get("_beacon_name") or "vmpower")
+    where = f"beacons:{name}"
+    _known_keys(raw, BEACON_KEYS, where, SALT_BEACON_KEYS)
+    interval, count = _keepalive(raw.get("keepalive"), where)
+    return BeaconSettings(
+        name=name,
+        uri=_string(raw, "uri", DEFAULT_URI, where),
+        stop_grace=_number(raw, "stop_grace", DEFAULT_STOP_GRACE, float, 0, where),
+        queue_size=_number(raw, "queue_size", DEFAULT_QUEUE_SIZE, int, 1, where),
+        keepalive_interval=interval,
+        keepalive_count=count,
+    )
