@@ -207,7 +207,9 @@ def history(name, limit=None):
 
 def status():
     """
-    Report whether libvirt answers, where the records are, and how many there are.
+    Report whether libvirt answers, where the records are, and how many there are; under
+    ``event_loop``, the health of the vmpower beacon's event loop as the minion process last
+    wrote it (connected, uri, queue depth, events seen, dropped, reconnects, last resync).
 
     CLI Example:
 
@@ -215,4 +217,4 @@ def status():
 
         salt '*' vmpower.status
     """
-    return _run("status")
+    return _run("status", minion.event_loop_status_path(__opts__))

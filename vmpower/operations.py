@@ -29,6 +29,7 @@ from vmpower.core.model import (
 )
 from vmpower.core.rules import Action, Decision, adopt, decide
 from vmpower.core.settings import Settings
+from vmpower.eventloop import read_status
 from vmpower.hypervisor import Hypervisor, LiveDomain
 from vmpower.store import Change, Store
 
@@ -309,8 +310,12 @@ class HostOperations:
             raise OperationError(f"the record of {busy.name} changed under its lock")
         return done
 
-    def status(self) -> dict:
-        """Whether libvirt answers at the configured URI, and what the store holds."""
+    def status(self, event_loop_status: Optional[str] = None) -> dict:
+        """Whether libvirt answers at the configured URI, and what the store holds.
+
+        ``event_loop_status`` is the path of the beacon's status file; its content (written by
+        the minion process, which runs the event loop) is reported under ``event_loop``.
+        """
         result = {"host": self.host, "uri": self.settings.uri, "store": self.store.path,
                   "records": self.store.count()}
         try:
@@ -319,5 +324,7 @@ class HostOperations:
             result["connected"] = True
         except Exception as exc:  # status reports a broken connection, it does not fail on it
             result.update(connected=False, error=str(exc))
+        if event_loop_status is not None:
+            result["event_loop"] = read_status(event_loop_status)
         return result
 

@@ -1,0 +1,574 @@
+"""The beacon and its event loop on libvirt's test driver, in this process, partly through Salt.
+
+The test driver delivers its events through libvirt's default event loop like a real libvirtd,
+so the native thread, the callbacks, the queue and the translation here are the real ones.
+Events the test driver cannot produce (crashes, PM suspend, guest or host shutdown, failures,
+reboots) are fed to the registered callback functions with libvirt's own numbers, as libvirt
+would call them. Every wait is a bounded polling loop; no assertion depends on timing.
+"""
+
+import dataclasses
+import itertools
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+
+import libvirt
+import pytest
+import salt._logging
+import salt.beacons
+
+from vmpower import eventloop
+from vmpower.core.settings import BeaconSettings
+
+from .conftest import TEST_URI
+
+WAIT = 10.0  # seconds; test-driver events arrive in well under a millisecond
+NO_DAEMON_URI = "qemu+unix:///system?socket=/nonexistent/libvirt-sock"
+_names = itertools.count()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def no_deferred_salt_console_log():
+    """Importing Salt installs a temporary root log handler that keeps warnings until the process
+    exits and then writes them to pytest's stderr, closed by then ("--- Logging error ---").
+    A minion replaces it when it configures logging; these tests log warnings on purpose."""
+    salt._logging.shutdown_temp_handler()
+
+
+def wait_until(condition, what):
+    deadline = time.monotonic() + WAIT
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.002)
+    pytest.fail(f"timed out after {WAIT}s waiting for {what}")
+
+
+def summary(event):
+    return event["transition"], event["reason"], event["libvirt"]["event"], event["libvirt"]["detail"]
+
+
+class FakeClock:
+    """Both of a watcher's clocks, moved by hand."""
+
+    def __init__(self):
+        self.now = 1_800_000_000.0
+        self.mono = 0.0
+
+    def time(self):
+        return self.now
+
+    def monotonic(self):
+        return self.mono
+
+    def advance(self, seconds):
+        self.now += seconds
+        self.mono += seconds
+
+
+class Collector:
+    """Drains one watcher and keeps everything it fired."""
+
+    def __init__(self, watcher):
+        self.watcher = watcher
+        self.fired = []
+
+    def drain(self):
+        new = self.watcher.drain()
+        self.fired.extend(new)
+        return new
+
+    def of(self, dom):
+        return [event for event in self.fired if event.get("uuid") == dom.UUIDString()]
+
+    def resyncs(self):
+        return [(event["reason"], event["lost"]) for event in self.fired if event["tag"] == "resync"]
+
+    def wait_for(self, dom, count):
+        """Drain until ``dom`` has fired ``count`` events in all; return them."""
+        wait_until(lambda: self.drain() is not None and len(self.of(dom)) >= count,
+                   f"{count} event(s) of {dom.name()}")
+        return self.of(dom)
+
+    def wait_held(self, count):
+        wait_until(lambda: self.drain() is not None and self.watcher.health()["held"] == count,
+                   f"{count} held STOPPED event(s)")
+
+
+@pytest.fixture
+def watch():
+    """``watch(clock=None, **settings)`` -> a Collector over a new Watcher of the test driver,
+    already connected; every watcher is closed after the test."""
+    made = []
+
+    def make(clock=None, **settings):
+        clocks = {} if clock is None else {"clock": clock.time, "monotonic": clock.monotonic}
+        collector = Collector(eventloop.Watcher(BeaconSettings(uri=TEST_URI, **settings), **clocks))
+        made.append(collector.watcher)
+        collector.drain()
+        return collector
+
+    yield make
+    for watcher in made:
+        watcher.close()
+
+
+class SaltBeacons:
+    """Salt's own ``Beacon`` over the vmpower beacon, configured as ``beacons:<name>``."""
+
+    def __init__(self, minion, config):
+        self.opts = minion.opts
+        self.functions = minion.functions
+        self.name = f"vmpower_test{next(_names)}"
+        self.opts["beacons"] = {self.name: [{"beacon_module": "vmpower"}, *config]}
+        self.prefix = f"salt/beacon/{self.opts['id']}/{self.name}/"
+        self.rebuild()
+
+    def rebuild(self):
+        """A new loader, as on a beacons refresh: Salt executes the beacon's file again."""
+        self.beacons = salt.beacons.Beacon(self.opts, self.functions)
+
+    @property
+    def module(self):
+        return self.beacons.beacons
+
+    def process(self):
+        """One beacon run; returns ``(tag tail, data)`` pairs."""
+        fired = self.beacons.process(self.opts["beacons"], grains={})
+        assert all(item["tag"].startswith(self.prefix) for item in fired)
+        return [(item["tag"][len(self.prefix):], item["data"]) for item in fired]
+
+    def process_until(self, predicate, what):
+        fired = []
+        wait_until(lambda: fired.extend(self.process()) or predicate(fired), what)
+        return fired
+
+    @property
+    def status_path(self):
+        return os.path.join(self.opts["cachedir"], "vmpower", "eventloop.json")
+
+
+@pytest.fixture
+def salt_beacons(load_minion):
+    """``salt_beacons(*config)`` -> SaltBeacons for a beacon of a unique name; closed afterwards."""
+    made = []
+
+    def make(*config):
+        made.append(SaltBeacons(load_minion(TEST_URI), config))
+        return made[-1]
+
+    yield make
+    for beacons in made:
+        beacons.beacons.close_beacons()
+
+
+def event_threads():
+    return [thread for thread in threading.enumerate() if thread.name == eventloop.THREAD_NAME]
+
+
+# What the test driver really does.
+def test_a_new_watcher_resyncs_connected_once(watch):
+    collector = watch()
+    assert collector.resyncs() == [("connected", 0)]
+    collector.drain()
+    assert collector.resyncs() == [("connected", 0)]
+    assert collector.watcher.connected
+
+
+REAL = [
+    ("start", lambda dom, path: dom.create(), ("started", "booted", "STARTED", "BOOTED")),
+    ("suspend", lambda dom, path: dom.suspend(), ("paused", "paused", "SUSPENDED", "PAUSED")),
+    ("resume", lambda dom, path: dom.resume(), ("resumed", "unpaused", "RESUMED", "UNPAUSED")),
+    ("shutdown", lambda dom, path: dom.shutdown(), ("stopped", "guest_shutdown", "STOPPED", "SHUTDOWN")),
+    ("start", lambda dom, path: dom.create(), ("started", "booted", "STARTED", "BOOTED")),
+    ("destroy", lambda dom, path: dom.destroy(), ("stopped", "destroyed", "STOPPED", "DESTROYED")),
+    ("start", lambda dom, path: dom.create(), ("started", "booted", "STARTED", "BOOTED")),
+    ("save", lambda dom, path: dom.save(path), ("stopped", "saved", "STOPPED", "SAVED")),
+    ("restore", lambda dom, path: dom.connect().restore(path),
+     ("started", "restored", "STARTED", "RESTORED")),
+    ("managed save", lambda dom, path: dom.managedSave(0), ("stopped", "saved", "STOPPED", "SAVED")),
+]
+
+
+def test_every_transition_the_test_driver_produces(watch, testdriver, tmp_path):
+    collector = watch(stop_grace=0)
+    dom = testdriver.define("real", start=False)
+    save_file = str(tmp_path / "real.save")
+    for count, (action, act, expected) in enumerate(REAL, start=1):
+        before = time.time()
+        act(dom, save_file)
+        event = collector.wait_for(dom, count)[-1]
+        assert summary(event) == expected, action
+        assert event["tag"] == f"lifecycle/{expected[0]}"
+        assert (event["uuid"], event["name"], event["uri"]) == (dom.UUIDString(), dom.name(), TEST_URI)
+        assert before <= event["timestamp"] <= time.time()
+    fired = collector.of(dom)
+    assert len(fired) == len(REAL)  # DEFINED and the like fire nothing
+    seqs = [event["seq"] for event in fired]
+    assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
+
+
+def test_a_transient_domain_is_seen_from_creation(watch, testdriver):
+    collector = watch(stop_grace=0)
+    dom = testdriver.conn.createXML(
+        f"<domain type='test'><name>{testdriver.prefix}transient</name><memory>8192</memory>"
+        f"<os><type>hvm</type></os></domain>")
+    testdriver.domains.append(dom)
+    assert summary(collector.wait_for(dom, 1)[-1]) == ("started", "booted", "STARTED", "BOOTED")
+
+
+# What only a real hypervisor does, fed to the registered callbacks with libvirt's numbers.
+L = libvirt
+INJECTED = [
+    ("guest panic", [(L.VIR_DOMAIN_EVENT_CRASHED, L.VIR_DOMAIN_EVENT_CRASHED_PANICKED)],
+     ("crashed", "panicked", "CRASHED", "PANICKED")),
+    ("QEMU killed", [(L.VIR_DOMAIN_EVENT_STOPPED, L.VIR_DOMAIN_EVENT_STOPPED_FAILED)],
+     ("stopped", "failed", "STOPPED", "FAILED")),
+    ("QEMU crashed", [(L.VIR_DOMAIN_EVENT_STOPPED, L.VIR_DOMAIN_EVENT_STOPPED_CRASHED)],
+     ("stopped", "crashed", "STOPPED", "CRASHED")),
+    ("guest shuts down", [(L.VIR_DOMAIN_EVENT_SHUTDOWN, L.VIR_DOMAIN_EVENT_SHUTDOWN_GUEST),
+                          (L.VIR_DOMAIN_EVENT_STOPPED, L.VIR_DOMAIN_EVENT_STOPPED_SHUTDOWN)],
+     ("stopped", "guest_shutdown", "STOPPED", "SHUTDOWN")),
+    ("host asks for shutdown", [(L.VIR_DOMAIN_EVENT_SHUTDOWN, L.VIR_DOMAIN_EVENT_SHUTDOWN_HOST),
+                                (L.VIR_DOMAIN_EVENT_STOPPED, L.VIR_DOMAIN_EVENT_STOPPED_SHUTDOWN)],
+     ("stopped", "host_shutdown", "STOPPED", "SHUTDOWN")),
+    ("suspend to RAM", [(L.VIR_DOMAIN_EVENT_PMSUSPENDED, L.VIR_DOMAIN_EVENT_PMSUSPENDED_MEMORY)],
+     ("suspended", "memory", "PMSUSPENDED", "MEMORY")),
+    ("suspend to disk", [(L.VIR_DOMAIN_EVENT_PMSUSPENDED, L.VIR_DOMAIN_EVENT_PMSUSPENDED_DISK)],
+     ("suspended", "disk", "PMSUSPENDED", "DISK")),
+    ("I/O error", [(L.VIR_DOMAIN_EVENT_SUSPENDED, L.VIR_DOMAIN_EVENT_SUSPENDED_IOERROR)],
+     ("paused", "ioerror", "SUSPENDED", "IOERROR")),
+    ("migrated in", [(L.VIR_DOMAIN_EVENT_STARTED, L.VIR_DOMAIN_EVENT_STARTED_MIGRATED)],
+     ("started", "migrated", "STARTED", "MIGRATED")),
+    ("migrated out", [(L.VIR_DOMAIN_EVENT_STOPPED, L.VIR_DOMAIN_EVENT_STOPPED_MIGRATED)],
+     ("stopped", "migrated", "STOPPED", "MIGRATED")),
+    ("woken up", [(L.VIR_DOMAIN_EVENT_STARTED, L.VIR_DOMAIN_EVENT_STARTED_WAKEUP)],
+     ("started", "wakeup", "STARTED", "WAKEUP")),
+]
+
+
+@pytest.mark.parametrize("case,callbacks,expected", INJECTED, ids=[case[0] for case in INJECTED])
+def test_transitions_only_a_real_hypervisor_produces(watch, testdriver, case, callbacks, expected):
+    collector = watch(stop_grace=0)
+    dom = testdriver.define("injected", start=False)
+    for event, detail in callbacks:
+        collector.watcher.lifecycle_callback(None, dom, event, detail, None)
+    collector.drain()
+    assert [summary(event) for event in collector.of(dom)] == [expected]
+
+
+def test_a_reboot_is_started_rebooted(watch, testdriver):
+    collector = watch(stop_grace=0)
+    dom = testdriver.define("rebooted", start=False)
+    collector.watcher.reboot_callback(None, dom, None)
+    collector.drain()
+    assert [summary(event) for event in collector.of(dom)] == [("started", "rebooted", "REBOOT", "")]
+
+
+def test_events_that_change_no_power_state_fire_nothing(watch, testdriver):
+    collector = watch(stop_grace=0)
+    dom = testdriver.define("quiet", start=False)
+    for event, detail in [(L.VIR_DOMAIN_EVENT_DEFINED, L.VIR_DOMAIN_EVENT_DEFINED_UPDATED),
+                          (L.VIR_DOMAIN_EVENT_SHUTDOWN, L.VIR_DOMAIN_EVENT_SHUTDOWN_FINISHED),
+                          (L.VIR_DOMAIN_EVENT_UNDEFINED, L.VIR_DOMAIN_EVENT_UNDEFINED_REMOVED)]:
+        collector.watcher.lifecycle_callback(None, dom, event, detail, None)
+    collector.drain()
+    assert collector.of(dom) == []
+
+
+# STOPPED's grace.
+def test_stopped_waits_for_its_grace(watch, testdriver):
+    clock = FakeClock()
+    collector = watch(clock, stop_grace=30)
+    dom = testdriver.define("grace")
+    collector.wait_for(dom, 1)
+    dom.destroy()
+    collector.wait_held(1)
+    clock.advance(29.9)
+    collector.drain()
+    assert [event["transition"] for event in collector.of(dom)] == ["started"]
+    clock.advance(0.1)
+    collector.drain()
+    stopped = collector.of(dom)[-1]
+    assert summary(stopped) == ("stopped", "destroyed", "STOPPED", "DESTROYED")
+    assert stopped["timestamp"] == clock.now - 30  # when libvirt called back, not when released
+
+
+def test_a_hard_reboot_fires_only_started(watch, testdriver):
+    clock = FakeClock()
+    collector = watch(clock, stop_grace=30)
+    dom = testdriver.define("hard-reboot")
+    collector.wait_for(dom, 1)
+    dom.destroy()
+    dom.create()
+    collector.wait_for(dom, 2)
+    clock.advance(3600)
+    collector.drain()
+    assert [event["transition"] for event in collector.of(dom)] == ["started", "started"]
+    assert collector.watcher.health()["held"] == 0
+
+
+def test_a_stopped_whose_grace_ended_before_the_next_event_is_fired_first(watch, testdriver):
+    clock = FakeClock()
+    collector = watch(clock, stop_grace=30)
+    dom = testdriver.define("slow-restart")
+    collector.wait_for(dom, 1)
+    dom.destroy()
+    collector.wait_held(1)
+    clock.advance(31)  # the start comes after the grace, before the next drain
+    dom.create()
+    fired = collector.wait_for(dom, 3)
+    assert [event["transition"] for event in fired] == ["started", "stopped", "started"]
+    assert fired[1]["seq"] < fired[2]["seq"]
+
+
+# The bounded queue.
+def test_overflow_keeps_the_newest_and_resyncs_with_what_was_lost(watch, testdriver):
+    collector = watch(stop_grace=0, queue_size=10)
+    dom = testdriver.define("flood")
+    collector.wait_for(dom, 1)
+    seen = collector.watcher.health()["events_seen"]
+    for number in range(1, 26):  # 25 events: paused, resumed, paused, ...
+        dom.suspend() if number % 2 else dom.resume()
+    wait_until(lambda: collector.watcher.health()["events_seen"] == seen + 25, "25 callbacks")
+    fired = collector.drain()
+    assert fired[0] == {"tag": "resync", "reason": "overflow", "lost": 15}
+    newest = ["paused" if number % 2 else "resumed" for number in range(16, 26)]
+    assert [event["transition"] for event in fired[1:]] == newest
+    assert collector.watcher.health()["dropped"] == 15
+    collector.drain()
+    assert collector.resyncs().count(("overflow", 15)) == 1  # reported once
+
+
+def test_a_smaller_queue_size_drops_like_an_overflow(testdriver):
+    # Never connected, so only the events fed to it are queued.
+    watcher = eventloop.Watcher(BeaconSettings(uri=NO_DAEMON_URI, stop_grace=0, queue_size=10))
+    dom = testdriver.define("shrink", start=False)
+    for _ in range(5):
+        watcher.lifecycle_callback(None, dom, L.VIR_DOMAIN_EVENT_STARTED,
+                                   L.VIR_DOMAIN_EVENT_STARTED_BOOTED, None)
+    watcher.configure(dataclasses.replace(watcher.settings, queue_size=2))
+    fired = watcher.drain()
+    assert fired[0] == {"tag": "resync", "reason": "overflow", "lost": 3}
+    assert [event["transition"] for event in fired[1:]] == ["started", "started"]
+
+
+# The connection.
+def test_a_lost_connection_reconnects_resyncs_and_keeps_delivering(watch, testdriver, caplog):
+    collector = watch(stop_grace=0)
+    dom = testdriver.define("survivor")
+    collector.wait_for(dom, 1)
+    # libvirt calls this with its own connection object when libvirtd goes away.
+    collector.watcher.close_callback(collector.watcher._conn, L.VIR_CONNECT_CLOSE_REASON_EOF, None)
+    assert not collector.watcher.connected
+    with caplog.at_level(logging.WARNING, logger="vmpower.eventloop"):
+        collector.drain()
+    assert "libvirtd closed the connection" in caplog.text
+    assert collector.resyncs() == [("connected", 0), ("reconnected", 0)]
+    health = collector.watcher.health()
+    assert health["connected"] and health["reconnects"] == 1
+    dom.suspend()
+    collector.wait_for(dom, 2)
+    dom.resume()
+    collector.wait_for(dom, 3)
+    # Registered once again, not twice: one event per change.
+    assert [event["transition"] for event in collector.of(dom)] == ["started", "paused", "resumed"]
+
+
+def test_a_close_callback_about_an_old_connection_is_ignored(watch):
+    collector = watch()
+    collector.watcher.close_callback(object(), L.VIR_CONNECT_CLOSE_REASON_EOF, None)
+    assert collector.watcher.connected
+
+
+def test_no_daemon_means_capped_backoff_and_one_warning(caplog):
+    clock = FakeClock()
+    watcher = eventloop.Watcher(BeaconSettings(uri=NO_DAEMON_URI), clock.time, clock.monotonic)
+    with caplog.at_level(logging.DEBUG, logger="vmpower.eventloop"):
+        for _ in range(200):
+            assert watcher.drain() == []
+            clock.advance(1)
+    # Attempts at 0, 1, 3, 7, 15, 31, 63 s, then every 60 s: 123, 183.
+    assert watcher.health()["failed_attempts"] == 9
+    assert not watcher.connected and "cannot connect" in watcher.health()["last_error"]
+    attempts = [r for r in caplog.records if "cannot connect to libvirt" in r.getMessage()]
+    assert [r.levelno for r in attempts] == [logging.WARNING] + [logging.DEBUG] * 8
+
+
+def test_libvirtd_coming_up_later_resyncs_connected(tmp_path, caplog):
+    clock = FakeClock()
+    node = tmp_path / "node.xml"
+    watcher = eventloop.Watcher(BeaconSettings(uri=f"test://{node}"), clock.time, clock.monotonic)
+    try:
+        assert watcher.drain() == []
+        node.write_text("<node><domain type='test'><name>late</name><memory>8192</memory>"
+                        "<os><type>hvm</type></os></domain></node>")
+        clock.advance(1)
+        with caplog.at_level(logging.INFO, logger="vmpower.eventloop"):
+            assert watcher.drain() == [{"tag": "resync", "reason": "connected", "lost": 0}]
+        assert "after 1 failed attempt" in caplog.text
+    finally:
+        watcher.close()
+
+
+# Salt's side: the beacon loaded by Salt's loader, closed and rebuilt by Salt's Beacon class.
+def test_salt_fires_lifecycle_events_under_the_beacons_tag(salt_beacons, testdriver):
+    beacons = salt_beacons({"uri": TEST_URI}, {"stop_grace": 0})
+    assert beacons.process() == [("resync", {"reason": "connected", "lost": 0, "id": "loader-minion"})]
+    dom = testdriver.define("tagged")
+    fired = beacons.process_until(
+        lambda fired: any(data.get("uuid") == dom.UUIDString() for _, data in fired), "the start")
+    tag, data = next((tag, data) for tag, data in fired if data.get("uuid") == dom.UUIDString())
+    assert tag == "lifecycle/started"
+    assert set(data) == {"uuid", "name", "transition", "reason", "libvirt", "timestamp", "seq",
+                         "uri", "id"}
+
+
+def test_fifty_close_and_rebuild_cycles_leave_one_thread(salt_beacons, testdriver):
+    beacons = salt_beacons({"uri": TEST_URI}, {"stop_grace": 0})
+    beacons.process()
+    threads = threading.active_count()
+    for _ in range(50):
+        beacons.beacons.close_beacons()
+        beacons.rebuild()
+        assert ("resync", {"reason": "restarted", "lost": 0, "id": "loader-minion"}) in beacons.process()
+    assert threading.active_count() == threads
+    assert len(event_threads()) == 1
+    dom = testdriver.define("after-rebuilds")
+    beacons.process_until(lambda fired: ("lifecycle/started", dom.UUIDString()) in
+                          [(tag, data.get("uuid")) for tag, data in fired], "the start")
+
+
+def test_fifty_reimports_without_close_reuse_the_loop(salt_beacons, testdriver):
+    # A beacon configured in pillar is re-imported on every refresh and never closed.
+    beacons = salt_beacons({"uri": TEST_URI}, {"stop_grace": 0})
+    beacons.process()
+    threads = threading.active_count()
+    dom = testdriver.define("pillar", start=False)
+    functions = []  # kept, so that no id() is reused
+    fired = []
+    for cycle in range(50):
+        beacons.rebuild()
+        functions.append(beacons.module["vmpower.beacon"].func)
+        if cycle == 25:
+            dom.create()
+        fired.extend(beacons.process())
+    assert len({id(function) for function in functions}) == 50  # the file ran again each time
+    assert threading.active_count() == threads
+    assert len(event_threads()) == 1
+    assert not [data for tag, data in fired if tag == "resync"]  # no gap, so no resync
+    beacons.process_until(lambda more: fired.extend(more) or ("lifecycle/started", dom.UUIDString()) in
+                          [(tag, data.get("uuid")) for tag, data in fired], "the start")
+
+
+def test_validate_through_salts_loader(salt_beacons):
+    validate = salt_beacons().module["vmpower.validate"]
+    assert validate([{"uri": TEST_URI}, {"interval": 1}]) == (True, "Valid beacon configuration")
+    valid, message = validate([{"stop_grace": "soon"}])
+    assert not valid and "stop_grace" in message
+
+
+def test_the_beacon_never_raises(salt_beacons, caplog):
+    beacons = salt_beacons({"uri": NO_DAEMON_URI})
+    with caplog.at_level(logging.DEBUG):
+        for _ in range(5):
+            assert beacons.process() == []
+    warnings = [r for r in caplog.records
+                if r.levelno >= logging.WARNING and "cannot connect to libvirt" in r.getMessage()]
+    assert len(warnings) == 1
+    beacon = beacons.module["vmpower.beacon"]
+    with caplog.at_level(logging.ERROR):
+        assert beacon("not a list") == []
+    assert "vmpower beacon" in caplog.text
+
+
+def test_a_new_uri_for_the_same_beacon_means_a_new_connection(tmp_path):
+    node = tmp_path / "node.xml"
+    node.write_text("<node/>")
+    loop, path = eventloop.event_loop(), str(tmp_path / "eventloop.json")
+    first = BeaconSettings(name="vmpower_moving", uri=TEST_URI)
+    assert loop.drain(first, path)[0]["reason"] == "connected"
+    old = loop.watcher(first)
+    moved = dataclasses.replace(first, uri=f"test://{node}")
+    assert loop.drain(moved, path) == [{"tag": "resync", "reason": "connected", "lost": 0}]
+    assert not old.connected
+    assert eventloop.read_status(path)["watchers"]["vmpower_moving"]["uri"] == moved.uri
+    loop.close("vmpower_moving", path)
+
+
+FILE_ROOTS_MINION = """
+import salt.config, salt.loader
+try:
+    import vmpower
+    raise SystemExit("vmpower should only be importable from extension_modules/utils")
+except ImportError:
+    pass
+opts = salt.config.minion_config(None)
+opts.update(id="file-roots", file_client="local", cachedir={cachedir!r}, extension_modules={extmods!r})
+beacons = salt.loader.beacons(opts, {{}})
+print(beacons["vmpower.beacon"]([{{"uri": "test:///default"}}]))
+"""
+
+
+def test_a_file_roots_install_finds_the_library_in_extension_modules(tmp_path):
+    # As saltutil.sync_all lays it out: the beacon in <extmods>/beacons, the library in
+    # <extmods>/utils, which Salt puts on sys.path for execution modules but not for beacons.
+    # A separate interpreter without site's .pth files, so this checkout is not importable.
+    extmods = tmp_path / "extmods"
+    shutil.copytree(os.path.dirname(eventloop.__file__), extmods / "utils" / "vmpower")
+    (extmods / "beacons").mkdir()
+    shutil.copy(os.path.join(os.path.dirname(__file__), "..", "..", "_beacons", "vmpower.py"),
+                extmods / "beacons")
+    script = FILE_ROOTS_MINION.format(cachedir=str(tmp_path / "cache"), extmods=str(extmods))
+    site_packages = os.path.dirname(os.path.dirname(salt.__file__))
+    done = subprocess.run([sys.executable, "-S", "-c", script], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": site_packages}, cwd=tmp_path, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "{'tag': 'resync', 'reason': 'connected', 'lost': 0}" in done.stdout
+
+
+# Health, for vmpower.status.
+def test_the_status_file_is_rewritten_only_when_something_changed(salt_beacons, testdriver,
+                                                                   monkeypatch):
+    writes = []
+    write_json = eventloop._write_json
+    monkeypatch.setattr(eventloop, "_write_json", lambda *args: writes.append(1) or write_json(*args))
+    beacons = salt_beacons({"uri": TEST_URI}, {"stop_grace": 0})
+    beacons.process()
+    status = eventloop.read_status(beacons.status_path)
+    health = status["watchers"][beacons.name]
+    assert status["thread_alive"] and status["pid"] == os.getpid()
+    assert health["connected"] and health["uri"] == TEST_URI
+    assert health["last_resync"]["reason"] == "connected"
+    assert {"queue_depth", "events_seen", "dropped", "reconnects"} <= set(health)
+    assert len(writes) == 1
+    for _ in range(5):
+        beacons.process()
+    assert len(writes) == 1  # nothing changed, nothing written
+    testdriver.define("counted")
+    beacons.process_until(lambda fired: fired, "the start")
+    assert len(writes) > 1
+    assert eventloop.read_status(beacons.status_path)["watchers"][beacons.name]["events_seen"] >= 1
+
+
+def test_vmpower_status_reports_the_event_loop(salt_beacons, load_minion):
+    beacons = salt_beacons({"uri": TEST_URI})
+    beacons.process()
+    status = load_minion(TEST_URI).functions["vmpower.status"]()
+    assert status["event_loop"] == eventloop.read_status(beacons.status_path)
+    assert status["event_loop"]["watchers"][beacons.name]["connected"] is True
+
+
+def test_vmpower_status_without_a_beacon_says_so(load_minion):
+    status = load_minion(TEST_URI).functions["vmpower.status"]()
+    assert "the vmpower beacon has not run" in status["event_loop"]["error"]
+
+
+def test_the_event_thread_is_started_once():
+    assert eventloop.ensure_running() is eventloop.ensure_running()
+    assert len(event_threads()) == 1
