@@ -1,8 +1,17 @@
 """Fixtures shared by every test directory."""
 
 import pytest
+import salt._logging
 import salt.config
 import salt.loader
+
+
+@pytest.fixture(autouse=True, scope="session")
+def no_deferred_salt_console_log():
+    """Importing Salt installs a temporary root log handler that keeps warnings until the process
+    exits and then writes them to pytest's stderr, closed by then ("--- Logging error ---").
+    A minion replaces it when it configures logging; the tests log warnings on purpose."""
+    salt._logging.shutdown_temp_handler()
 
 
 class LoadedMinion:

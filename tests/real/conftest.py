@@ -11,7 +11,7 @@ from collections import defaultdict
 
 import pytest
 
-from vmpower import lab
+from vmpower import eventloop, lab
 
 libvirt = pytest.importorskip("libvirt")
 
@@ -106,17 +106,11 @@ def record():
 
 @pytest.fixture(scope="session")
 def libvirt_event_loop():
-    """libvirt's default event loop, run by a daemon thread for the whole session.
+    """libvirt's default event loop for the session: vmpower's own, so one process never runs two.
 
-    Registered before any connection is opened, as libvirt requires for event delivery.
+    It must be registered before any connection is opened, as libvirt requires for events.
     """
-    libvirt.virEventRegisterDefaultImpl()
-
-    def run():
-        while True:
-            libvirt.virEventRunDefaultImpl()
-
-    threading.Thread(target=run, name="libvirt-event-loop", daemon=True).start()
+    eventloop.ensure_running()
 
 
 @pytest.fixture(scope="session")

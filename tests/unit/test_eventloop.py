@@ -19,7 +19,6 @@ import time
 
 import libvirt
 import pytest
-import salt._logging
 import salt.beacons
 
 from vmpower import eventloop
@@ -30,14 +29,6 @@ from .conftest import TEST_URI
 WAIT = 10.0  # seconds; test-driver events arrive in well under a millisecond
 NO_DAEMON_URI = "qemu+unix:///system?socket=/nonexistent/libvirt-sock"
 _names = itertools.count()
-
-
-@pytest.fixture(autouse=True, scope="module")
-def no_deferred_salt_console_log():
-    """Importing Salt installs a temporary root log handler that keeps warnings until the process
-    exits and then writes them to pytest's stderr, closed by then ("--- Logging error ---").
-    A minion replaces it when it configures logging; these tests log warnings on purpose."""
-    salt._logging.shutdown_temp_handler()
 
 
 def wait_until(condition, what):
