@@ -7,10 +7,9 @@ arrive as exceptions, and vmpower reports them in its own words.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
-from typing import Dict, Optional
+from typing import Dict, NamedTuple, Optional
 
 from vmpower.core.mapping import live_state
 from vmpower.core.model import LiveState, PowerState
@@ -37,8 +36,9 @@ class UnknownDomain(HypervisorError):
     """No domain has that name or UUID on this host."""
 
 
-@dataclasses.dataclass(frozen=True)
-class LiveDomain:
+class LiveDomain(NamedTuple):
+    """A domain as listed just now (a tuple: a sync builds one per domain)."""
+
     uuid: str
     name: str
     state: LiveState
@@ -54,6 +54,7 @@ class Hypervisor:
     def __init__(self, uri: str):
         self.uri = uri
         self._conn = None
+        self._handles: Dict[str, object] = {}  # uuid -> virDomain, from the last listing
 
     def __enter__(self) -> "Hypervisor":
         if not HAS_LIBVIRT:
@@ -66,6 +67,7 @@ class Hypervisor:
 
     def __exit__(self, *exc) -> None:
         conn, self._conn = self._conn, None
+        self._handles = {}
         if conn is not None:
             try:
                 conn.close()
@@ -82,12 +84,15 @@ class Hypervisor:
         domains = {}
         for dom, values in stats:
             uuid = dom.UUIDString()
+            self._handles[uuid] = dom  # a sync acts on a few of them: no second lookup
             domains[uuid] = LiveDomain(uuid, dom.name(),
                                        live_state(values["state.state"], values["state.reason"]))
         return domains
 
     def lookup(self, name_or_uuid: str):
         """The libvirt domain with that UUID or name, or UnknownDomain."""
+        if name_or_uuid in self._handles:
+            return self._handles[name_or_uuid]
         for finder in (self._conn.lookupByUUIDString, self._conn.lookupByName):
             try:
                 return finder(name_or_uuid)

@@ -11,6 +11,7 @@ that writes nothing takes no lock at all, which keeps a sync of thousands of VMs
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from typing import Callable, Dict, List, Optional
@@ -31,11 +32,20 @@ from vmpower.core.rules import Action, Decision, adopt, decide
 from vmpower.core.settings import Settings
 from vmpower.eventloop import read_status
 from vmpower.hypervisor import Hypervisor, LiveDomain
-from vmpower.store import Change, Store
+from vmpower.store import Change, Note, Store
 
 log = logging.getLogger(__name__)
 
 GONE = LiveState(PowerState.NOSTATE, "undefined")
+
+
+@dataclasses.dataclass(frozen=True)
+class Outcome:
+    """One decision carried out: what to report, and what to record (a change or a note)."""
+
+    report: dict
+    change: Optional[Change] = None
+    note: Optional[Note] = None
 
 
 class OperationError(RuntimeError):
@@ -105,9 +115,9 @@ class HostOperations:
             return self.store.get(dom.uuid)  # someone else adopted it first
         return record
 
-    def _apply(self, hv: Hypervisor, record: Record, decision: Decision, cause: Cause,
-               at: float) -> dict:
-        """Carry out one decision under the instance lock, and record it."""
+    def _carry_out(self, hv: Hypervisor, record: Record, decision: Decision, cause: Cause,
+                   at: float) -> Outcome:
+        """Act on one decision; the caller holds the instance lock and records the outcome."""
         fields = dict(decision.observed)
         if decision.action is Action.NONE:
             fields.update(decision.outcome)
@@ -123,14 +133,12 @@ class HostOperations:
             except Exception as exc:  # recorded and reported; the next sync tries again
                 result = f"failed: {exc}"
                 log.error("vmpower: %s of %s failed: %s", decision.action.value, record.name, exc)
+        action = decision.action.value
         reason = f"{decision.reason} ({result})" if decision.action is not Action.NONE else decision.reason
-        after = record.replace(**fields, version=record.version + 1, updated_at=at)
-        if fields and self.store.commit(
-                [Change(record, after, cause, decision.action.value, reason)], at):
-            raise OperationError(f"the record of {record.name} changed under its lock")
         if not fields:
-            self.store.note(record, cause, decision.action.value, reason, at)
-        return self._report(after if fields else record, decision, result)
+            return Outcome(self._report(record, decision, result), note=Note(record, cause, action, reason))
+        after = record.replace(**fields, version=record.version + 1, updated_at=at)
+        return Outcome(self._report(after, decision, result), Change(record, after, cause, action, reason))
 
     @staticmethod
     def _report(record: Record, decision: Decision, result: str = "nothing to do") -> dict:
@@ -138,43 +146,51 @@ class HostOperations:
                 "reason": decision.reason, "result": result, "vm_state": record.vm_state.value,
                 "power_state": record.power_state.value}
 
-    def _reconcile_locked(self, hv: Hypervisor, uuid: str, cause: Cause,
-                          transition: Optional[Transition] = None) -> dict:
-        """Re-read everything under the instance lock, decide and act."""
-        with self.store.lock(uuid):
-            at = now()
-            dom = hv.find(uuid)
-            live = dom.state if dom else GONE
-            record = self.store.get(uuid)
+    def _reconcile_held(self, hv: Hypervisor, uuid: str, cause: Cause,
+                        transition: Optional[Transition] = None) -> Outcome:
+        """Re-read everything, decide and act; the caller holds the instance lock."""
+        at = now()
+        dom = hv.find(uuid)
+        live = dom.state if dom else GONE
+        record = self.store.get(uuid)
+        if record is None:
+            if dom is None:
+                return Outcome({"uuid": uuid, "action": "none", "skipped": True,
+                                "reason": f"no domain and no record with UUID {uuid} on {self.host}"})
+            record = self._adopt(dom, cause, at)
             if record is None:
-                if dom is None:
-                    return {"uuid": uuid, "action": "none", "skipped": True,
-                            "reason": f"no domain and no record with UUID {uuid} on {self.host}"}
-                record = self._adopt(dom, cause, at)
-                if record is None:
-                    _, error = self._policy(dom.uuid, dom.name)
-                    return {"uuid": uuid, "name": dom.name, "action": "none", "skipped": True,
-                            "reason": error or "task_state is set in pillar: not even recorded"}
-            decision = self._decide(record, live, at)
-            if decision.skipped:
-                return {**self._report(record, decision), "skipped": True}
-            if transition is not None and is_stale(transition, live):
-                reason = (f"event {transition.value} is stale: the domain is "
-                          f"{live.power_state.value} now; nothing done")
-                self.store.note(record, cause, "dropped", reason, at)
-                return {**self._report(record, decision), "action": "dropped", "reason": reason}
-            if decision.recheck:
-                fresh = hv.state(uuid)
-                if fresh != live:
-                    live, decision = fresh, self._decide(record, fresh, now())
-            return self._apply(hv, record, decision, cause, at)
+                _, error = self._policy(dom.uuid, dom.name)
+                return Outcome({"uuid": uuid, "name": dom.name, "action": "none", "skipped": True,
+                                "reason": error or "task_state is set in pillar: not even recorded"})
+        decision = self._decide(record, live, at)
+        if decision.skipped:
+            return Outcome({**self._report(record, decision), "skipped": True})
+        if transition is not None and is_stale(transition, live):
+            reason = (f"event {transition.value} is stale: the domain is "
+                      f"{live.power_state.value} now; nothing done")
+            return Outcome({**self._report(record, decision), "action": "dropped", "reason": reason},
+                           note=Note(record, cause, "dropped", reason))
+        if decision.recheck:
+            fresh = hv.state(uuid)
+            if fresh != live:
+                decision = self._decide(record, fresh, now())
+        return self._carry_out(hv, record, decision, cause, at)
+
+    def _record(self, outcomes: List[Outcome]) -> None:
+        """Commit the outcomes decided under their instance locks, in one transaction."""
+        changes = [o.change for o in outcomes if o.change]
+        notes = [o.note for o in outcomes if o.note]
+        if (changes or notes) and self.store.commit(changes, now(), notes):
+            raise OperationError("a record changed under its instance lock")
 
     # The operations
     def reconcile(self, uuid: str, transition: Optional[Transition] = None,
                   cause: Cause = Cause.EVENT) -> dict:
         """Decide about one domain on its live state now; ``transition`` is what an event claimed."""
-        with self.connect() as hv:
-            result = self._reconcile_locked(hv, uuid, cause, transition)
+        with self.connect() as hv, self.store.lock(uuid):
+            outcome = self._reconcile_held(hv, uuid, cause, transition)
+            self._record([outcome])
+        result = outcome.report
         if transition is not None:
             result["transition"] = transition.value
         return result
@@ -196,6 +212,7 @@ class HostOperations:
 
             writes: List[Change] = []
             to_act: List[str] = []
+            decide_once = _SyncDecisions(self, at)
             for uuid, dom in live.items():
                 record = records.get(uuid) or elsewhere.get(uuid)
                 if record is None:
@@ -205,12 +222,12 @@ class HostOperations:
                                                   "reason": error or f"task_state={policy.task_state}"})
                         continue
                     record = adopt(uuid, dom.name, self.host, dom.state, policy, at)
-                    decision = self._decide(record, dom.state, at)
+                    decision = decide_once(record, dom.state)
                     writes.append(Change(None, record.replace(version=1), Cause.SYNC, "adopt",
                                          f"first seen {dom.state.power_state.value}: "
                                          f"vm_state={record.vm_state.value}"))
                 else:
-                    decision = self._decide(record, dom.state, at)
+                    decision = decide_once(record, dom.state)
                 if decision.skipped:
                     report["skipped"].append({"uuid": uuid, "name": dom.name,
                                               "reason": decision.reason})
@@ -228,11 +245,16 @@ class HostOperations:
             report["checked"] = len(live)
             conflicts = self.store.commit(writes, at) if writes else []
             report["updated"] = len(writes) - len(conflicts)
-            # Actions, and writes that lost a race, go one by one under their locks.
-            for uuid in to_act + [change.after.uuid for change in conflicts]:
-                outcome = self._reconcile_locked(hv, uuid, Cause.SYNC)
-                if outcome.get("action", "none") != "none":
-                    report["actions"].append(outcome)
+            # Actions, and writes that lost a race, are decided again under their locks and
+            # recorded together in one transaction.
+            again = to_act + [change.after.uuid for change in conflicts]
+            with self.store.locks(again):
+                outcomes = [self._reconcile_held(hv, uuid, Cause.SYNC) for uuid in again]
+                self._record(outcomes)
+            for outcome in outcomes:
+                if outcome.report.get("action", "none") != "none":
+                    report["actions"].append(outcome.report)
+                if outcome.change:
                     report["updated"] += 1
         report["took"] = round(time.monotonic() - started, 6)
         return report
@@ -328,3 +350,27 @@ class HostOperations:
             result["event_loop"] = read_status(event_loop_status)
         return result
 
+
+
+class _SyncDecisions:
+    """``decide`` for every VM of one sync, each distinct situation decided once.
+
+    ``decide`` is pure, and its answer does not depend on a VM's name or UUID, only on its
+    record's states, its live state and its pillar: a host of thousands of VMs has a handful of
+    distinct situations, so a sync need not decide thousands of times.
+    """
+
+    def __init__(self, ops: HostOperations, at: float):
+        self._ops = ops
+        self._at = at
+        self._answers: Dict[tuple, Decision] = {}
+
+    def __call__(self, record: Record, live: LiveState) -> Decision:
+        policy, error = self._ops._policy(record.uuid, record.name)
+        key = (record.vm_state, record.power_state, record.task_state, record.host,
+               record.restart_count, record.last_restart_at, live, policy, error)
+        answer = self._answers.get(key)
+        if answer is None:
+            answer = self._answers[key] = decide(record, live, self._ops.host, policy,
+                                                 self._ops.settings, self._at, error)
+        return answer

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fcntl
 import json
 import logging
 import os
 import sqlite3
-from typing import Dict, Iterable, Iterator, List, Mapping, Optional, Sequence
-
-import filelock
+import time
+from typing import Dict, Iterable, Iterator, List, Optional, Sequence
 
 from vmpower.core.model import Cause, PowerState, Record, VmState
 
@@ -73,11 +73,23 @@ class Change:
     reason: str
 
 
+@dataclasses.dataclass(frozen=True)
+class Note:
+    """An audit entry for a decision that changed no record (an event found stale...)."""
+
+    record: Record
+    cause: Cause
+    action: str
+    reason: str
+
+
+_VM_STATES = {state.value: state for state in VmState}
+_POWER_STATES = {state.value: state for state in PowerState}
+
+
 def _row_to_record(row: Sequence) -> Record:
-    data = dict(zip(COLUMNS, row))
-    data["vm_state"] = VmState(data["vm_state"])
-    data["power_state"] = PowerState(data["power_state"])
-    return Record(**data)
+    # Positional, in COLUMNS order (Record's field order): a sync reads every record of the host.
+    return Record(row[0], row[1], row[2], _VM_STATES[row[3]], _POWER_STATES[row[4]], *row[5:])
 
 
 def _plain(value):
@@ -170,15 +182,16 @@ class Store:
         return entries
 
     # Writing
-    def commit(self, changes: Sequence[Change], at: float) -> List[Change]:
-        """Write ``changes`` and their audit entries in one transaction.
+    def commit(self, changes: Sequence[Change], at: float, notes: Sequence[Note] = ()) -> List[Change]:
+        """Write ``changes`` and the audit entries of ``changes`` and ``notes`` in one transaction.
 
         Each update is compare-and-set on the record's version: one that lost a race (or an
         insert of a record that now exists) is left out and returned, so the caller can
         re-read and decide again. Everything else commits together.
         """
         conflicts: List[Change] = []
-        audit_rows = []
+        audit_rows = [(at, n.record.uuid, n.record.name, n.record.host, n.cause.value, n.action,
+                       "{}", "{}", n.reason) for n in notes]
         try:
             self._db.execute("BEGIN IMMEDIATE")
             for change in changes:
@@ -209,24 +222,37 @@ class Store:
             raise StoreError(f"the vmpower store {self.path} could not be written: {exc}") from exc
         return conflicts
 
-    def note(self, record: Record, cause: Cause, action: str, reason: str, at: float) -> None:
-        """Audit a decision that changed no record (an event found stale, a VM left alone)."""
-        try:
-            self._db.execute(
-                "INSERT INTO audit (at, uuid, name, host, cause, action, old, new, reason) "
-                "VALUES (?, ?, ?, ?, ?, ?, '{}', '{}', ?)",
-                (at, record.uuid, record.name, record.host, cause.value, action, reason))
-        except sqlite3.Error as exc:
-            raise StoreError(f"the vmpower store {self.path} could not be written: {exc}") from exc
-
     # Locks
     @contextlib.contextmanager
     def lock(self, key: str, timeout: float = LOCK_TIMEOUT) -> Iterator[None]:
-        """Hold the cross-process lock named ``key`` (an instance UUID, or ``host:<id>``)."""
+        """Hold the cross-process lock named ``key`` (an instance UUID, or ``host-<id>``).
+
+        An flock on a file of its own: the kernel releases it when its holder dies, however
+        it dies. Not re-entrant: a process takes each lock once at a time.
+        """
         path = os.path.join(self._lock_dir, key.replace("/", "_") + ".lock")
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
-            with filelock.FileLock(path, timeout=timeout):
-                yield
-        except filelock.Timeout:
-            raise StoreError(f"could not take the vmpower lock {key!r} within {timeout:.0f}s: "
-                             f"another vmpower job holds it") from None
+            deadline = time.monotonic() + timeout
+            pause = 0.001
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() >= deadline:
+                        raise StoreError(f"could not take the vmpower lock {key!r} within "
+                                         f"{timeout:.0f}s: another vmpower job holds it") from None
+                    time.sleep(pause)
+                    pause = min(pause * 2, 0.05)
+            yield
+        finally:
+            os.close(fd)  # releases the lock
+
+    @contextlib.contextmanager
+    def locks(self, keys: Iterable[str], timeout: float = LOCK_TIMEOUT) -> Iterator[None]:
+        """Hold several locks, taken in sorted order so that two holders cannot deadlock."""
+        with contextlib.ExitStack() as stack:
+            for key in sorted(set(keys)):
+                stack.enter_context(self.lock(key, timeout))
+            yield

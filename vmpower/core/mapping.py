@@ -7,6 +7,7 @@ and this module needs no libvirt import; a test checks them against the real bin
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Dict, Optional, Tuple
 
 from vmpower.core.model import LiveState, PowerState, Transition
@@ -87,8 +88,12 @@ class Translation:
     libvirt_detail: str
 
 
+@functools.lru_cache(maxsize=None)
 def live_state(state: int, reason: int) -> LiveState:
-    """Map libvirt's ``(state, reason)`` pair, as ``virDomainGetState`` gives it."""
+    """Map libvirt's ``(state, reason)`` pair, as ``virDomainGetState`` gives it.
+
+    Memoised (the pairs are few and LiveState is immutable): a sync maps every domain.
+    """
     power, reasons = DOMAIN_STATES.get(state, (PowerState.NOSTATE, {}))
     return LiveState(power, reasons.get(reason, "unknown"))
 
