@@ -27,7 +27,9 @@ Everything is optional:
             count: 3
 
 The loop's health (connected, queue depth, events seen, dropped, reconnects, last resync) is
-reported by ``vmpower.status``.
+reported by ``vmpower.status``. Whenever it (re)connects, the beacon also keeps a Salt scheduler
+job, ``vmpower-sync``, running ``vmpower.sync`` every ``vmpower:sync_interval`` seconds (600 by
+default): the safety net for anything the bus loses.
 """
 
 import logging
@@ -85,11 +87,22 @@ def beacon(config):
     Never raises: Salt would turn an exception into an error event on every loop.
     """
     try:
-        return eventloop.event_loop().drain(settings.parse_beacon_config(config),
-                                            minion.event_loop_status_path(__opts__))
+        events = eventloop.event_loop().drain(settings.parse_beacon_config(config),
+                                              minion.event_loop_status_path(__opts__))
     except Exception:  # pylint: disable=broad-except
         log.exception("vmpower beacon: no events this time")
         return []
+    if any(event["tag"] == "resync" and event["reason"] != "overflow" for event in events):
+        _schedule_sync()
+    return events
+
+
+def _schedule_sync():
+    """Keep Salt's scheduler running ``vmpower.sync`` every ``vmpower:sync_interval`` seconds."""
+    try:
+        minion.keep_sync_scheduled(__opts__, __salt__["event.fire"])
+    except Exception as exc:  # pylint: disable=broad-except
+        log.error("vmpower beacon: cannot schedule the periodic sync: %s", exc)
 
 
 def close(config):

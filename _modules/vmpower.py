@@ -52,7 +52,7 @@ def _run(operation, *args, **kwargs):
     prints what was wrong and exits non-zero.
     """
     try:
-        with minion.operations(__opts__, __salt__["config.get"]) as ops:
+        with minion.operations(__opts__, __pillar__) as ops:
             return getattr(ops, operation)(*args, **kwargs)
     except minion.ERRORS as exc:
         raise CommandExecutionError(f"vmpower.{operation}: {exc}") from exc

@@ -49,7 +49,7 @@ def _converge(name, wanted, satisfied, act):
     ret = {"name": name, "changes": {}, "result": True, "comment": ""}
     try:
         pattern = arguments.target(name)
-        with minion.operations(__opts__, __salt__["config.get"]) as ops:
+        with minion.operations(__opts__, __pillar__) as ops:
             matched = [vm for vm in ops.overview() if fnmatch.fnmatchcase(vm["name"], pattern)
                        or vm["uuid"] == pattern.lower()]
             if not matched:

@@ -71,6 +71,14 @@ def test_bad_arguments_are_named(minion, call, args, kwargs, message):
         minion()[f"vmpower.{call}"](*args, **kwargs)
 
 
+def test_pillar_wins_over_minion_config(load_minion, testdriver):
+    dom = testdriver.define("web", start=False)
+    mods = load_minion("test:///nowhere.xml", pillar={"vmpower": {"uri": TEST_URI}},
+                       instances={dom.name(): {"task_state": "maintenance"}}).functions
+    report = mods["vmpower.sync"]()  # the pillar's URI, the minion config's instance lock
+    assert dom.name() in [s["name"] for s in report["skipped"]]
+
+
 def test_bad_global_settings_stop_the_call(minion):
     with pytest.raises(CommandExecutionError, match="vmpower:stop_timeout must be a number"):
         minion(stop_timeout="forever")["vmpower.sync"]()

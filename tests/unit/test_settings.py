@@ -11,6 +11,7 @@ from vmpower.core.settings import (
     OnCrash,
     OnGuestShutdown,
     Settings,
+    merge,
     normalize_uuid,
     parse_settings,
 )
@@ -130,3 +131,13 @@ class TestArguments:
     def test_count(self, value):
         with pytest.raises(ConfigError, match="limit must be a whole number"):
             arguments.count(value, "limit")
+
+
+def test_pillar_is_merged_over_minion_config_key_by_key():
+    config = {"uri": "qemu:///system", "stop_timeout": 5, "instances": {"web1": {"managed": False}}}
+    pillar = {"uri": "test:///default", "instances": {"web1": {"vm_state": "stopped"}, "db": {}}}
+    assert merge(config, pillar) == {
+        "uri": "test:///default", "stop_timeout": 5,
+        "instances": {"web1": {"managed": False, "vm_state": "stopped"}, "db": {}}}
+    assert merge(None, pillar) == pillar and merge(config, None) == config
+    assert merge("broken", pillar) == pillar and merge(config, "broken") == "broken"

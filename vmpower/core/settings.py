@@ -156,6 +156,23 @@ def parse_instance(key: str, raw: Any) -> InstancePolicy:
     return InstancePolicy(vm_state, task_state, managed, on_guest_shutdown, on_crash)
 
 
+def merge(*layers: Any) -> Any:
+    """Layers of ``vmpower:`` settings merged key by key, the last layer winning.
+
+    Minion config first, then pillar: pillar is where operators say what they want per VM.
+    A layer that is not a mapping replaces what came before, so its error is still reported.
+    """
+    merged: Any = None
+    for layer in layers:
+        if layer is None:
+            continue
+        if isinstance(merged, Mapping) and isinstance(layer, Mapping):
+            merged = {**merged, **{key: merge(merged.get(key), value) for key, value in layer.items()}}
+        else:
+            merged = layer
+    return merged
+
+
 def parse_settings(raw: Optional[Mapping]) -> Settings:
     """Validate the merged ``vmpower:`` settings; raise ConfigError on a bad global key."""
     if raw is None:
