@@ -1,0 +1,59 @@
+"""The benchmarks' smoke run: ``bench/run.py --smoke`` writes well-formed results.
+
+It runs the smallest size of every benchmark, so the benchmarks cannot rot between full runs.
+It checks shapes, never timings: a slow CI runner is not a failure.
+"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "run.py"), "--smoke", "--out", str(out)],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    return out
+
+
+def test_json_has_the_machine_and_every_measurement(results):
+    data = json.loads((results / "latest.json").read_text())
+    assert data["smoke"] is True
+    assert {"cpu", "cores", "ram_gib", "python", "libvirt", "date"} <= data["machine"].keys()
+    sync = data["benchmarks"]["sync_scale"]
+    assert sync["sizes"] == [100]
+    assert set(sync["series"]) == {"vmpower", "vmpower first sync", "nova-style",
+                                   "nova-style, changed rows", "floor"}
+    for points in sync["series"].values():
+        [point] = points
+        assert point["n"] == 100
+        assert point["seconds"] > 0 and point["peak_bytes"] > 0
+        assert point["work"]["checked"] == 100
+    assert [ratio["n"] for ratio in sync["ratios"]] == [100]
+    assert {target["met"] for target in sync["targets"]} == {None}  # targets are at 10,000
+
+
+def test_markdown_has_the_tables(results):
+    text = (results / "latest.md").read_text()
+    assert text.startswith("# vmpower benchmarks")
+    assert "Machine: " in text and "libvirt " in text
+    rows = [line for line in text.splitlines() if line.startswith("| 100 |")]
+    assert len(rows) == 2  # time and memory
+    assert rows[0].count("|") == 10  # N, five implementations, three ratios
+    assert "not measured" in text  # the targets are at N = 10,000
+
+
+def test_plot_is_a_png(results):
+    assert (results / "latest.png").read_bytes().startswith(PNG_SIGNATURE)
+
+
+def test_scratch_files_are_removed(results):
+    assert sorted(path.name for path in results.iterdir()) == ["latest.json", "latest.md", "latest.png"]
