@@ -9,28 +9,20 @@ Run it with ``bash scripts/demo.sh`` (which installs what it needs first).
 
 import argparse
 import json
-import os
 import shutil
-import signal
-import subprocess
 import sys
 import textwrap
-import threading
 import time
 from pathlib import Path
 
 import libvirt
-import salt.config
-import salt.utils.event
 
 from vmpower import lab
+from vmpower.saltlab import REACTOR, MasterBus, SaltLab
 
-REPO = Path(__file__).resolve().parent.parent
-BIN = Path(sys.executable).parent
 URI = lab.DEFAULT_URI
 PREFIX = "vmpower-demo-"
 MINION_ID = "vmpower-demo-minion"
-PORTS = {"publish_port": 14505, "ret_port": 14506}
 
 
 def say(text: str) -> None:
@@ -41,93 +33,13 @@ def show(text: str) -> None:
     print(textwrap.indent(text.rstrip(), "   "), flush=True)
 
 
-class Salt:
-    """A private salt-master and salt-minion under ``workdir``, on loopback ports of their own."""
-
-    def __init__(self, workdir: Path, minion_extra: dict, master_extra: dict):
-        self.conf = workdir / "conf"
-        self.root = workdir / "root"
-        self.conf.mkdir(parents=True)
-        self.root.mkdir(parents=True)
-        common = {"root_dir": str(self.root), "user": "root", "log_level_logfile": "info"}
-        # The master serves vmpower's Salt directories (the reactor SLS among them) from a
-        # view of the repository, so it does not walk the virtual environment.
-        files = workdir / "files"
-        files.mkdir()
-        for directory in ("_modules", "_beacons", "_states", "_utils", "_reactor"):
-            (files / directory).symlink_to(REPO / directory)
-        master = {**common, "interface": "127.0.0.1", **PORTS, "auto_accept": True,
-                  "file_roots": {"base": [str(files)]},
-                  "pillar_roots": {"base": [str(workdir / "pillar")]}, **master_extra}
-        minion = {**common, "id": MINION_ID, "master": "127.0.0.1",
-                  "master_port": PORTS["ret_port"], **minion_extra}
-        (workdir / "pillar").mkdir()
-        (self.conf / "master").write_text(json.dumps(master, indent=2))
-        (self.conf / "minion").write_text(json.dumps(minion, indent=2))
-        self.daemons = []
-
-    def start(self) -> None:
-        for name in ("salt-master", "salt-minion"):
-            log = open(self.root / f"{name}.out", "ab")
-            self.daemons.append(subprocess.Popen([str(BIN / name), "-c", str(self.conf)],
-                                                 stdout=log, stderr=subprocess.STDOUT))
-            if name == "salt-master":
-                time.sleep(2)  # let the master bind before the minion knocks
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            if self.run("test.ping", quiet=True, timeout=5).get(MINION_ID) is True:
-                return
-            time.sleep(1)
-        raise RuntimeError("the minion did not answer the master within 120 s; see "
-                           f"{self.root}/salt-*.out and {self.root}/var/log/salt/")
-
-    def run(self, function: str, *args: str, quiet: bool = False, timeout: int = 120,
-            target: str = MINION_ID) -> dict:
-        """``salt <target> function args``: print the command and its answer, return the JSON."""
-        command = ["salt", "-c", str(self.conf), "--out=json", "--static", f"-t{timeout}",
-                   target, function, *args]
-        if not quiet:
-            shown = f"'{target}'" if "*" in target else target
-            print(f"   $ salt {shown} {function} {' '.join(args)}", flush=True)
-        done = subprocess.run([str(BIN / command[0]), *command[1:]], capture_output=True, text=True)
-        try:
-            answer = json.loads(done.stdout or "{}")
-        except json.JSONDecodeError:
-            answer = {"error": done.stdout + done.stderr}
-        if not quiet:
-            show(json.dumps(answer.get(MINION_ID, answer), indent=2))
-        return answer
-
-    def stop(self) -> None:
-        for daemon in reversed(self.daemons):
-            if daemon.poll() is None:
-                daemon.send_signal(signal.SIGTERM)
-                try:
-                    daemon.wait(20)
-                except subprocess.TimeoutExpired:
-                    daemon.kill()
-                    daemon.wait()
-        # Salt's worker processes are children of the daemons; make sure none outlives them.
-        subprocess.run(["pkill", "-9", "-f", str(self.conf)], check=False)
-
-
-class BusWatcher(threading.Thread):
+class Narrator:
     """Prints, as they happen, vmpower's events on the master's bus and the reactor's jobs."""
 
-    def __init__(self, daemons: Salt):
-        super().__init__(name="bus-watcher", daemon=True)
-        opts = salt.config.master_config(str(daemons.conf / "master"))
-        self.bus = salt.utils.event.get_master_event(opts, opts["sock_dir"], listen=True)
+    def __init__(self):
         self.started_at = time.monotonic()
-        self.stopping = threading.Event()
 
-    def run(self) -> None:
-        while not self.stopping.is_set():
-            event = self.bus.get_event(wait=0.5, full=True)
-            if event:
-                self.show(event["tag"], event["data"])
-
-    def show(self, tag: str, data: dict) -> None:
+    def __call__(self, tag: str, data: dict, _arrived: float) -> None:
         clock = f"{time.monotonic() - self.started_at:7.2f}s"
         if "/vmpower/lifecycle/" in tag:
             print(f"   {clock} bus    {tag}  {data['name']}: {data['reason']} "
@@ -146,10 +58,14 @@ class BusWatcher(threading.Thread):
                       f"{ret.get('action')} -> {ret.get('result', '')}; {ret.get('reason')}",
                       flush=True)
 
-    def stop(self) -> None:
-        self.stopping.set()
-        self.join(5)
-        self.bus.destroy()
+
+def run(daemons: SaltLab, function: str, *args: str, target: str = MINION_ID):
+    """``salt <target> function args`` from the master, shown with its answer."""
+    shown = f"'{target}'" if "*" in target else target
+    print(f"   $ salt {shown} {function} {' '.join(args)}", flush=True)
+    answer = daemons.salt(function, *args, target=target)
+    show(json.dumps(answer.get(MINION_ID, answer), indent=2))
+    return answer.get(MINION_ID)
 
 
 def wait(condition, timeout: float, what: str, interval: float = 0.5):
@@ -162,12 +78,12 @@ def wait(condition, timeout: float, what: str, interval: float = 0.5):
     raise TimeoutError(f"gave up waiting for {what} after {timeout:.0f} s")
 
 
-def history(daemons: Salt, name: str) -> list:
-    entries = daemons.run("vmpower.history", name, quiet=True).get(MINION_ID)
+def history(daemons: SaltLab, name: str) -> list:
+    entries = daemons.returned("vmpower.history", name)
     return entries if isinstance(entries, list) else []
 
 
-def recorded(daemons: Salt, name: str, action: str, cause: str, after: int) -> None:
+def recorded(daemons: SaltLab, name: str, action: str, cause: str, after: int) -> None:
     """Wait until the audit log of ``name`` has an ``action`` caused by ``cause`` past entry
     ``after``, and print it."""
     def found():
@@ -191,7 +107,7 @@ def main() -> int:
 
     say("Starting a real libvirtd")
     daemon = lab.LibvirtDaemon(URI).start()
-    salt = watcher = None
+    salt = bus = None
     try:
         lab.remove_guests(URI, PREFIX)
         conn = libvirt.open(URI)
@@ -204,15 +120,13 @@ def main() -> int:
              "db    is stopped")
 
         say("Starting a real salt-master (with vmpower's reactor) and salt-minion (with its beacon)")
-        reactor = [{"salt/beacon/*/vmpower/lifecycle/*": ["salt://_reactor/lifecycle.sls"]},
-                   {"salt/beacon/*/vmpower/resync": ["salt://_reactor/resync.sls"]}]
         beacon = [{"uri": URI}, {"stop_grace": options.stop_grace}]
-        salt = Salt(workdir, minion_extra={"vmpower": {"uri": URI, "stop_timeout": 20},
-                                           "beacons": {"vmpower": beacon}},
-                    master_extra={"reactor": reactor})
+        salt = SaltLab(workdir, MINION_ID, master={"reactor": REACTOR},
+                       minion={"vmpower": {"uri": URI, "stop_timeout": 20},
+                               "beacons": {"vmpower": beacon}})
         salt.start()
-        watcher = BusWatcher(salt)
-        watcher.start()
+        bus = MasterBus(salt, Narrator())
+        bus.start()
         show(f"master and minion up (minion id {MINION_ID}); vmpower loaded through its entry point.\n"
              "Below, 'bus' lines are events on the master's bus as they arrive, 'minion' lines\n"
              "the jobs the reactor ran for them.")
@@ -223,7 +137,7 @@ def main() -> int:
 
         say(f"A guest shuts itself down: {batch.name}")
         seen = len(history(salt, batch.name))
-        salt.run("vmpower.start", batch.name)
+        run(salt, "vmpower.start", batch.name)
         show(f"{batch.name} is running; nobody will ask it to stop")
         recorded(salt, batch.name, "power_off", "event", seen)
 
@@ -235,21 +149,21 @@ def main() -> int:
         show(f"{db.name} is off again")
 
         say("The sweep from the master: salt '*' vmpower.sync")
-        salt.run("vmpower.sync", target="*")
+        run(salt, "vmpower.sync", target="*")
 
         say("The audit log of the guest that shut itself down")
-        salt.run("vmpower.history", batch.name, "limit=3")
+        run(salt, "vmpower.history", batch.name, "limit=3")
 
         say("The event loop's health")
-        status = salt.run("vmpower.status", quiet=True).get(MINION_ID, {})
+        status = salt.returned("vmpower.status") or {}
         show(json.dumps(status.get("event_loop", status), indent=2))
         conn.close()
         say("Done")
         return 0
     finally:
         say("Cleaning up: stopping Salt, removing the guests, stopping libvirtd")
-        if watcher is not None:
-            watcher.stop()
+        if bus is not None:
+            bus.stop()
         if salt is not None:
             salt.stop()
         lab.remove_guests(URI, PREFIX)
