@@ -29,7 +29,7 @@ def test_every_lifecycle_number_matches_the_bindings(event, detail):
 
 
 def test_every_lifecycle_detail_libvirt_has_is_mapped():
-    for event, (name, _, details) in LIFECYCLE_EVENTS.items():
+    for name, _, details in LIFECYCLE_EVENTS.values():
         prefix = f"VIR_DOMAIN_EVENT_{name}_"
         known = {getattr(libvirt, attr) for attr in dir(libvirt) if attr.startswith(prefix)}
         assert known <= set(details), f"{name}: unmapped details {known - set(details)}"

@@ -1,7 +1,6 @@
 """HostOperations on libvirt's test driver and a real SQLite file: sync, reconcile, stop,
 start and history, with the rules deciding."""
 
-import libvirt
 import pytest
 
 from vmpower.core.model import Cause, Transition

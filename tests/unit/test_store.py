@@ -1,7 +1,6 @@
 """The SQLite store: compare-and-set, the append-only audit log, locks across processes,
 crash safety, and a clear error for a store that cannot be read."""
 
-import os
 import sqlite3
 import subprocess
 import sys
