@@ -41,6 +41,31 @@ def test_json_has_the_machine_and_every_measurement(results):
     assert {target["met"] for target in sync["targets"]} == {None}  # targets are at 10,000
 
 
+def test_json_has_every_event_throughput_series_and_the_storm(results):
+    events = json.loads((results / "latest.json").read_text())["benchmarks"]["event_throughput"]
+    assert events["events"] == 2_000
+    assert [point["name"] for point in events["series"]] == [
+        "test driver alone", "floor", "vmpower, stop_grace 0", "vmpower, stop_grace 15 s",
+        "vmpower's own work, stop_grace 0", "vmpower's own work, stop_grace 15 s"]
+    for point in events["series"]:
+        assert point["seconds"] > 0 and point["events_per_second"] > 0 and point["peak_bytes"] >= 0
+    floor, *watchers = [point for point in events["series"] if point["kind"] in ("floor", "vmpower")]
+    assert floor["work"]["callbacks"] == 2_000
+    for point in watchers + [point for point in events["series"] if point["kind"] == "replay"]:
+        # Every callback translated; with a grace, each STOPPED was cancelled by the restart.
+        assert point["work"]["callbacks"] == 2_000
+        assert sum(point["work"]["fired"].values()) == (2_000 if point["stop_grace"] == 0 else 1_900)
+        assert point["work"]["resyncs"] == [] and point["work"]["dropped"] == 0
+    storm = events["storm"]
+    assert storm["queue_size"] == 1_000
+    assert [point["burst"] for point in storm["bursts"]] == [2_000, 4_000]
+    for point in storm["bursts"]:
+        assert point["work"]["resyncs"] == [["overflow", point["burst"] - 1_000]]
+        assert sum(point["work"]["fired"].values()) == 1_000  # the newest queue_size events
+    assert storm["peak_ratio"] < 1.2  # twice the burst, not twice the memory: the queue bounds it
+    assert {target["met"] for target in events["targets"]} == {None}  # targets are at 100,000
+
+
 def test_markdown_has_the_tables(results):
     text = (results / "latest.md").read_text()
     assert text.startswith("# vmpower benchmarks")
@@ -49,6 +74,12 @@ def test_markdown_has_the_tables(results):
     assert len(rows) == 2  # time and memory
     assert rows[0].count("|") == 10  # N, five implementations, three ratios
     assert "not measured" in text  # the targets are at N = 10,000
+    assert text.index("## Part 1: sync at scale") < text.index("## Part 2: event throughput")
+    assert "| floor | " in text and "| vmpower, stop_grace 0 | " in text
+    storms = [line for line in text.splitlines()
+              if line.startswith(("| 2,000 | 1,000 |", "| 4,000 | 1,000 |"))]
+    assert len(storms) == 2 and all("| yes |" in line for line in storms)  # resync lost is exact
+    assert "not measured (no run of 100,000 events)" in text
 
 
 def test_plot_is_a_png(results):
