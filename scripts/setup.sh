@@ -12,6 +12,14 @@ missing=()
 for p in "${debs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
 done
+# PostgreSQL server binaries for the tests of the PostgreSQL store, which initdb and run a
+# server of their own as the postgres user; Debian keeps them in /usr/lib/postgresql/<v>/bin.
+# The package's default cluster is not wanted: none is created (so none is started).
+if ! compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null && ! command -v initdb >/dev/null; then
+  mkdir -p /etc/postgresql-common/createcluster.d
+  echo "create_main_cluster = false" >/etc/postgresql-common/createcluster.d/vmpower-no-main-cluster.conf
+  missing+=(postgresql)
+fi
 if [ ${#missing[@]} -gt 0 ]; then
   echo "setup: installing Debian packages: ${missing[*]}"
   export DEBIAN_FRONTEND=noninteractive

@@ -33,6 +33,8 @@ def settings(opts: Mapping, pillar: Optional[Mapping] = None) -> Settings:
 
 
 def store_path(opts: Mapping, current: Settings) -> str:
+    """Where this minion's records are: ``vmpower:store`` (a SQLite file or a PostgreSQL DSN
+    shared by the fleet), by default SQLite in the minion's cachedir."""
     return current.store or os.path.join(opts["cachedir"], "vmpower", "records.sqlite")
 
 

@@ -88,7 +88,7 @@ class HostOperations:
         return rows
 
     def history(self, target: str, limit: Optional[int] = None) -> List[dict]:
-        record = self.store.find(target)
+        record = self.store.find(target, self.host)
         if record is None:
             with self.connect() as hv:
                 uuid = hv.lookup(target).UUIDString()  # UnknownDomain names it if it is not there
@@ -339,7 +339,7 @@ class HostOperations:
         the minion process, which runs the event loop) is reported under ``event_loop``.
         """
         result = {"host": self.host, "uri": self.settings.uri, "store": self.store.path,
-                  "records": self.store.count()}
+                  "records": self.store.count(self.host)}
         try:
             with self.connect() as hv:
                 result["domains"] = len(hv.list_all())
@@ -367,8 +367,10 @@ class _SyncDecisions:
 
     def __call__(self, record: Record, live: LiveState) -> Decision:
         policy, error = self._ops._policy(record.uuid, record.name)
+        # By identity: live states and policies are shared objects (live_state is memoised),
+        # and an equal but distinct one costs a second decision, never a wrong one.
         key = (record.vm_state, record.power_state, record.task_state, record.host,
-               record.restart_count, record.last_restart_at, live, policy, error)
+               record.restart_count, record.last_restart_at, id(live), id(policy), error)
         answer = self._answers.get(key)
         if answer is None:
             answer = self._answers[key] = decide(record, live, self._ops.host, policy,

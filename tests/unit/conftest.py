@@ -2,13 +2,20 @@
 
 The test driver is shared by every connection in this process, so each test defines its own
 domains under a unique prefix and removes them afterwards.
+
+And a real PostgreSQL server for the store's second backend, started once per session when a
+test asks for it, with a fresh database per test.
 """
 
+import importlib.util
 import itertools
+import os
 import uuid as uuidlib
 
 import libvirt
 import pytest
+
+from .pgserver import PostgresServer, find_bindir
 
 TEST_URI = "test:///default"
 _counter = itertools.count()
@@ -50,3 +57,39 @@ def testdriver():
     driver = TestDriver()
     yield driver
     driver.close()
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A PostgreSQL server of the tests' own, for the whole session; stopped at its end.
+
+    Skipped where there is no PostgreSQL (``scripts/setup.sh`` installs it) or no psycopg,
+    except in CI, where a missing install must not pass as green.
+    """
+    bindir = find_bindir()
+    missing = ("no PostgreSQL server binaries (initdb, pg_ctl, postgres) under "
+               "/usr/lib/postgresql/*/bin or on PATH" if bindir is None else
+               "psycopg is not installed" if importlib.util.find_spec("psycopg") is None else None)
+    if missing:
+        (pytest.fail if os.environ.get("CI") else pytest.skip)(f"PostgreSQL tests: {missing}")
+    server = PostgresServer(bindir)
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def postgres_dsn(postgres):
+    """The DSN of a clean store on the session's server (a password over TCP): a new schema
+    of one database, so advisory locks, which are per database, are shared as in a fleet."""
+    return postgres.schema()
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def store_location(request, tmp_path):
+    """Where a store is, once for each backend: a SQLite file, then a PostgreSQL database."""
+    if request.param == "sqlite":
+        return str(tmp_path / "records.sqlite")
+    return request.getfixturevalue("postgres_dsn")

@@ -56,11 +56,22 @@ def test_uuid_keys_win_over_names():
     ({"restart_limit": -2}, "vmpower:restart_limit must be at least 0"),
     ({"instances": ["web1"]}, "vmpower:instances must be a mapping"),
     ({"store": 3}, "vmpower:store must be a non-empty string"),
-    ({"store": "postgresql://db/vmpower"}, "vmpower:store must be the path of a SQLite file"),
+    ({"store": "mysql://db/vmpower"},
+     "vmpower:store must be the path of a SQLite file or a postgresql:// DSN; mysql:// stores"),
+    ({"store": "sqlite:///tmp/x.sqlite"}, "sqlite:// stores are not supported"),
+    ({"store": "host=db dbname=vmpower"}, "write a PostgreSQL connection as a URI"),
 ])
 def test_bad_global_settings_are_refused_by_name(raw, message):
     with pytest.raises(ConfigError, match=message):
         parse_settings(raw)
+
+
+@pytest.mark.parametrize("store", ["/var/cache/salt/minion/vmpower/records.sqlite",
+                                   "postgresql://vmpower@db.example.org/vmpower",
+                                   "postgres://vmpower:secret@db:5433/vmpower?sslmode=require",
+                                   "PostgreSQL://db/vmpower"])
+def test_the_store_is_a_sqlite_path_or_a_postgresql_dsn(store):
+    assert parse_settings({"store": store}).store == store
 
 
 @pytest.mark.parametrize("entry,message", [

@@ -1,10 +1,12 @@
-"""The SQLite store: compare-and-set, the append-only audit log, locks across processes,
-crash safety, and a clear error for a store that cannot be read."""
+"""The store, on both backends (SQLite, and a real PostgreSQL server): compare-and-set, the
+append-only audit log, locks across processes; and SQLite's crash safety and a clear error for
+a file that cannot be read. PostgreSQL's own (a fleet in one database, bad DSNs): test_store_postgres.py."""
 
 import sqlite3
 import subprocess
 import sys
 import textwrap
+import threading
 
 import pytest
 
@@ -20,9 +22,29 @@ def rec(uuid="u-1", **kw):
 
 
 @pytest.fixture
-def store(tmp_path):
+def store(store_location):
+    with Store(store_location) as s:
+        yield s
+
+
+@pytest.fixture
+def sqlite_store(tmp_path):
     with Store(str(tmp_path / "records.sqlite")) as s:
         yield s
+
+
+def raw_connection(location):
+    """A connection of the database's own driver, past vmpower; and the errors it raises."""
+    if "://" in location:
+        import psycopg
+        return psycopg.connect(location, autocommit=True), psycopg.Error
+    return sqlite3.connect(location), sqlite3.DatabaseError
+
+
+def test_both_backends_open_through_store(store_location):
+    with Store(store_location) as store:
+        assert type(store).__name__ == ("PostgresStore" if "://" in store_location else "SqliteStore")
+        assert store.count() == 0
 
 
 def test_insert_update_and_history(store):
@@ -40,6 +62,15 @@ def test_insert_update_and_history(store):
     assert store.history("u-1", limit=1) == entries[1:]
 
 
+def test_a_name_can_be_looked_up_on_one_host(store):
+    store.commit([Change(None, rec("u-1", name="web1", host="h1"), Cause.SYNC, "adopt", "x"),
+                  Change(None, rec("u-2", name="web1", host="h2"), Cause.SYNC, "adopt", "x")], at=1.0)
+    assert store.find("web1", host="h2").uuid == "u-2" and store.find("web1", host="h1").uuid == "u-1"
+    assert store.find("web1", host="h3") is None
+    assert store.find("u-2", host="h1").uuid == "u-2"  # a UUID is unique in the whole store
+    assert (store.count(), store.count("h1"), store.count("h3")) == (2, 1, 0)
+
+
 def test_a_stale_version_loses_and_writes_nothing(store):
     first = rec()
     store.commit([Change(None, first, Cause.SYNC, "adopt", "x")], at=1.0)
@@ -55,13 +86,47 @@ def test_a_stale_version_loses_and_writes_nothing(store):
     assert store.commit([Change(None, rec("u-2", name="other"), Cause.SYNC, "adopt", "x")], at=4.0)
 
 
-def test_the_audit_log_is_append_only(store):
+def test_the_audit_log_is_append_only(store, store_location):
     store.commit([Change(None, rec(), Cause.SYNC, "adopt", "x")], at=1.0)
-    db = sqlite3.connect(store.path)
-    with pytest.raises(sqlite3.DatabaseError, match="append-only"):
+    db, error = raw_connection(store_location)
+    with pytest.raises(error, match="append-only"):
         db.execute("UPDATE audit SET reason = 'rewritten'")
-    with pytest.raises(sqlite3.DatabaseError, match="append-only"):
+    with pytest.raises(error, match="append-only"):
         db.execute("DELETE FROM audit")
+    db.close()
+    assert [e["reason"] for e in store.history("u-1")] == ["x"]
+
+
+def test_a_store_reopened_keeps_everything(store_location):
+    with Store(store_location) as store:
+        store.commit([Change(None, rec(updated_at=1700000000.123456), Cause.SYNC, "adopt", "x")], at=2.5)
+    with Store(store_location) as again:  # the schema is there already: nothing is recreated
+        assert again.get("u-1") == rec(updated_at=1700000000.123456)  # full float precision
+        assert [e["at"] for e in again.history("u-1")] == [2.5]
+
+
+def test_concurrent_compare_and_set_has_exactly_one_winner(store, store_location):
+    first = rec()
+    store.commit([Change(None, first, Cause.SYNC, "adopt", "x")], at=1.0)
+    writers = 4
+    start = threading.Barrier(writers, timeout=60)
+    results = [None] * writers
+
+    def write(i):  # a store of its own in each thread, as each Salt job has
+        change = Change(first, first.replace(task_state=f"writer-{i}", version=2), Cause.API, "w", "x")
+        with Store(store_location) as mine:
+            start.wait()
+            results[i] = mine.commit([change], at=2.0)
+
+    threads = [threading.Thread(target=write, args=(i,)) for i in range(writers)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(len(r) for r in results) == [0, 1, 1, 1]  # one wrote, three lost the race
+    winner = results.index([])
+    assert store.get("u-1").task_state == f"writer-{winner}"
+    assert len(store.history("u-1")) == 2
 
 
 def test_get_many_crosses_sqlites_parameter_limit(store):
@@ -86,10 +151,10 @@ def test_an_unwritable_place_is_a_clear_error(tmp_path):
         Store(str(blocker / "records.sqlite"))
 
 
-def test_it_is_configured_to_survive_a_crash(store):
-    db = sqlite3.connect(store.path)
+def test_it_is_configured_to_survive_a_crash(sqlite_store):
+    db = sqlite3.connect(sqlite_store.path)
     assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    assert store._db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+    assert sqlite_store._db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
 
 
 def _python(code, *args):
@@ -97,7 +162,8 @@ def _python(code, *args):
                             stdout=subprocess.PIPE, text=True)
 
 
-def test_a_writer_killed_mid_transaction_leaves_the_last_commit_intact(store):
+def test_a_writer_killed_mid_transaction_leaves_the_last_commit_intact(sqlite_store):
+    store = sqlite_store
     store.commit([Change(None, rec(), Cause.SYNC, "adopt", "committed")], at=1.0)
     writer = _python("""
         import os, sys
@@ -120,14 +186,14 @@ def test_a_writer_killed_mid_transaction_leaves_the_last_commit_intact(store):
         assert [e["reason"] for e in reopened.history("u-1")] == ["committed"]
 
 
-def test_the_instance_lock_holds_across_processes(store):
+def test_the_instance_lock_holds_across_processes(store, store_location):
     holder = _python("""
         import sys, time
         from vmpower.store import Store
         with Store(sys.argv[1]).lock("u-1"):
             print("holding", flush=True)
             time.sleep(30)
-    """, store.path)
+    """, store_location)
     try:
         assert holder.stdout.readline().strip() == "holding"
         with pytest.raises(StoreError, match="could not take the vmpower lock 'u-1'"):

@@ -106,14 +106,30 @@ def _string(raw: Mapping, key: str, default: str, where: str = "vmpower") -> str
     return value
 
 
+POSTGRES_SCHEMES = ("postgresql", "postgres")
+_SCHEME_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+_KEYWORD_DSN_RE = re.compile(r"^\s*(host|hostaddr|dbname|user|port|service)\s*=")
+
+
+def store_scheme(store: str) -> Optional[str]:
+    """The scheme of a DSN (``postgresql`` for ``postgresql://...``), lowercased; None for a path."""
+    match = _SCHEME_RE.match(store)
+    return match.group(1).lower() if match else None
+
+
 def _store(raw: Mapping) -> str:
+    """A SQLite file path, or a PostgreSQL DSN; empty for SQLite in the minion's cachedir."""
     if raw.get("store") in (None, ""):
         return ""
     store = _string(raw, "store", "")
-    if "://" in store:
-        # Only SQLite is built in; a DSN must not be mistaken for a file name.
-        raise ConfigError(f"vmpower:store must be the path of a SQLite file; {store.split('://')[0]}:// "
-                          f"stores are not supported by this version")
+    scheme = store_scheme(store)
+    if scheme is not None and scheme not in POSTGRES_SCHEMES:
+        # A DSN must not be mistaken for a file name.
+        raise ConfigError(f"vmpower:store must be the path of a SQLite file or a postgresql:// DSN; "
+                          f"{scheme}:// stores are not supported")
+    if scheme is None and _KEYWORD_DSN_RE.match(store):
+        raise ConfigError("vmpower:store: write a PostgreSQL connection as a URI, "
+                          "postgresql://user@host/dbname, not as keyword=value pairs")
     return store
 
 

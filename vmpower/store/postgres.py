@@ -1,0 +1,141 @@
+"""The PostgreSQL backend: one database for a whole fleet of minions (``vmpower:store`` set to a
+``postgresql://`` DSN). Each record's ``host`` says which minion owns the VM, and each minion
+syncs only its own (``for_host``).
+
+Needs psycopg 3 (``pip install 'vmpower[postgres]'``); without it vmpower still runs on SQLite,
+and a DSN is a clear error. The schema is created on first use, under a transaction-level
+advisory lock so that minions starting together do not race. The audit log is append-only
+through triggers, as in SQLite. Compare-and-set works unchanged at READ COMMITTED: an UPDATE
+that waited on a concurrent writer re-checks ``version`` on the row it committed.
+
+Locks are session-level advisory locks (``pg_try_advisory_lock``, polled like the flocks of
+SQLite) on a 64-bit key derived from the lock's name, held on the store's own connection: they
+hold across processes and minions, and the server releases them when that connection ends,
+however its process died. A connection lost while holding them fails every later statement of
+the store too, so nothing goes on writing unlocked.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import re
+from typing import List, Optional, Sequence
+
+from vmpower.store.base import APPEND_ONLY, TABLES, Store, StoreError
+
+try:
+    import psycopg
+    from psycopg import conninfo
+except ImportError:  # an optional extra: reported when a DSN is used
+    psycopg = None
+
+# Unless the DSN says otherwise: an unreachable server is an error within seconds, not minutes.
+CONNECT_DEFAULTS = {"connect_timeout": "10", "application_name": "vmpower"}
+TRIGGERS = {"audit_no_update": "BEFORE UPDATE ON audit FOR EACH ROW",
+            "audit_no_delete": "BEFORE DELETE ON audit FOR EACH ROW",
+            "audit_no_truncate": "BEFORE TRUNCATE ON audit FOR EACH STATEMENT"}
+SCHEMA = TABLES.format(real="DOUBLE PRECISION",
+                       serial="BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY") + f"""
+CREATE OR REPLACE FUNCTION vmpower_audit_append_only() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN RAISE EXCEPTION '{APPEND_ONLY}'; END $$;
+""" + "".join(f"DROP TRIGGER IF EXISTS {name} ON audit;\n"
+              f"CREATE TRIGGER {name} {when} EXECUTE FUNCTION vmpower_audit_append_only();\n"
+              for name, when in TRIGGERS.items())
+SCHEMA_READY = ("SELECT to_regclass('instances') IS NOT NULL AND (SELECT count(*) FROM pg_trigger "
+                "WHERE tgrelid = to_regclass('audit') AND tgname IN "
+                f"({', '.join(repr(name) for name in TRIGGERS)})) = {len(TRIGGERS)}")
+SCHEMA_LOCK = "(schema)"  # no instance UUID or host-<id> lock is named so
+
+
+def lock_id(key: str) -> int:
+    """The advisory lock key of the lock named ``key``: a signed 64-bit hash of its name."""
+    digest = hashlib.blake2b(f"vmpower:{key}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big", signed=True)
+
+
+def mask_password(dsn: str) -> str:
+    """The DSN with its password, in the user part or as a ``password=`` parameter, as ``***``."""
+    scheme, sep, rest = dsn.partition("://")
+    if not sep:
+        return dsn
+    head, question, query = rest.partition("?")
+    at = head.rfind("@")
+    if at != -1 and ":" in head[:at]:
+        head = head[:head.index(":")] + ":***" + head[at:]
+    query = re.sub(r"(^|&)password=[^&]*", r"\1password=***", query)
+    return f"{scheme}://{head}{question}{query}"
+
+
+def _passwords(dsn: str) -> List[str]:
+    """The password as written in the DSN and as decoded, to keep out of error messages."""
+    found = []
+    if mask_password(dsn) != dsn:
+        found += re.findall(r"://[^:/?@]*:([^?]*)@", dsn)[:1]
+        found += re.findall(r"[?&]password=([^&]*)", dsn)
+    try:
+        decoded = conninfo.conninfo_to_dict(dsn).get("password")
+    except Exception:  # a DSN psycopg cannot parse fails with its own message when connecting
+        decoded = None
+    if decoded:
+        found.append(decoded)
+    return sorted({p for p in found if len(p) >= 3}, key=len, reverse=True)
+
+
+@functools.lru_cache(maxsize=256)
+def _driver_sql(sql: str) -> str:
+    return sql.replace("?", "%s")  # vmpower's SQL is written with SQLite's placeholders
+
+
+class PostgresStore(Store):
+    """The store in the PostgreSQL database named by ``dsn``."""
+
+    _errors = (psycopg.Error,) if psycopg else ()
+
+    def __init__(self, dsn: str):
+        scheme, sep, rest = dsn.partition("://")
+        dsn = scheme.lower() + sep + rest  # libpq knows its URI schemes in lowercase only
+        super().__init__(mask_password(dsn))
+        if psycopg is None:
+            raise StoreError(f"the vmpower store {self.path} needs the PostgreSQL driver psycopg, "
+                             f"which is not installed: pip install 'psycopg[binary]'")
+        self._secrets = _passwords(dsn)
+        try:
+            given = conninfo.conninfo_to_dict(dsn)
+            defaults = {k: v for k, v in CONNECT_DEFAULTS.items() if k not in given}
+            self._db = psycopg.connect(dsn, autocommit=True, **defaults)
+        except psycopg.Error as exc:
+            raise self._unreadable(exc) from None  # psycopg's own exception may quote the DSN
+        try:
+            self._create_schema()
+        except psycopg.Error as exc:
+            self._db.close()
+            raise self._unreadable(exc) from exc
+
+    def _describe(self, exc: BaseException) -> str:
+        text = " ".join(str(exc).split())
+        for secret in self._secrets:
+            text = text.replace(secret, "***")
+        return text
+
+    def _create_schema(self) -> None:
+        if self._db.execute(SCHEMA_READY).fetchone()[0]:
+            return
+        with self._db.transaction():
+            self._db.execute("SELECT pg_advisory_xact_lock(%s)", (lock_id(SCHEMA_LOCK),))
+            self._db.execute(SCHEMA)
+
+    def _run(self, sql: str, args: Sequence = ()):
+        return self._db.execute(_driver_sql(sql), tuple(args) or None)
+
+    def _run_many(self, sql: str, rows: Sequence[Sequence]) -> None:
+        with self._db.cursor() as cursor:
+            cursor.executemany(_driver_sql(sql), rows)
+
+    def _try_lock(self, key: str) -> Optional[int]:
+        ident = lock_id(key)
+        taken = self._db.execute("SELECT pg_try_advisory_lock(%s)", (ident,)).fetchone()[0]
+        return ident if taken else None
+
+    def _release(self, key: str, ident: int) -> None:
+        self._db.execute("SELECT pg_advisory_unlock(%s)", (ident,))

@@ -1,0 +1,65 @@
+"""The SQLite backend, the default: one file in the minion's cachedir.
+
+Crash-safe (WAL journal, full fsync on commit); writers take the database's write lock up front
+(``BEGIN IMMEDIATE``). Locks are flocks on files of their own in ``<path>.locks/``: the kernel
+releases them when their holder dies, however it dies.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import sqlite3
+from typing import Optional, Sequence
+
+from vmpower.store.base import APPEND_ONLY, TABLES, Store
+
+SCHEMA = TABLES.format(real="REAL", serial="INTEGER PRIMARY KEY AUTOINCREMENT") + f"""
+CREATE TRIGGER IF NOT EXISTS audit_no_update BEFORE UPDATE ON audit
+    BEGIN SELECT RAISE(ABORT, '{APPEND_ONLY}'); END;
+CREATE TRIGGER IF NOT EXISTS audit_no_delete BEFORE DELETE ON audit
+    BEGIN SELECT RAISE(ABORT, '{APPEND_ONLY}'); END;
+"""
+
+
+class SqliteStore(Store):
+    """The SQLite store at ``path``; locks live in ``<path>.locks/``."""
+
+    BEGIN = "BEGIN IMMEDIATE"
+    _errors = (sqlite3.Error,)
+
+    def __init__(self, path: str):
+        super().__init__(path)
+        self._lock_dir = path + ".locks"
+        try:
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            os.makedirs(self._lock_dir, exist_ok=True)
+            self._db = sqlite3.connect(path, timeout=30, isolation_level=None)
+        except (sqlite3.Error, OSError) as exc:
+            raise self._unreadable(exc) from exc
+        try:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.executescript(SCHEMA)
+        except sqlite3.Error as exc:
+            self._db.close()
+            raise self._unreadable(exc) from exc
+
+    def _run(self, sql: str, args: Sequence = ()):
+        return self._db.execute(sql, tuple(args))
+
+    def _run_many(self, sql: str, rows: Sequence[Sequence]) -> None:
+        self._db.executemany(sql, rows)
+
+    def _try_lock(self, key: str) -> Optional[int]:
+        path = os.path.join(self._lock_dir, key.replace("/", "_") + ".lock")
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        return fd
+
+    def _release(self, key: str, fd: int) -> None:
+        os.close(fd)  # releases the lock
