@@ -87,6 +87,20 @@ def test_a_host_requested_shutdown_is_told_from_the_guests_own():
     assert translator.lifecycle("a", stopped, 0).reason == "guest_shutdown"
 
 
+def test_an_event_between_shutdown_and_stopped_does_not_lose_who_asked():
+    translator = LifecycleTranslator()
+    translator.lifecycle("a", libvirt.VIR_DOMAIN_EVENT_SHUTDOWN, libvirt.VIR_DOMAIN_EVENT_SHUTDOWN_HOST)
+    translator.lifecycle("a", libvirt.VIR_DOMAIN_EVENT_DEFINED, libvirt.VIR_DOMAIN_EVENT_DEFINED_UPDATED)
+    assert translator.lifecycle("a", libvirt.VIR_DOMAIN_EVENT_STOPPED, 0).reason == "host_shutdown"
+
+
+def test_a_new_start_voids_an_old_shutdown_announcement():
+    translator = LifecycleTranslator()
+    translator.lifecycle("a", libvirt.VIR_DOMAIN_EVENT_SHUTDOWN, libvirt.VIR_DOMAIN_EVENT_SHUTDOWN_HOST)
+    translator.lifecycle("a", libvirt.VIR_DOMAIN_EVENT_STARTED, libvirt.VIR_DOMAIN_EVENT_STARTED_BOOTED)
+    assert translator.lifecycle("a", libvirt.VIR_DOMAIN_EVENT_STOPPED, 0).reason == "guest_shutdown"
+
+
 def test_reboot():
     result = translate_reboot()
     assert (result.transition, result.reason, result.libvirt_event) == (T.STARTED, "rebooted", "REBOOT")

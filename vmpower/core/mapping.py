@@ -41,6 +41,7 @@ LIFECYCLE_EVENTS: Dict[int, Tuple[str, Optional[Transition], Dict[int, Tuple[str
     8: ("CRASHED", Transition.CRASHED, {0: ("PANICKED", "panicked"),
                                         1: ("CRASHLOADED", "crashloaded")}),
 }
+EVENT_STARTED = 2
 EVENT_SHUTDOWN = 6
 EVENT_STOPPED = 5
 DETAIL_STOPPED_SHUTDOWN = 0
@@ -130,8 +131,12 @@ class LifecycleTranslator:
     def lifecycle(self, uuid: str, event: int, detail: int) -> Translation:
         if event == EVENT_SHUTDOWN:
             self._shutdown_detail[uuid] = detail
-            return translate_lifecycle(event, detail)
-        return translate_lifecycle(event, detail, self._shutdown_detail.pop(uuid, None))
+        elif event == EVENT_STOPPED:
+            return translate_lifecycle(event, detail, self._shutdown_detail.pop(uuid, None))
+        elif event == EVENT_STARTED:
+            self._shutdown_detail.pop(uuid, None)  # a new run: an old announcement is void
+        # Other events (DEFINED/UPDATED...) may come between SHUTDOWN and STOPPED.
+        return translate_lifecycle(event, detail)
 
 
 def is_stale(transition: Transition, live: LiveState) -> bool:
