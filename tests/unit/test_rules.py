@@ -185,6 +185,17 @@ def test_a_new_domain_adopts_its_vm_state_from_its_power_state(power, vm_state):
     assert not decide(rec, live(power), HOST, DEFAULT, SETTINGS, NOW).changes_anything
 
 
+def test_a_domain_seen_while_libvirt_starts_it_is_adopted_active():
+    """libvirt starts a domain paused (reason starting_up) and resumes it: a sync that sees it
+    then must not record it as paused, which would stay so while it runs."""
+    starting = LiveState(P.PAUSED, "starting_up")
+    rec = adopt("u-9", "new", HOST, starting, DEFAULT, NOW)
+    assert (rec.vm_state, rec.power_state) == (V.ACTIVE, P.PAUSED)
+    later = decide(rec, live(P.RUNNING), HOST, DEFAULT, SETTINGS, NOW)
+    assert later.action is Action.NONE and later.observed == {"power_state": P.RUNNING}
+    assert adopt("u-9", "new", HOST, LiveState(P.PAUSED, "user"), DEFAULT, NOW).vm_state is V.PAUSED
+
+
 def test_a_pin_wins_over_adoption():
     rec = adopt("u-9", "new", HOST, live(P.RUNNING), InstancePolicy(vm_state=V.STOPPED), NOW)
     assert rec.vm_state is V.STOPPED

@@ -65,11 +65,20 @@ class Decision:
         return self.action is not Action.NONE or bool(self.observed) or bool(self.outcome)
 
 
+# libvirt starts every domain paused (QEMU runs with -S) and resumes it once it is set up; a
+# domain seen in that moment, paused with this reason, is being started, not paused by anyone.
+STARTING_UP = "starting_up"
+
+
 def adopt(uuid: str, name: str, host: str, live: LiveState, policy: InstancePolicy,
           at: float) -> Record:
     """The record of a domain seen for the first time: its vm_state follows what it does,
     unless pillar pins it."""
-    vm_state = policy.vm_state or ADOPTED_VM_STATE[live.power_state]
+    if live.power_state is PowerState.PAUSED and live.reason == STARTING_UP:
+        adopted = VmState.ACTIVE
+    else:
+        adopted = ADOPTED_VM_STATE[live.power_state]
+    vm_state = policy.vm_state or adopted
     return Record(uuid=uuid, name=name, host=host, vm_state=vm_state,
                   power_state=live.power_state, updated_at=at)
 
