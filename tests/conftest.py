@@ -1,9 +1,13 @@
 """Fixtures shared by every test directory."""
 
+import re
+
 import pytest
 import salt._logging
 import salt.config
 import salt.loader
+
+from vmpower import lab
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -46,3 +50,132 @@ def load_minion(tmp_path):
     def load(uri, pillar=None, test=False, **vmpower):
         return LoadedMinion(tmp_path, uri, pillar, test, **vmpower)
     return load
+
+
+# ---------------------------------------------------------------------------------------------
+# A real libvirtd and real QEMU guests (vmpower.lab), shared by tests/real and tests/daemons
+# ---------------------------------------------------------------------------------------------
+LIBVIRT_URI = lab.DEFAULT_URI
+
+#: Every test guest's name starts with one of these (tests/real, tests/daemons); leftovers of
+#: an interrupted session are removed when the session's libvirtd fixture starts and ends.
+GUEST_PREFIXES = ("vmpower-test-", "vmpower-d-")
+
+
+def _remove_test_guests(uri: str = LIBVIRT_URI) -> None:
+    for prefix in GUEST_PREFIXES:
+        lab.remove_guests(uri, prefix)
+
+
+@pytest.fixture(scope="session")
+def libvirt_event_loop():
+    """libvirt's default event loop for the session: vmpower's own, so one process never runs two.
+
+    It must be registered before any connection is opened, as libvirt requires for events.
+    """
+    pytest.importorskip("libvirt")
+    from vmpower import eventloop
+
+    eventloop.ensure_running()
+
+
+@pytest.fixture(scope="session")
+def libvirt_daemon(libvirt_event_loop):
+    """A running local libvirtd (``qemu:///system``); stopped at the end if this fixture started
+    it, and left running if it ran before the session, whatever tests did to it meanwhile
+    (``libvirtd_may_die``)."""
+    reason = lab.have_lab_prerequisites()
+    if reason:
+        pytest.skip(reason)
+    daemon = lab.LibvirtDaemon(LIBVIRT_URI).start()
+    owned = daemon.started_libvirtd
+    _remove_test_guests()  # Leftovers of an interrupted session.
+    try:
+        yield daemon
+    finally:
+        if owned and not daemon.answers():
+            daemon.start()  # A test killed it and did not bring it back: needed for cleanup.
+        if daemon.answers():
+            _remove_test_guests()
+        if not owned:
+            daemon.started_libvirtd = False  # Not ours: leave it as we found it, running.
+        daemon.stop()
+
+
+@pytest.fixture
+def libvirtd_may_die(libvirt_daemon):
+    """The session's LibvirtDaemon, for a test that kills or restarts libvirtd.
+
+    Skips when libvirtd ran before the session (never kill someone else's daemon). Afterwards
+    libvirtd runs and answers again, whatever the test did.
+    """
+    if not libvirt_daemon.started_libvirtd:
+        pytest.skip("libvirtd ran before the tests; not killing someone else's daemon")
+    try:
+        yield libvirt_daemon
+    finally:
+        if not libvirt_daemon.answers():
+            libvirt_daemon.start()
+
+
+@pytest.fixture(scope="session")
+def guest_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("guests")
+
+
+@pytest.fixture
+def conn(libvirt_daemon):
+    """A connection of this test's own (a test may kill libvirtd under it)."""
+    import libvirt
+
+    connection = libvirt.open(LIBVIRT_URI)
+    yield connection
+    try:
+        connection.close()
+    except libvirt.libvirtError:
+        pass  # Already dead with the libvirtd it was connected to.
+
+
+@pytest.fixture
+def guest_prefix() -> str:
+    """How this directory's guests are named (tests/daemons overrides it)."""
+    return GUEST_PREFIXES[0]
+
+
+@pytest.fixture
+def make_guest(request, conn, guest_dir, guest_prefix):
+    """``make_guest(kind, suffix="", start=True)`` defines (and starts) a lab guest named
+    ``<guest_prefix><test name>-<kind><suffix>`` and returns ``(Guest, virDomain)``; every
+    guest of the test is removed afterwards.
+
+    It uses the test's ``conn`` while that is alive, and a new connection once libvirtd was
+    restarted under it.
+    """
+    import libvirt
+
+    test_name = re.sub(r"[^A-Za-z0-9_.-]", "-", request.node.name.removeprefix("test_"))
+    prefix = f"{guest_prefix}{test_name}-"
+    opened = []
+
+    def connection():
+        for candidate in [conn, *opened[-1:]]:
+            try:
+                if candidate.isAlive():
+                    return candidate
+            except libvirt.libvirtError:
+                pass
+        opened.append(libvirt.open(LIBVIRT_URI))
+        return opened[-1]
+
+    def make(kind: str, suffix: str = "", start: bool = True):
+        connected = connection()
+        guest = lab.define_guest(connected, f"{prefix}{kind}{suffix}", kind, guest_dir, start=start)
+        return guest, connected.lookupByUUIDString(guest.uuid)
+
+    yield make
+    lab.remove_guests(LIBVIRT_URI, prefix)  # By URI: the test's connection may be dead.
+    for connected in opened:
+        try:
+            connected.close()
+        except libvirt.libvirtError:
+            pass

@@ -2,8 +2,12 @@
 
 Everything lives under pytest's temporary directory. The session has one salt-master and, on
 demand, two salt-minions (``vmpower-minion-1``, ``vmpower-minion-2``); tests that need a
-minion of their own (other URI, beacons configured before start, or no vmpower entry point)
-start one with ``minion_factory.started(...)``, which stops it and deletes its key afterwards.
+minion of their own (other URI, beacons configured before start, no vmpower entry point, or
+another Python) start one with ``minion_factory.started(...)``, which stops it and deletes its
+key afterwards. The tests on the real libvirtd (``qemu:///system``, started through
+``vmpower.lab`` by the ``libvirt_daemon`` fixture shared with tests/real) share
+``beacon_minion`` (``vmpower-minion-b``, the vmpower beacon in its minion config) for this
+package, and name their guests ``vmpower-d-<test>-<kind>`` (``make_guest``).
 
 The master serves ``file_roots: base: [<state tree>, <repo root>]`` so that ``salt://_modules``,
 ``salt://_beacons``, ``salt://_states``, ``salt://_utils`` and ``salt://_reactor`` are the
@@ -43,14 +47,26 @@ from .helpers import (
     REACTOR,
     REPO_ROOT,
     PillarTree,
+    beacon_config,
     clean_environ,
     python_without_vmpower,
     repo_view,
+    wait_for_event,
+    wait_for_job_return,
 )
 
 MASTER_ID = "vmpower-master"
 MINION_1 = "vmpower-minion-1"
 MINION_2 = "vmpower-minion-2"
+#: The minion with the vmpower beacon on the real libvirtd (``beacon_minion``).
+BEACON_MINION = "vmpower-minion-b"
+#: stop_grace of ``beacon_minion``'s beacon: short, so a test waits little for a STOPPED, but
+#: well above the gap between the STOPPED and STARTED of a hard reboot (destroy, then create:
+#: a few tenths of a second here).
+STOP_GRACE = 3
+#: sync_interval of ``beacon_minion``: longer than the whole run, so that every change the
+#: tests see on it was made by the event path (the safety net has its own test and minion).
+NO_PERIODIC_SYNC = 3600
 _HERE = Path(__file__).resolve().parent
 
 #: Daemon log records at this level and above reach pytest's captured log.
@@ -234,27 +250,35 @@ class MinionFactory:
         self.default_uri = default_uri
         self.overrides = overrides
         self._tmp = tmp_path_factory
-        self._plain_manager = None
+        self._plain_python: Optional[Path] = None
+        self._managers: dict = {}  # python executable -> (FactoriesManager, its root)
 
     def config(self, uri="default", vmpower=None, beacons=None, overrides=None) -> dict:
         uri = self.default_uri if uri == "default" else uri
         return minion_config(uri, vmpower, beacons, _merge(self.overrides, overrides))
 
-    def _manager_without_vmpower(self):
-        """A second factories manager whose daemons and CLIs run a Python without vmpower."""
-        if self._plain_manager is None:
+    def python_without_vmpower(self) -> Path:
+        """The session's Python with Salt and libvirt-python but not vmpower (made once)."""
+        if self._plain_python is None:
+            started = time.monotonic()
+            self._plain_python = python_without_vmpower(self._tmp.mktemp("no-vmpower") / "venv")
+            TIMINGS.append(f"python without vmpower: made in {time.monotonic() - started:.2f} s")
+        return self._plain_python
+
+    def _manager_for(self, python: Path):
+        """A second factories manager whose daemons and CLIs run ``python``, with a clean
+        environment and a working directory outside the checkout, so that what they import
+        is only what that Python has installed. Returns ``(manager, root_dir)``."""
+        key = str(python)
+        if key not in self._managers:
             from saltfactories.manager import FactoriesManager
 
-            base = self._tmp.mktemp("no-vmpower")
-            started = time.monotonic()
-            python = python_without_vmpower(base / "venv")
-            # Daemon roots stay beside the main manager's: their sockets' paths must fit
-            # AF_UNIX's 108 bytes.
-            root = Path(self.salt_factories.root_dir) / "p"
-            TIMINGS.append(f"python without vmpower: made in {time.monotonic() - started:.2f} s")
             main = self.salt_factories
-            (base / "cwd").mkdir()
-            self._plain_manager = FactoriesManager(
+            # Daemon roots stay beside the main manager's, with a one-letter name: their
+            # sockets' paths must fit AF_UNIX's 108 bytes.
+            root = Path(main.root_dir) / ("p" if not self._managers else f"p{len(self._managers)}")
+            cwd = self._tmp.mktemp("cwd")
+            manager = FactoriesManager(
                 root_dir=root,
                 log_server_host=main.log_server_host,
                 log_server_port=main.log_server_port,
@@ -264,28 +288,32 @@ class MinionFactory:
                 python_executable=str(python),
                 code_dir=None,  # the default puts our site-packages first on sys.path
                 inject_sitecustomize=False,
-                cwd=base / "cwd",
+                cwd=cwd,
                 environ=clean_environ(main.environ),
                 start_timeout=main.start_timeout,
                 slow_stop=main.slow_stop,
             )
-        return self._plain_manager
+            self._managers[key] = (manager, root)
+        return self._managers[key]
 
     def create(self, minion_id: str, *, uri="default", vmpower: Optional[dict] = None,
                beacons: Optional[dict] = None, overrides: Optional[dict] = None,
-               entry_point: bool = True):
+               entry_point: bool = True, python: Optional[Path] = None):
         """A minion factory, not started. ``uri`` (``None``: leave ``vmpower:uri`` out of the
         config), ``vmpower`` (more of the minion's ``vmpower:`` section), ``beacons`` (the
         minion's ``beacons:`` setting, e.g. ``{"vmpower": beacon_config(uri=...)}``),
         ``overrides`` (any other minion config), ``entry_point=False``: run it with a Python
-        that has Salt and libvirt-python but not vmpower (file_roots install path)."""
+        that has Salt and libvirt-python but not vmpower (file_roots install path);
+        ``python``: run it with that Python (e.g. one with vmpower installed from a wheel)."""
         config = self.config(uri, vmpower, beacons, overrides)
-        _check_socket_room(Path(self.salt_factories.root_dir) / ("" if entry_point else "p"),
-                           minion_id)
-        if entry_point:
+        if python is None and not entry_point:
+            python = self.python_without_vmpower()
+        if python is None:
+            _check_socket_room(Path(self.salt_factories.root_dir), minion_id)
             return self.salt_master.salt_minion_daemon(minion_id, overrides=config)
-        return self._manager_without_vmpower().salt_minion_daemon(
-            minion_id, master=self.salt_master, overrides=config)
+        manager, root = self._manager_for(Path(python))
+        _check_socket_room(root, minion_id)
+        return manager.salt_minion_daemon(minion_id, master=self.salt_master, overrides=config)
 
     @contextlib.contextmanager
     def started(self, minion_id: str, **kwargs) -> Iterator:
@@ -330,3 +358,34 @@ def salt_minion_2(minion_factory):
 def salt_call_cli(salt_minion):
     """``salt-call`` for ``vmpower-minion-1``."""
     return salt_minion.salt_call_cli(timeout=120)
+
+
+# ---------------------------------------------------------------------------------------------
+# The real libvirtd (fixtures shared with tests/real, in tests/conftest.py)
+# ---------------------------------------------------------------------------------------------
+@pytest.fixture
+def guest_prefix() -> str:
+    """Guests of the daemon tests are ``vmpower-d-<test>-<kind>`` (see ``make_guest``)."""
+    return "vmpower-d-"
+
+
+@pytest.fixture(scope="package")
+def beacon_minion(minion_factory, salt_master, libvirt_daemon, event_listener):
+    """``vmpower-minion-b``: the vmpower beacon on the real libvirtd (``qemu:///system``),
+    configured in its minion config as a user would, with ``stop_grace`` = ``STOP_GRACE`` and
+    no periodic sync during the run. Shared by the beacon and end-to-end modules (and torn
+    down with this package, so it never acts on the guests of tests/real); handed out once
+    its beacon has connected (its ``connected`` resync is on the master bus) and the sync the
+    reactor runs for it has returned."""
+    before = time.time()
+    with minion_factory.started(
+            BEACON_MINION, uri=DEFAULT_URI,
+            vmpower={"sync_interval": NO_PERIODIC_SYNC, "stop_timeout": 30},
+            beacons={"vmpower": beacon_config(uri=DEFAULT_URI, stop_grace=STOP_GRACE)}) as minion:
+        wait_for_event(event_listener, f"salt/beacon/{BEACON_MINION}/vmpower/resync", before,
+                       timeout=60, daemon_id=salt_master.id,
+                       match=lambda data: data.get("reason") == "connected")
+        # ... and the reactor's answer to it, a full sync, is over before any test begins.
+        wait_for_job_return(event_listener, salt_master.id, BEACON_MINION, "vmpower.sync",
+                            before)
+        yield minion

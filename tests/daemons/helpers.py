@@ -15,7 +15,10 @@ import importlib.metadata
 import json
 import os
 import re
+import shutil
+import sqlite3
 import subprocess
+import sys
 import sysconfig
 import time
 import venv
@@ -93,6 +96,52 @@ def wait_for_event(listener, tag_pattern: str, after_ts: float, timeout: float =
         f"{len(arrived)} event(s) arrived since then:\n  " + "\n  ".join(arrived or ["(none)"]),
         pytrace=False,
     )
+
+
+def wait_until(condition: Callable[[], Any], timeout: float, what,
+               interval: float = 0.2) -> Any:
+    """Poll ``condition`` until it returns something truthy, and return that; fail the test
+    naming ``what`` (a string, or a callable that describes the situation at the end) after
+    ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            description = what() if callable(what) else what
+            pytest.fail(f"timed out after {timeout} s waiting for {description}; "
+                        f"last value: {value!r}", pytrace=False)
+        time.sleep(interval)
+
+
+def beacon_events(listener, minion_id: str, after_ts: float, uuid: Optional[str] = None,
+                  kind: str = "lifecycle/*", daemon_id: Optional[str] = None) -> list:
+    """The vmpower beacon events of ``minion_id`` since ``after_ts`` (``kind``: a tag tail
+    such as ``lifecycle/*``, ``lifecycle/stopped`` or ``resync``), of one domain if ``uuid``."""
+    return [event for event in events_since(listener, after_ts,
+                                            f"salt/beacon/{minion_id}/vmpower/{kind}", daemon_id)
+            if uuid is None or event.data.get("uuid") == uuid]
+
+
+def wait_for_lifecycle(listener, master_id: str, minion_id: str, transition: str, uuid: str,
+                       after_ts: float, timeout: float = 60):
+    """Wait for ``salt/beacon/<minion>/vmpower/lifecycle/<transition>`` of domain ``uuid``
+    on the master bus; returns the factories ``Event`` (``.data``, ``.stamp``)."""
+    return wait_for_event(listener, f"salt/beacon/{minion_id}/vmpower/lifecycle/{transition}",
+                          after_ts, timeout, daemon_id=master_id, full=True,
+                          match=lambda data: data.get("uuid") == uuid)
+
+
+def wait_for_job_return(listener, master_id: str, minion_id: str, fun: str, after_ts: float,
+                        timeout: float = 60, match: Optional[Callable[[Any], bool]] = None) -> dict:
+    """Wait for the return of a ``fun`` job on ``minion_id`` on the master bus (jobs the
+    reactor or the scheduler started included), optionally one whose return value passes
+    ``match``; returns the return event's data (``fun``, ``return``, ``success``...)."""
+    def wanted(data):
+        return data.get("fun") == fun and (match is None or match(data.get("return")))
+    return wait_for_event(listener, f"salt/job/*/ret/{minion_id}", after_ts, timeout,
+                          daemon_id=master_id, match=wanted)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -265,6 +314,93 @@ def set_pillar(salt_master, pillar_tree: PillarTree, minion_id: str, data: dict,
 
 
 # ---------------------------------------------------------------------------------------------
+# vmpower's records
+# ---------------------------------------------------------------------------------------------
+def store_path(salt_minion) -> Path:
+    """Where ``salt_minion``'s vmpower keeps its records (the default: its cachedir)."""
+    return Path(salt_minion.config["cachedir"]) / "vmpower" / "records.sqlite"
+
+
+def vm_record(salt_minion, uuid: str) -> Optional[dict]:
+    """The record of domain ``uuid`` in ``salt_minion``'s store, read-only, or None.
+
+    Read straight from the SQLite file, so a test can poll it cheaply; the audit log is read
+    through Salt (``vmpower.history``)."""
+    path = store_path(salt_minion)
+    if not path.exists():
+        return None
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)
+    try:
+        db.row_factory = sqlite3.Row
+        row = db.execute("SELECT * FROM instances WHERE uuid = ?", (uuid,)).fetchone()
+    finally:
+        db.close()
+    return dict(row) if row else None
+
+
+def wait_for_record(salt_minion, uuid: str, timeout: float = 60, **expected) -> dict:
+    """Wait until ``salt_minion``'s record of ``uuid`` has the ``expected`` field values;
+    return it."""
+    def matching():
+        record = vm_record(salt_minion, uuid)
+        if record and all(record.get(key) == value for key, value in expected.items()):
+            return record
+        return None
+    return wait_until(matching, timeout, lambda: f"the record of {uuid} on {salt_minion.id} "
+                      f"to have {expected}; it is {vm_record(salt_minion, uuid)!r}")
+
+
+def history(salt_minion, target: str) -> List[dict]:
+    """``vmpower.history <target>`` through ``salt-call`` on ``salt_minion``."""
+    entries = salt_call(salt_minion, "vmpower.history", target)
+    if not isinstance(entries, list):
+        pytest.fail(f"vmpower.history {target} on {salt_minion.id}: {entries!r}", pytrace=False)
+    return entries
+
+
+def beacon_status(salt_minion, name: str = "vmpower") -> dict:
+    """The vmpower beacon's health as the minion process last wrote it (what
+    ``vmpower.status`` reports under ``event_loop``): connected, reconnects, last_resync..."""
+    path = Path(salt_minion.config["cachedir"]) / "vmpower" / "eventloop.json"
+    try:
+        return json.loads(path.read_text())["watchers"][name]
+    except (OSError, ValueError, KeyError):
+        return {}
+
+
+def refresh_pillar_and_settle(salt_master, pillar_tree: "PillarTree", listener, salt_minion,
+                              data: dict, timeout: float = 60) -> None:
+    """``set_pillar`` on a minion that runs the vmpower beacon, then wait until what the
+    refresh sets off is over.
+
+    A pillar refresh rebuilds the minion's beacons (once or twice: Salt's ``pillar_refresh``
+    refreshes modules, then compiles pillar, then refreshes beacons again). Each rebuild
+    closes the vmpower beacon, which reconnects at its next run and fires a ``restarted``
+    resync; the reactor answers each with ``vmpower.sync``. This waits for the beacon to be
+    connected again after the last rebuild and for every ``vmpower.sync`` job published
+    meanwhile to return, so that a test's next step is not raced by one of those syncs."""
+    since = time.time()
+    set_pillar(salt_master, pillar_tree, salt_minion.id, data)
+    done = wait_for_event(listener, "*minion_pillar_refresh_complete", since, timeout,
+                          daemon_id=salt_minion.id, full=True).stamp.timestamp()
+    wait_until(lambda: (status := beacon_status(salt_minion)).get("connected")
+               and (status.get("last_resync") or {}).get("at", 0) >= done, timeout,
+               f"the vmpower beacon of {salt_minion.id} to reconnect after the pillar refresh")
+    reconnected = beacon_status(salt_minion)["last_resync"]["at"]
+
+    def syncs_over():
+        jobs = [event for event in events_since(listener, since, "salt/job/*/new",
+                                                salt_master.id)
+                if event.data.get("fun") == "vmpower.sync"
+                and salt_minion.id in (event.data.get("minions") or ())]
+        if not any(job.stamp.timestamp() >= reconnected for job in jobs):
+            return False  # the reactor has not answered the last resync yet
+        return all(events_since(listener, since, f"salt/job/{job.data['jid']}/ret/{salt_minion.id}",
+                                salt_master.id) for job in jobs)
+    wait_until(syncs_over, timeout, f"the resync syncs on {salt_minion.id} to return")
+
+
+# ---------------------------------------------------------------------------------------------
 # Beacons
 # ---------------------------------------------------------------------------------------------
 def beacon_config(uri: Optional[str] = None, stop_grace: Optional[float] = None,
@@ -402,11 +538,77 @@ def probe_python(python: Path, cwd: Optional[Path] = None) -> dict:
     return json.loads(out.stdout)
 
 
+# ---------------------------------------------------------------------------------------------
+# A Python environment with vmpower installed from a wheel (the pip install path)
+# ---------------------------------------------------------------------------------------------
+#: What a source distribution of vmpower holds: setup.cfg's packages and package_dir, and the
+#: files its metadata reads.
+SOURCE_FILES = ("setup.cfg", "pyproject.toml", "README.md")
+SOURCE_DIRS = ("vmpower", "_modules", "_beacons", "_states")
+
+
+def build_wheel(dest: Path, repo: Path = REPO_ROOT) -> Path:
+    """``pip wheel --no-deps`` of the checkout, built from a copy of its source in ``dest``
+    (a build writes ``build/`` and ``*.egg-info`` next to the source, which must not land in
+    the checkout). pip builds it the standard way, in an isolated build environment, exactly
+    as ``pip install .`` would. Returns the wheel."""
+    dest = Path(dest)
+    source = dest / "source"
+    source.mkdir(parents=True)
+    for name in SOURCE_FILES:
+        shutil.copy2(repo / name, source / name)
+    for name in SOURCE_DIRS:
+        shutil.copytree(repo / name, source / name,
+                        ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    out = dest / "dist"
+    result = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--disable-pip-version-check",
+         "-q", "-w", str(out), str(source)],
+        capture_output=True, text=True, env=clean_environ(), cwd=str(dest), check=False)
+    wheels = sorted(out.glob("vmpower-*.whl"))
+    if result.returncode != 0 or len(wheels) != 1:
+        raise RuntimeError(f"pip wheel failed ({result.returncode}): {result.stdout}\n"
+                           f"{result.stderr}")
+    return wheels[0]
+
+
+def python_with_wheel(dest: Path, wheel: Path) -> Path:
+    """A fresh virtualenv at ``dest`` with everything this environment has but vmpower (see
+    ``python_without_vmpower``), into which ``wheel`` is then installed for real with
+    ``pip install --no-deps --no-index``: a non-editable install, files copied into its own
+    site-packages. Returns its ``python``."""
+    python = python_without_vmpower(dest)
+    result = subprocess.run(
+        [str(python), "-m", "pip", "install", "--no-deps", "--no-index",
+         "--disable-pip-version-check", "-q", str(wheel)],
+        capture_output=True, text=True, env=clean_environ(), cwd=str(dest), check=False)
+    if result.returncode != 0:
+        raise RuntimeError(f"pip install {wheel.name} failed: {result.stdout}\n{result.stderr}")
+    return python
+
+
+LOADER_PROBE = """
+import json, vmpower.loader
+print(json.dumps(vmpower.loader.get_loader_dirs()))
+"""
+
+
+def loader_dirs(python: Path, cwd: Path) -> dict:
+    """What vmpower's ``salt.loader`` entry point returns under ``python``."""
+    out = subprocess.run([str(python), "-c", LOADER_PROBE], capture_output=True, text=True,
+                         env=clean_environ(), cwd=str(cwd), check=False)
+    if out.returncode != 0:
+        raise RuntimeError(f"loader probe of {python} failed: {out.stderr}")
+    return json.loads(out.stdout)
+
+
 __all__ = [
     "REPO_ROOT", "REACTOR", "DEFAULT_URI", "TEST_URI", "events_since", "wait_for_event",
     "salt_call", "salt_cmd", "minion_return", "is_not_available", "send_event",
     "fire_beacon_event", "PillarTree", "set_pillar",
     "beacon_config", "add_beacon", "delete_beacon", "repo_view", "python_without_vmpower",
     "probe_python",
-    "clean_environ",
+    "clean_environ", "wait_until", "beacon_events", "wait_for_lifecycle", "wait_for_job_return",
+    "store_path", "vm_record", "wait_for_record", "history", "build_wheel", "python_with_wheel",
+    "loader_dirs", "beacon_status", "refresh_pillar_and_settle",
 ]

@@ -1,8 +1,10 @@
 """Fixtures for tests against a real libvirtd and real QEMU guests (see vmpower.lab).
 
-The session starts libvirtd through LibvirtDaemon (and stops it again if it started it), runs
-libvirt's default event loop in a thread, and removes every ``vmpower-test-`` domain before and
-after. Lifecycle events observed by the tests are printed in pytest's terminal summary.
+The libvirtd, the event loop, ``conn`` and ``make_guest`` are shared with tests/daemons and live
+in tests/conftest.py: the session starts libvirtd through LibvirtDaemon (and stops it again if it
+started it), runs libvirt's default event loop in a thread, and removes every ``vmpower-test-``
+domain before and after. Lifecycle events observed by the tests here are printed in pytest's
+terminal summary.
 """
 
 import threading
@@ -11,12 +13,11 @@ from collections import defaultdict
 
 import pytest
 
-from vmpower import eventloop, lab
+from vmpower import lab
 
 libvirt = pytest.importorskip("libvirt")
 
 URI = lab.DEFAULT_URI
-PREFIX = "vmpower-test-"
 
 _EVENT_NAMES = (
     "DEFINED", "UNDEFINED", "STARTED", "SUSPENDED", "RESUMED",
@@ -104,66 +105,9 @@ def record():
     return note
 
 
-@pytest.fixture(scope="session")
-def libvirt_event_loop():
-    """libvirt's default event loop for the session: vmpower's own, so one process never runs two.
-
-    It must be registered before any connection is opened, as libvirt requires for events.
-    """
-    eventloop.ensure_running()
-
-
-@pytest.fixture(scope="session")
-def libvirt_daemon(libvirt_event_loop):
-    """A running local libvirtd; stopped at the end if this fixture started it."""
-    reason = lab.have_lab_prerequisites()
-    if reason:
-        pytest.skip(reason)
-    daemon = lab.LibvirtDaemon(URI).start()
-    lab.remove_guests(URI, PREFIX)  # Leftovers of an interrupted session.
-    try:
-        yield daemon
-    finally:
-        if daemon.is_running():
-            lab.remove_guests(URI, PREFIX)
-        daemon.stop()
-
-
-@pytest.fixture(scope="session")
-def guest_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("guests")
-
-
-@pytest.fixture
-def conn(libvirt_daemon):
-    """A connection of this test's own (a test may kill libvirtd under it)."""
-    connection = libvirt.open(URI)
-    yield connection
-    try:
-        connection.close()
-    except libvirt.libvirtError:
-        pass  # Already dead with the libvirtd it was connected to.
-
-
 @pytest.fixture
 def events(conn):
     """A LifecycleRecorder on this test's connection, registered before any guest exists."""
     recorder = LifecycleRecorder(conn)
     yield recorder
     recorder.close()
-
-
-@pytest.fixture
-def make_guest(request, conn, guest_dir):
-    """Define and start lab guests named ``vmpower-test-<test>-<kind>``; removed afterwards.
-
-    Returns ``(Guest, virDomain)``.
-    """
-    prefix = f"{PREFIX}{request.node.name.removeprefix('test_')}-"
-
-    def make(kind: str, suffix: str = "", start: bool = True):
-        guest = lab.define_guest(conn, f"{prefix}{kind}{suffix}", kind, guest_dir, start=start)
-        return guest, conn.lookupByUUIDString(guest.uuid)
-
-    yield make
-    lab.remove_guests(URI, prefix)  # By URI: the test's connection may be dead.
