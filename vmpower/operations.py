@@ -29,7 +29,7 @@ from vmpower.core.model import (
     now,
 )
 from vmpower.core.rules import Action, Decision, adopt, decide
-from vmpower.core.settings import Settings
+from vmpower.core.settings import InstancePolicy, Settings
 from vmpower.eventloop import read_status
 from vmpower.hypervisor import Hypervisor, LiveDomain
 from vmpower.store import Change, Note, Store
@@ -108,12 +108,17 @@ class HostOperations:
         policy, error = self._policy(dom.uuid, dom.name)
         if error or policy.task_state:
             return None
+        adoption = self._adoption(dom, policy, cause, at)
+        if self.store.commit([adoption], at):
+            return self.store.get(dom.uuid)  # someone else adopted it first
+        return adoption.after
+
+    def _adoption(self, dom: LiveDomain, policy: InstancePolicy, cause: Cause, at: float) -> Change:
+        """The first record of a domain, as a change to commit."""
         record = adopt(dom.uuid, dom.name, self.host, dom.state, policy, at).replace(version=1)
         reason = (f"first seen {dom.state.power_state.value}: vm_state={record.vm_state.value}"
                   + (" (pinned by pillar)" if policy.vm_state else " (adopted)"))
-        if self.store.commit([Change(None, record, cause, "adopt", reason)], at):
-            return self.store.get(dom.uuid)  # someone else adopted it first
-        return record
+        return Change(None, record, cause, "adopt", reason)
 
     def _carry_out(self, hv: Hypervisor, record: Record, decision: Decision, cause: Cause,
                    at: float) -> Outcome:
@@ -221,11 +226,10 @@ class HostOperations:
                         report["skipped"].append({"uuid": uuid, "name": dom.name,
                                                   "reason": error or f"task_state={policy.task_state}"})
                         continue
-                    record = adopt(uuid, dom.name, self.host, dom.state, policy, at)
+                    adoption = self._adoption(dom, policy, Cause.SYNC, at)
+                    writes.append(adoption)
+                    record = adoption.after
                     decision = decide_once(record, dom.state)
-                    writes.append(Change(None, record.replace(version=1), Cause.SYNC, "adopt",
-                                         f"first seen {dom.state.power_state.value}: "
-                                         f"vm_state={record.vm_state.value}"))
                 else:
                     decision = decide_once(record, dom.state)
                 if decision.skipped:
