@@ -70,6 +70,8 @@ class Settings:
         Returns ``(policy, error)``; when ``error`` is set the pillar for this VM is bad and
         nothing may be done to it.
         """
+        if not self.instances and not self.instance_errors:
+            return DEFAULT_POLICY, None  # the common case, asked once per VM by every sync
         for key in (uuid, name):
             if key in self.instance_errors:
                 return DEFAULT_POLICY, self.instance_errors[key]
