@@ -173,6 +173,8 @@ def markdown(result: dict) -> str:
     verdict = "met" if bus_p99 is not None and bus_p99 <= 1.2 else "**not met**"
     transitions = sum(vm[kind]["bus"]["n"] for kind in ("immediate", "stopped"))
     return "\n".join([
+        f"## Part {PART}: {TITLE.lower()}",
+        "",
         f"{transitions} transitions of {result['guests']} real QEMU guests (TCG) on a real "
         f"libvirtd, a real salt-minion with the vmpower beacon and a real salt-master with the "
         f"shipped reactor, at Salt's default loop_interval ({result['loop_interval']:g} s). "
