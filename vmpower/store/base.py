@@ -4,6 +4,7 @@ lock protocol. A backend only says how to connect, run a statement and take one 
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import dataclasses
 import json
@@ -141,7 +142,7 @@ def _backend(location: str) -> type:
                      f"path or a postgresql:// DSN")
 
 
-class Store:
+class Store(abc.ABC):
     """The record store at ``location``: a SQLite file path, or a ``postgresql://`` DSN.
 
     ``Store(location)`` opens the right backend (as ``pathlib.Path`` picks its flavour); both
@@ -183,19 +184,21 @@ class Store:
         return StoreError(f"the vmpower store {self.path} is unreadable: {self._describe(exc)}")
 
     # What a backend provides
+    @abc.abstractmethod
     def _run(self, sql: str, args: Sequence = ()):
         """Execute one statement; a cursor with ``fetchall()`` and ``rowcount``."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def _run_many(self, sql: str, rows: Sequence[Sequence]) -> None:
-        raise NotImplementedError
+        """Execute one statement for each of ``rows``."""
 
+    @abc.abstractmethod
     def _try_lock(self, key: str) -> Optional[Any]:
         """Take the cross-process lock ``key`` if it is free: what releases it, or None."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def _release(self, key: str, handle: Any) -> None:
-        raise NotImplementedError
+        """Release a lock ``_try_lock`` took."""
 
     # Reading
     def _query(self, sql: str, args: Iterable = ()) -> List[Sequence]:
