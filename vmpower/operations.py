@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Sequence
 
 from vmpower.core.mapping import is_stale
 from vmpower.core.model import (
@@ -103,11 +103,18 @@ class HostOperations:
         policy, error = self._policy(record.uuid, record.name)
         return decide(record, live, self.host, policy, self.settings, at, error)
 
-    def _adopt(self, dom: LiveDomain, cause: Cause, at: float) -> Optional[Record]:
-        """Record a domain seen for the first time, unless pillar says hands off."""
-        policy, error = self._policy(dom.uuid, dom.name)
-        if error or policy.task_state:
-            return None
+    @staticmethod
+    def _not_to_record(policy: InstancePolicy, error: Optional[str]) -> Optional[str]:
+        """Why a domain seen for the first time must not even be recorded (bad pillar, or a
+        pillar lock: rule 1), or None."""
+        if error:
+            return error
+        if policy.task_state:
+            return f"task_state={policy.task_state} is set in pillar: not even recorded"
+        return None
+
+    def _adopt(self, dom: LiveDomain, policy: InstancePolicy, cause: Cause, at: float) -> Record:
+        """Record a domain seen for the first time (``_not_to_record`` said it may be)."""
         adoption = self._adoption(dom, policy, cause, at)
         if self.store.commit([adoption], at):
             return self.store.get(dom.uuid)  # someone else adopted it first
@@ -162,11 +169,12 @@ class HostOperations:
             if dom is None:
                 return Outcome({"uuid": uuid, "action": "none", "skipped": True,
                                 "reason": f"no domain and no record with UUID {uuid} on {self.host}"})
-            record = self._adopt(dom, cause, at)
-            if record is None:
-                _, error = self._policy(dom.uuid, dom.name)
+            policy, error = self._policy(dom.uuid, dom.name)
+            why = self._not_to_record(policy, error)
+            if why:
                 return Outcome({"uuid": uuid, "name": dom.name, "action": "none", "skipped": True,
-                                "reason": error or "task_state is set in pillar: not even recorded"})
+                                "reason": why})
+            record = self._adopt(dom, policy, cause, at)
         decision = self._decide(record, live, at)
         if decision.skipped:
             return Outcome({**self._report(record, decision), "skipped": True})
@@ -185,8 +193,15 @@ class HostOperations:
         """Commit the outcomes decided under their instance locks, in one transaction."""
         changes = [o.change for o in outcomes if o.change]
         notes = [o.note for o in outcomes if o.note]
-        if (changes or notes) and self.store.commit(changes, now(), notes):
-            raise OperationError("a record changed under its instance lock")
+        if changes or notes:
+            self._commit_locked(changes, now(), notes)
+
+    def _commit_locked(self, changes: Sequence[Change], at: float, notes: Sequence[Note] = ()) -> None:
+        """Commit changes made under their instance locks: losing a race there is a bug."""
+        lost = self.store.commit(changes, at, notes)
+        if lost:
+            names = ", ".join(change.after.name for change in lost)
+            raise OperationError(f"the record of {names} changed under its instance lock")
 
     # The operations
     def reconcile(self, uuid: str, transition: Optional[Transition] = None,
@@ -222,9 +237,9 @@ class HostOperations:
                 record = records.get(uuid) or elsewhere.get(uuid)
                 if record is None:
                     policy, error = self._policy(uuid, dom.name)
-                    if error or policy.task_state:
-                        report["skipped"].append({"uuid": uuid, "name": dom.name,
-                                                  "reason": error or f"task_state={policy.task_state}"})
+                    why = self._not_to_record(policy, error)
+                    if why:
+                        report["skipped"].append({"uuid": uuid, "name": dom.name, "reason": why})
                         continue
                     adoption = self._adoption(dom, policy, Cause.SYNC, at)
                     writes.append(adoption)
@@ -305,15 +320,16 @@ class HostOperations:
                                      f"so it cannot be made {vm_state.value}")
             with self.store.lock(uuid):
                 at = now()
-                record = self.store.get(uuid) or self._adopt(
-                    LiveDomain(uuid, name, hv.state(uuid)), cause, at)
-                lock = policy.task_state or (record.task_state if record else "")
+                record = self.store.get(uuid)
+                if record is None and not policy.task_state:
+                    record = self._adopt(LiveDomain(uuid, name, hv.state(uuid)), policy, cause, at)
+                lock = policy.task_state or record.task_state
                 if lock:
                     raise OperationError(f"{name} has task_state={lock}: vmpower leaves it "
                                          f"alone until that is cleared")
                 busy = record.replace(task_state=task, version=record.version + 1, updated_at=at)
-                self.store.commit([Change(record, busy, cause, task,
-                                          f"{task} requested ({cause.value})")], at)
+                self._commit_locked([Change(record, busy, cause, task,
+                                            f"{task} requested ({cause.value})")], at)
                 begun = time.monotonic()
                 try:
                     how = operate(hv, uuid)
@@ -332,8 +348,7 @@ class HostOperations:
     def _finish(self, busy: Record, fields: dict, cause: Cause, reason: str) -> Record:
         at = now()
         done = busy.replace(**fields, task_state="", version=busy.version + 1, updated_at=at)
-        if self.store.commit([Change(busy, done, cause, "done", reason)], at):
-            raise OperationError(f"the record of {busy.name} changed under its lock")
+        self._commit_locked([Change(busy, done, cause, "done", reason)], at)
         return done
 
     def status(self, event_loop_status: Optional[str] = None) -> dict:
