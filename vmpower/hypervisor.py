@@ -12,7 +12,7 @@ import time
 from typing import Dict, NamedTuple, Optional
 
 from vmpower.core.mapping import live_state
-from vmpower.core.model import LiveState, PowerState
+from vmpower.core.model import GONE, LiveState
 
 try:
     import libvirt
@@ -116,7 +116,7 @@ class Hypervisor:
             return live_state(*dom.state())
         except libvirt.libvirtError as exc:
             if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
-                return LiveState(PowerState.NOSTATE, "undefined")
+                return GONE
             raise HypervisorError(f"cannot read the state of {dom.name()} at {self.uri}: "
                                   f"{_error(exc)}") from exc
 
@@ -179,4 +179,4 @@ class Hypervisor:
     def state(self, uuid: str) -> LiveState:
         """The domain's state read now; NOSTATE if it no longer exists."""
         found = self.find(uuid)
-        return found.state if found else LiveState(PowerState.NOSTATE, "undefined")
+        return found.state if found else GONE

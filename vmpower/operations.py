@@ -20,9 +20,9 @@ from vmpower.core.mapping import is_stale
 from vmpower.core.model import (
     TASK_POWERING_OFF,
     TASK_POWERING_ON,
+    GONE,
     Cause,
     LiveState,
-    PowerState,
     Record,
     Transition,
     VmState,
@@ -35,8 +35,6 @@ from vmpower.hypervisor import Hypervisor, LiveDomain
 from vmpower.store import Change, Note, Store
 
 log = logging.getLogger(__name__)
-
-GONE = LiveState(PowerState.NOSTATE, "undefined")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -108,6 +108,10 @@ class LiveState:
         return self.power_state is PowerState.CRASHED or self.reason in ("crashed", "failed")
 
 
+# The live state of a domain libvirt no longer knows (undefined, or gone with its host).
+GONE = LiveState(PowerState.NOSTATE, "undefined")
+
+
 class Record(NamedTuple):
     """What vmpower has recorded about one domain.
 
