@@ -206,3 +206,53 @@ def test_the_instance_lock_holds_across_processes(store, store_location):
         holder.wait()
     with store.lock("u-1", timeout=5):  # released when its holder dies
         pass
+
+
+# The instances table as vmpower made it before off_since, boot_id and task_owner.
+OLD_INSTANCES = """
+CREATE TABLE instances (
+    uuid TEXT PRIMARY KEY, name TEXT NOT NULL, host TEXT NOT NULL, vm_state TEXT NOT NULL,
+    power_state TEXT NOT NULL, task_state TEXT NOT NULL DEFAULT '', updated_at {real} NOT NULL,
+    version INTEGER NOT NULL, restart_count INTEGER NOT NULL DEFAULT 0,
+    last_restart_at {real} NOT NULL DEFAULT 0)"""
+OLD_ROW = ("INSERT INTO instances VALUES ('u-old', 'vm-old', 'h1', 'active', 'running', "
+           "'maintenance', 5.0, 3, 2, 4.0)")
+
+
+def _make_old_store(location):
+    db, _ = raw_connection(location)
+    db.execute(OLD_INSTANCES.format(real="DOUBLE PRECISION" if "://" in location else "REAL"))
+    db.execute(OLD_ROW)
+    if "://" not in location:
+        db.commit()
+    db.close()
+
+
+def test_a_store_made_before_the_new_columns_gains_them(store_location):
+    _make_old_store(store_location)
+    with Store(store_location) as store:
+        old = store.get("u-old")
+        assert old == Record("u-old", "vm-old", "h1", VmState.ACTIVE, PowerState.RUNNING,
+                             "maintenance", 5.0, 3, 2, 4.0)  # the new fields at their defaults
+        assert (old.off_since, old.boot_id, old.task_owner) == (0.0, "", "")
+        owned = old.replace(task_state="powering-off", task_owner='{"pid": 1}', off_since=12.5,
+                            boot_id="b-1", version=4)
+        assert store.commit([Change(old, owned, Cause.API, "stop", "x")], at=6.0) == []
+    with Store(store_location) as again:  # a second open finds nothing left to add
+        assert again.get("u-old") == owned
+        # The audit shows who set the task_state; the monotonic bookkeeping stays out of it.
+        assert again.history("u-old")[-1]["new"] == {"task_state": "powering-off",
+                                                     "task_owner": '{"pid": 1}'}
+
+
+def test_processes_opening_an_old_store_at_once_all_succeed(store_location):
+    _make_old_store(store_location)
+    code = """
+        import sys
+        from vmpower.store import Store
+        with Store(sys.argv[1]) as store:
+            print(store.get("u-old").boot_id == "", flush=True)
+    """
+    openers = [_python(code, store_location) for _ in range(4)]
+    outputs = [opener.communicate(timeout=120)[0].strip() for opener in openers]
+    assert outputs == ["True"] * 4 and [o.returncode for o in openers] == [0] * 4

@@ -116,7 +116,14 @@ class Record(NamedTuple):
     """What vmpower has recorded about one domain.
 
     ``restart_count`` and ``last_restart_at`` carry the restart back-off of a VM pinned
-    ``active``; they are reset when the VM is started on purpose. A tuple, because a sync
+    ``active``; they are reset when the VM is started on purpose.
+
+    ``off_since`` is the host's ``time.monotonic()`` when vmpower first saw the domain off
+    (0.0 while it runs, or when unknown); ``boot_id`` is the host's boot id
+    (``/proc/sys/kernel/random/boot_id``) when ``power_state``/``off_since`` were last written,
+    so a monotonic value from another boot or host is never trusted. ``task_owner`` says who
+    set a vmpower ``task_state``: a JSON text ``{"host", "boot_id", "pid", "start_time",
+    "since"}`` (``vmpower.hostinfo``), "" for none. A tuple, because a sync
     reads one per domain of the host, and a tuple is several times cheaper to build than a
     frozen dataclass.
     """
@@ -131,6 +138,9 @@ class Record(NamedTuple):
     version: int = 0
     restart_count: int = 0
     last_restart_at: float = 0.0
+    off_since: float = 0.0
+    boot_id: str = ""
+    task_owner: str = ""
 
     def replace(self, **changes) -> "Record":
         return self._replace(**changes)

@@ -22,7 +22,7 @@ import hashlib
 import re
 from typing import List, Optional, Sequence
 
-from vmpower.store.base import APPEND_ONLY, TABLES, Store, StoreError
+from vmpower.store.base import ADDED_COLUMNS, APPEND_ONLY, TABLES, Store, StoreError
 
 try:
     import psycopg
@@ -35,8 +35,13 @@ CONNECT_DEFAULTS = {"connect_timeout": "10", "application_name": "vmpower"}
 TRIGGERS = {"audit_no_update": "BEFORE UPDATE ON audit FOR EACH ROW",
             "audit_no_delete": "BEFORE DELETE ON audit FOR EACH ROW",
             "audit_no_truncate": "BEFORE TRUNCATE ON audit FOR EACH STATEMENT"}
-SCHEMA = TABLES.format(real="DOUBLE PRECISION",
-                       serial="BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY") + f"""
+REAL = "DOUBLE PRECISION"
+# A store made by an older vmpower gains the columns added since (IF NOT EXISTS: a no-op on a
+# new one), in the same transaction and under the same advisory lock as the rest of the schema.
+MIGRATION = "".join(f"ALTER TABLE instances ADD COLUMN IF NOT EXISTS {name} {kind.format(real=REAL)};\n"
+                    for name, kind in ADDED_COLUMNS)
+SCHEMA = TABLES.format(real=REAL,
+                       serial="BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY") + MIGRATION + f"""
 CREATE OR REPLACE FUNCTION vmpower_audit_append_only() RETURNS trigger LANGUAGE plpgsql AS $$
     BEGIN RAISE EXCEPTION '{APPEND_ONLY}'; END $$;
 """ + "".join(f"DROP TRIGGER IF EXISTS {name} ON audit;\n"
@@ -44,7 +49,10 @@ CREATE OR REPLACE FUNCTION vmpower_audit_append_only() RETURNS trigger LANGUAGE 
               for name, when in TRIGGERS.items())
 SCHEMA_READY = ("SELECT to_regclass('instances') IS NOT NULL AND (SELECT count(*) FROM pg_trigger "
                 "WHERE tgrelid = to_regclass('audit') AND tgname IN "
-                f"({', '.join(repr(name) for name in TRIGGERS)})) = {len(TRIGGERS)}")
+                f"({', '.join(repr(name) for name in TRIGGERS)})) = {len(TRIGGERS)} "
+                "AND (SELECT count(*) FROM pg_attribute WHERE attrelid = to_regclass('instances') "
+                "AND NOT attisdropped AND attname IN "
+                f"({', '.join(repr(name) for name, _ in ADDED_COLUMNS)})) = {len(ADDED_COLUMNS)}")
 SCHEMA_LOCK = "(schema)"  # no instance UUID or host-<id> lock is named so
 
 

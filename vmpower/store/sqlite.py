@@ -8,11 +8,14 @@ releases them when their holder dies, however it dies.
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
 import sqlite3
 from typing import Optional, Sequence
 
-from vmpower.store.base import APPEND_ONLY, TABLES, Store
+from vmpower.store.base import ADDED_COLUMNS, APPEND_ONLY, TABLES, Store
+
+log = logging.getLogger(__name__)
 
 SCHEMA = TABLES.format(real="REAL", serial="INTEGER PRIMARY KEY AUTOINCREMENT") + f"""
 CREATE TRIGGER IF NOT EXISTS audit_no_update BEFORE UPDATE ON audit
@@ -41,9 +44,32 @@ class SqliteStore(Store):
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.executescript(SCHEMA)
+            self._migrate()
         except sqlite3.Error as exc:
             self._db.close()
             raise self._unreadable(exc) from exc
+
+    def _missing_columns(self):
+        present = {row[1] for row in self._db.execute("PRAGMA table_info(instances)")}
+        return [(name, kind) for name, kind in ADDED_COLUMNS if name not in present]
+
+    def _migrate(self) -> None:
+        """Add the columns a store made by an older vmpower lacks, under the write lock, so
+        that two processes opening it at once do not both add them."""
+        if not self._missing_columns():
+            return
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            missing = self._missing_columns()
+            for name, kind in missing:
+                self._db.execute(f"ALTER TABLE instances ADD COLUMN {name} {kind.format(real='REAL')}")
+            self._db.execute("COMMIT")
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        if missing:
+            log.info("vmpower: the store %s gained the columns %s", self.path,
+                     ", ".join(name for name, _ in missing))
 
     def _run(self, sql: str, args: Sequence = ()):
         return self._db.execute(sql, tuple(args))
