@@ -100,8 +100,8 @@ def measure(cycles: int) -> dict:
     """Run the guests through ``cycles`` start/suspend/resume/destroy cycles; return latencies."""
     import libvirt
 
-    from vmpower import lab
-    from vmpower.saltlab import REACTOR, MasterBus, SaltLab
+    from vmpower_lab import lab
+    from vmpower_lab.saltlab import REACTOR, MasterBus, SaltLab
 
     recorder = Recorder()
     with tempfile.TemporaryDirectory(prefix="vmpower-bench-") as workdir:

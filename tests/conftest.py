@@ -7,7 +7,7 @@ import salt._logging
 import salt.config
 import salt.loader
 
-from vmpower import lab
+from vmpower_lab import lab
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -53,7 +53,7 @@ def load_minion(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# A real libvirtd and real QEMU guests (vmpower.lab), shared by tests/real and tests/daemons
+# A real libvirtd and real QEMU guests (vmpower_lab.lab), shared by tests/real and tests/daemons
 # ---------------------------------------------------------------------------------------------
 LIBVIRT_URI = lab.DEFAULT_URI
 

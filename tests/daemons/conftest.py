@@ -5,7 +5,7 @@ demand, two salt-minions (``vmpower-minion-1``, ``vmpower-minion-2``); tests tha
 minion of their own (other URI, beacons configured before start, no vmpower entry point, or
 another Python) start one with ``minion_factory.started(...)``, which stops it and deletes its
 key afterwards. The tests on the real libvirtd (``qemu:///system``, started through
-``vmpower.lab`` by the ``libvirt_daemon`` fixture shared with tests/real) share
+``vmpower_lab.lab`` by the ``libvirt_daemon`` fixture shared with tests/real) share
 ``beacon_minion`` (``vmpower-minion-b``, the vmpower beacon in its minion config) for this
 package, and name their guests ``vmpower-d-<test>-<kind>`` (``make_guest``).
 

@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from vmpower import lab
+from vmpower_lab import lab
 
 from .conftest import BEACON_MINION, STOP_GRACE
 from .helpers import (

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import pytest
 
-from vmpower import lab
+from vmpower_lab import lab
 
 from .conftest import BEACON_MINION, STOP_GRACE
 from .helpers import (

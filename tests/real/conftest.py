@@ -1,4 +1,4 @@
-"""Fixtures for tests against a real libvirtd and real QEMU guests (see vmpower.lab).
+"""Fixtures for tests against a real libvirtd and real QEMU guests (see vmpower_lab.lab).
 
 The libvirtd, the event loop, ``conn`` and ``make_guest`` are shared with tests/daemons and live
 in tests/conftest.py: the session starts libvirtd through LibvirtDaemon (and stops it again if it
@@ -13,7 +13,7 @@ from collections import defaultdict
 
 import pytest
 
-from vmpower import lab
+from vmpower_lab import lab
 
 libvirt = pytest.importorskip("libvirt")
 

@@ -1,4 +1,4 @@
-"""vmpower.lab against a real libvirtd: the guests really do what their boot sectors promise."""
+"""vmpower_lab.lab against a real libvirtd: the guests really do what their boot sectors promise."""
 
 import os
 import signal
@@ -6,7 +6,7 @@ import threading
 import time
 
 import pytest
-from vmpower import lab
+from vmpower_lab import lab
 
 libvirt = pytest.importorskip("libvirt")
 

@@ -5,7 +5,7 @@ powering off a VM started behind vmpower's back, and history saying why."""
 import libvirt
 import pytest
 
-from vmpower import lab
+from vmpower_lab import lab
 
 from .conftest import URI
 

@@ -60,7 +60,7 @@ _QEMU_CONF_SETTINGS = {
     "swtpm_group": '"root"',
     "security_driver": '"none"',
 }
-_CONF_BEGIN = "# BEGIN vmpower lab settings (written by vmpower.lab; safe to remove)"
+_CONF_BEGIN = "# BEGIN vmpower lab settings (written by vmpower_lab.lab; safe to remove)"
 _CONF_END = "# END vmpower lab settings"
 # Prefix for conflicting settings elsewhere in the file, which are commented out because libvirt
 # uses the first occurrence of a key.
@@ -209,7 +209,7 @@ def ensure_qemu_account(name: str = QEMU_ACCOUNT) -> bool:
             [
                 "useradd", "--system", "--gid", name, "--no-create-home",
                 "--home-dir", "/var/lib/libvirt", "--shell", "/usr/sbin/nologin",
-                "--comment", "libvirt QEMU (created by vmpower.lab)", name,
+                "--comment", "libvirt QEMU (created by vmpower_lab.lab)", name,
             ],
             check=True,
         )  # fmt: skip
