@@ -218,3 +218,57 @@ def status():
         salt '*' vmpower.status
     """
     return _run("status", minion.event_loop_status_path(__opts__))
+
+
+# vmpower.records and vmpower.metrics: issue 10 (helper i10); the work is in vmpower/fleet.py.
+def records(name=None):
+    """
+    Show each domain's record beside its live state: the recorded vm_state, power_state,
+    task_state and owner, libvirt's power state now, whether they agree, and the last change
+    with its reason. Records this host owns whose domain is gone are shown too.
+
+    name
+        Only this domain (name or UUID).
+
+    CLI Example:
+
+    .. code-block:: bash
+
+        salt '*' vmpower.records
+        salt hv1 vmpower.records web1
+    """
+    target = None if name is None else _check(arguments.target, name)
+    from vmpower import fleet
+
+    try:
+        with minion.operations(__opts__, __pillar__) as ops, ops.connect() as hv:
+            return fleet.host_records(ops.store, hv, ops.host, target)
+    except minion.ERRORS as exc:
+        raise CommandExecutionError(f"vmpower.records: {exc}") from exc
+
+
+def metrics(path=None):
+    """
+    Write this host's vmpower metrics as a Prometheus text file for node_exporter's textfile
+    collector (atomically): event loop health, last sync, VMs by vm_state and power_state,
+    actions by kind, restarts, VMs in error or stuck. The periodic sync writes it by itself
+    when ``vmpower:metrics_file`` is set.
+
+    path
+        Where to write it (default ``vmpower:metrics_file``); must end in ``.prom``.
+
+    CLI Example:
+
+    .. code-block:: bash
+
+        salt '*' vmpower.metrics
+        salt hv1 vmpower.metrics path=/var/lib/prometheus/node-exporter/vmpower.prom
+    """
+    from vmpower import fleet
+    from vmpower.metrics import MetricsError
+
+    try:
+        extras = fleet.minion_extras(__opts__, __pillar__)
+        return fleet.write_minion_metrics(__opts__, extras, path=path)
+    except minion.ERRORS + (MetricsError,) as exc:
+        raise CommandExecutionError(f"vmpower.metrics: {exc}") from exc

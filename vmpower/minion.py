@@ -50,18 +50,23 @@ def operations(opts: Mapping, pillar: Mapping) -> Iterator[HostOperations]:
         yield HostOperations(current, opts["id"], store)
 
 
-def sync_schedule(current: Settings) -> dict:
+def sync_schedule(current: Settings, splay: int = 0) -> dict:
     """The Salt scheduler job that runs the safety-net sync every ``sync_interval`` seconds.
 
     Shaped as the minion's ``manage_schedule`` event wants it (what ``schedule.add`` sends);
-    not persisted, because the beacon adds it again in every new minion process.
+    not persisted, because the beacon adds it again in every new minion process. ``splay``
+    (``vmpower:sync_splay``) delays each run by up to that many seconds at random, so that a
+    fleet's hosts do not all hit one database at once; its result goes through the ``vmpower``
+    returner (the sync's summary and the metrics file, issue 10).
     """
     job = {"function": "vmpower.sync", "seconds": current.sync_interval, "maxrunning": 1,
-           "enabled": True, "jid_include": True}
+           "enabled": True, "jid_include": True, "returner": "vmpower"}
+    if splay:
+        job["splay"] = splay
     return {"func": "add", "schedule": {SYNC_JOB: job}, "persist": False}
 
 
-_scheduled_interval: Optional[int] = None  # what this process last asked the scheduler for
+_scheduled_interval: Optional[tuple] = None  # what this process last asked the scheduler for
 
 
 def keep_sync_scheduled(opts: Mapping, fire_event: Callable[[dict, str], object]) -> None:
@@ -72,7 +77,11 @@ def keep_sync_scheduled(opts: Mapping, fire_event: Callable[[dict, str], object]
     minion's loop, which handles the request, is the one running the beacon.
     """
     global _scheduled_interval
+    from vmpower.core.fleet import sync_splay
+
     current = settings(opts)
-    if current.sync_interval != _scheduled_interval:
-        fire_event(sync_schedule(current), "manage_schedule")
-        _scheduled_interval = current.sync_interval
+    raw = merge(opts.get("vmpower"), (opts.get("pillar") or {}).get("vmpower")) or {}
+    splay = sync_splay(raw.get("sync_splay"), current.sync_interval)
+    if (current.sync_interval, splay) != _scheduled_interval:
+        fire_event(sync_schedule(current, splay), "manage_schedule")
+        _scheduled_interval = (current.sync_interval, splay)

@@ -1,0 +1,220 @@
+"""The minion's side of the fleet, as Salt's loader loads it, on libvirt's test driver and a real
+SQLite store: ``vmpower.records``, the ``vmpower`` job returner, the metrics file (parsed by
+Prometheus' own parser, and scraped from a real node_exporter when Debian's
+``prometheus-node-exporter`` is installed), and the periodic sync's splay."""
+
+import os
+import shutil
+import socket
+import subprocess
+import time
+import urllib.request
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from salt.exceptions import CommandExecutionError
+
+from vmpower import minion as vmminion
+from vmpower.core.settings import parse_settings
+from vmpower.store import Store
+from vmpower.store.events import FleetStore
+
+from .conftest import TEST_URI
+
+NODE_EXPORTER = shutil.which("prometheus-node-exporter") or shutil.which("node_exporter")
+
+
+@pytest.fixture
+def loaded(load_minion, tmp_path):
+    def load(pillar=None, **settings):
+        settings.setdefault("store", str(tmp_path / "records.sqlite"))
+        return load_minion(TEST_URI, pillar, **{"stop_timeout": 0, **settings})
+
+    return load
+
+
+def samples(path):
+    """``{(name, labels...): value}`` of a text file, through Prometheus' own parser."""
+    with open(path) as handle:
+        text = handle.read()
+    found = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            found[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return found
+
+
+def test_records_shows_each_record_beside_the_live_state(loaded, testdriver):
+    web = testdriver.define("web")
+    off = testdriver.define("off", start=False)
+    mods = loaded().functions
+    assert "CLI Example:" in mods["vmpower.records"].__doc__
+    mods["vmpower.sync"]()
+    web.destroy()  # behind vmpower's back: the record still says running
+    rows = {r["name"]: r for r in mods["vmpower.records"]()}
+    mine = rows[web.name()]
+    assert mine["live"]["power_state"] == "shutdown"
+    assert (mine["record"]["vm_state"], mine["record"]["power_state"]) == ("active", "running")
+    assert mine["in_sync"] is False and mine["disagreement"] == "vm_state active but power_state shutdown"
+    assert mine["last_change"]["reason"].startswith("first seen running")
+    assert rows[off.name()]["in_sync"] is True and rows[off.name()]["record"]["vm_state"] == "stopped"
+    assert [r["name"] for r in mods["vmpower.records"](off.name())] == [off.name()]
+    with pytest.raises(CommandExecutionError, match="no domain and no record named 'nothing'"):
+        mods["vmpower.records"]("nothing")
+
+
+def test_a_new_domain_shows_without_a_record(loaded, testdriver):
+    dom = testdriver.define("new")
+    row = loaded().functions["vmpower.records"](dom.name())[0]
+    assert row["record"] is None and "no record yet" in row["disagreement"]
+
+
+def test_the_job_returner_keeps_the_sync_and_writes_the_metrics(loaded, testdriver, tmp_path):
+    testdriver.define("a")
+    testdriver.define("b", start=False)
+    prom = str(tmp_path / "textfile" / "vmpower.prom")
+    minion = loaded(metrics_file=prom)
+    mods = minion.functions
+    report = mods["vmpower.sync"]()
+    returners = __import__("salt.loader").loader.returners(minion.opts, mods)
+    done = returners["vmpower.returner"](
+        {
+            "id": minion.opts["id"],
+            "jid": "20260101",
+            "fun": "vmpower.sync",
+            "return": report,
+            "success": True,
+            "retcode": 0,
+        }
+    )
+    assert done["kept"] == 1 and done["metrics"]["path"] == prom
+    with Store(minion.opts["vmpower"]["store"]) as store:
+        host = FleetStore(store).hosts()[minion.opts["id"]]
+        assert host["last_sync_took"] == report["took"]
+        assert host["loop"] == {"connected": None, "error": host["loop"]["error"]}  # no beacon here
+    found = samples(prom)
+    mine = {k: v for k, v in found.items() if k[0] == "vmpower_vms"}
+    assert sum(mine.values()) == report["checked"]
+    assert found[("vmpower_vms", (("power_state", "running"), ("vm_state", "active")))] >= 1
+    assert found[("vmpower_actions_total", (("action", "adopt"),))] == report["updated"]
+    assert found[("vmpower_restarts_total", ())] == 0
+    assert ("vmpower_last_sync_timestamp_seconds", ()) in found
+    assert found[("vmpower_last_sync_duration_seconds", ())] == pytest.approx(report["took"])
+    assert not any(name.startswith("vmpower_event_loop") for name, _ in found)  # no beacon: absent
+    # No label names a VM: every label value is a state or an action.
+    assert {k for key in found for k, _ in key[1]} <= {"vm_state", "power_state", "action"}
+    assert not [f for f in os.listdir(os.path.dirname(prom)) if f != "vmpower.prom"]  # no temp left
+
+
+def test_other_jobs_through_the_returner_are_not_kept(loaded):
+    minion = loaded()
+    returners = __import__("salt.loader").loader.returners(minion.opts, minion.functions)
+    assert returners["vmpower.returner"]({"id": "m", "fun": "test.ping", "return": True})["kept"] == 0
+
+
+def test_metrics_on_demand_counts_actions_and_loop_health(loaded, testdriver, tmp_path):
+    dom = testdriver.define("web")
+    prom = str(tmp_path / "vmpower.prom")
+    minion = loaded()
+    mods = minion.functions
+    mods["vmpower.sync"]()
+    mods["vmpower.stop"](dom.name(), force=True)
+    status = vmminion.event_loop_status_path(minion.opts)
+    os.makedirs(os.path.dirname(status), exist_ok=True)
+    with open(status, "w") as handle:
+        handle.write(
+            '{"pid": 1, "thread_alive": true, "updated_at": 1.0, "watchers": {"vmpower": '
+            '{"connected": false, "events_seen": 12, "dropped": 2, "reconnects": 3, "queue_depth": 1}}}'
+        )
+    result = mods["vmpower.metrics"](path=prom)
+    assert result["event_loop"]["connected"] is False
+    found = samples(prom)
+    assert found[("vmpower_event_loop_connected", ())] == 0
+    assert found[("vmpower_event_loop_events_total", ())] == 12
+    assert found[("vmpower_event_loop_dropped_events_total", ())] == 2
+    assert found[("vmpower_event_loop_reconnects_total", ())] == 3
+    assert found[("vmpower_event_loop_queue_depth", ())] == 1
+    assert found[("vmpower_actions_total", (("action", "powering-off"),))] == 1
+    assert found[("vmpower_vms", (("power_state", "shutdown"), ("vm_state", "stopped")))] >= 1
+    assert ("vmpower_last_sync_timestamp_seconds", ()) not in found  # no sync kept by the returner yet
+
+
+def test_metrics_without_a_file_is_a_clear_error(loaded):
+    with pytest.raises(CommandExecutionError, match="set vmpower:metrics_file"):
+        loaded().functions["vmpower.metrics"]()
+    with pytest.raises(CommandExecutionError, match="must be an absolute path ending in .prom"):
+        loaded().functions["vmpower.metrics"](path="/tmp/x.txt")
+
+
+def test_the_periodic_sync_has_a_splay_and_the_returner():
+    job = vmminion.sync_schedule(parse_settings({"sync_interval": 600}), 60)["schedule"][vmminion.SYNC_JOB]
+    assert (job["splay"], job["returner"], job["seconds"]) == (60, "vmpower", 600)
+    fired = []
+    vmminion._scheduled_interval = None
+    vmminion.keep_sync_scheduled(
+        {"vmpower": {"sync_interval": 300}, "pillar": {}}, lambda data, tag: fired.append(data)
+    )
+    vmminion.keep_sync_scheduled(
+        {"vmpower": {"sync_interval": 300}, "pillar": {}}, lambda data, tag: fired.append(data)
+    )
+    assert len(fired) == 1 and fired[0]["schedule"][vmminion.SYNC_JOB]["splay"] == 30
+    vmminion.keep_sync_scheduled(
+        {"vmpower": {"sync_interval": 300, "sync_splay": 0}, "pillar": {}},
+        lambda data, tag: fired.append(data),
+    )
+    assert len(fired) == 2 and "splay" not in fired[1]["schedule"][vmminion.SYNC_JOB]
+    vmminion._scheduled_interval = None
+
+
+def _free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.skipif(
+    NODE_EXPORTER is None and not os.environ.get("CI"),
+    reason="Debian's prometheus-node-exporter is not installed (scripts/setup.sh installs it)",
+)
+def test_a_real_node_exporter_serves_the_metrics(loaded, testdriver, tmp_path):
+    assert NODE_EXPORTER, "prometheus-node-exporter must be installed in CI (scripts/setup.sh)"
+    testdriver.define("web")
+    directory = tmp_path / "textfile"
+    minion = loaded(metrics_file=str(directory / "vmpower.prom"))
+    minion.functions["vmpower.sync"]()
+    minion.functions["vmpower.metrics"]()
+    port = _free_port()
+    # Only the textfile collector, on loopback: nothing of this machine's own is read.
+    proc = subprocess.Popen(
+        [
+            NODE_EXPORTER,
+            "--collector.disable-defaults",
+            "--collector.textfile",
+            f"--collector.textfile.directory={directory}",
+            f"--web.listen-address=127.0.0.1:{port}",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as answer:
+                    text = answer.read().decode()
+                break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    told = proc.stderr.read().decode()
+                    raise AssertionError(f"node_exporter did not answer: {told}") from None
+                time.sleep(0.1)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    assert "vmpower_vms" in families and "vmpower_actions" in families
+    # node_exporter read the file without an error.
+    errors = [s.value for s in families["node_textfile_scrape_error"].samples]
+    assert errors == [0]
+    total = sum(s.value for s in families["vmpower_vms"].samples)
+    assert total == len(minion.functions["vmpower.records"]())

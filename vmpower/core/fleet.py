@@ -1,0 +1,538 @@
+"""The fleet's view, decided purely: which bus events are vmpower's and who sent them, what a
+fleet report says about each VM and each host, and the master-side settings.
+
+No Salt, no database: the returner and the runner (``vmpower/fleet.py``) read and write, and
+ask this module what the data means.
+
+Who sent an event. The master's bus carries three shapes, and only two of them name the sender
+in a way the master checked:
+
+- a job return, ``salt/job/<jid>/ret/<minion id>``: the master builds the tag and ``id`` from
+  the minion's verified load;
+- an event a minion sent with ``event.send`` / ``fire_master`` (one tag): the master fires the
+  minion's verified load itself, so the top-level ``id`` is the sender, and the event's own data
+  is under ``data``;
+- a beacon's events (Salt's beacon path sends them in a batch): the master fires each event's
+  data as the minion wrote it, so the ``<minion id>`` in the tag and the ``id`` in the data are
+  the minion's own claim. They are kept with ``authenticated=False``.
+
+What a payload claims about its sender (an ``id`` inside the data) never overrides the verified
+id; where they differ the event is kept under the verified id and marked ``forged``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+
+from vmpower.core.model import Transition
+from vmpower.core.settings import UUID_RE, ConfigError
+
+# What the fleet store keeps, by kind.
+LIFECYCLE, RESYNC, RECONCILE, SYNC, JOB = "lifecycle", "resync", "reconcile", "sync", "job"
+KINDS = (LIFECYCLE, RESYNC, RECONCILE, SYNC, JOB)
+
+_BEACON_TAG = re.compile(r"^salt/beacon/(?P<minion>[^/]+)/vmpower/(?P<rest>.+)$")
+_JOB_RET_TAG = re.compile(r"^salt/job/(?P<jid>[^/]+)/ret/(?P<minion>[^/]+)$")
+_TRANSITIONS = frozenset(t.value for t in Transition)
+
+DEFAULT_RETENTION_DAYS = 30.0
+DEFAULT_STUCK_AFTER = 900.0  # a task_state older than this (seconds) is reported stuck
+DEFAULT_FLEET_STORE = "/var/lib/vmpower/fleet.sqlite"
+
+
+@dataclasses.dataclass(frozen=True)
+class FleetEvent:
+    """One vmpower event or job result, as the fleet store keeps it.
+
+    ``minion`` is the sender as the master knows it (see the module docstring);
+    ``authenticated`` says whether the master vouched for it. ``data`` is the event's own data
+    (JSON-able), kept whole.
+    """
+
+    at: float
+    minion: str
+    kind: str
+    tag: str
+    authenticated: bool
+    uuid: str = ""
+    name: str = ""
+    transition: str = ""
+    reason: str = ""
+    forged: bool = False
+    data: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+
+class Malformed(ValueError):
+    """A vmpower event that cannot be kept as it is; the message says what is wrong."""
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _text(data: Mapping, key: str, what: str, required: bool = True) -> str:
+    value = data.get(key)
+    if value is None and not required:
+        return ""
+    if not isinstance(value, str) or (required and not value):
+        raise Malformed(f"{what}: {key} must be a non-empty string, not {value!r}")
+    return value
+
+
+def _sender(tag_minion: str, data: Mapping) -> Tuple[str, bool, Mapping, bool]:
+    """``(minion, authenticated, payload, forged)`` of a beacon-tag event in either shape."""
+    inner = data.get("data")
+    if data.get("cmd") == "_minion_event" and isinstance(inner, Mapping) and isinstance(data.get("id"), str):
+        verified = data["id"]
+        claimed = inner.get("id", tag_minion)
+        return verified, True, inner, verified != tag_minion or claimed != verified
+    claimed = data.get("id", tag_minion)
+    return tag_minion, False, data, claimed != tag_minion
+
+
+def classify(tag: Any, data: Any, received_at: float) -> Optional[FleetEvent]:
+    """The fleet store's entry for one bus event; None if it is not vmpower's.
+
+    Raises Malformed for a vmpower tag whose data is unusable (the returner skips and counts it).
+    """
+    if not isinstance(tag, str):
+        return None
+    match = _BEACON_TAG.match(tag)
+    if match:
+        if not isinstance(data, Mapping):
+            raise Malformed(f"{tag}: the event's data must be a mapping, not {type(data).__name__}")
+        minion, authenticated, payload, forged = _sender(match.group("minion"), data)
+        rest = match.group("rest")
+        if rest.startswith("lifecycle/"):
+            return _lifecycle(
+                tag, rest[len("lifecycle/") :], payload, minion, authenticated, forged, received_at
+            )
+        if rest == "resync":
+            return _resync(tag, payload, minion, authenticated, forged, received_at)
+        raise Malformed(f"{tag}: not a vmpower event (lifecycle/<transition> or resync)")
+    match = _JOB_RET_TAG.match(tag)
+    if match:
+        if not isinstance(data, Mapping) or not str(data.get("fun", "")).startswith("vmpower."):
+            return None  # not a vmpower job: none of our business
+        return job_return(tag, match.group("minion"), data, received_at)
+    return None
+
+
+def _at(payload: Mapping, received_at: float) -> float:
+    stamp = payload.get("timestamp")
+    return float(stamp) if _number(stamp) and stamp > 0 else received_at
+
+
+def _lifecycle(tag, transition, payload, minion, authenticated, forged, received_at) -> FleetEvent:
+    if transition not in _TRANSITIONS:
+        raise Malformed(f"{tag}: unknown transition {transition!r}; known: {', '.join(sorted(_TRANSITIONS))}")
+    uuid = _text(payload, "uuid", tag)
+    if not UUID_RE.match(uuid):
+        raise Malformed(f"{tag}: uuid {uuid!r} is not a UUID")
+    if payload.get("transition", transition) != transition:
+        raise Malformed(f"{tag}: the data's transition {payload.get('transition')!r} is not the tag's")
+    return FleetEvent(
+        _at(payload, received_at),
+        minion,
+        LIFECYCLE,
+        tag,
+        authenticated,
+        uuid=uuid.lower(),
+        name=_text(payload, "name", tag, required=False),
+        transition=transition,
+        reason=_text(payload, "reason", tag, required=False),
+        forged=forged,
+        data=dict(payload),
+    )
+
+
+def _resync(tag, payload, minion, authenticated, forged, received_at) -> FleetEvent:
+    reason = _text(payload, "reason", tag)
+    lost = payload.get("lost", 0)
+    if not _number(lost) or lost < 0:
+        raise Malformed(f"{tag}: lost must be a count of events, not {lost!r}")
+    return FleetEvent(
+        received_at, minion, RESYNC, tag, authenticated, reason=reason, forged=forged, data=dict(payload)
+    )
+
+
+def job_return(tag: str, minion: str, data: Mapping, received_at: float) -> FleetEvent:
+    """A vmpower job's return (the reactor's reconcile and sync, or any other vmpower.* job).
+
+    A job that failed (its return is the error text) is kept as what happened, not refused.
+    """
+    fun = data["fun"]
+    ret = data.get("return")
+    success = bool(data.get("success", True)) and data.get("retcode", 0) in (0, None)
+    kept = {"fun": fun, "jid": data.get("jid", ""), "success": success, "return": ret}
+    if fun == "vmpower.reconcile":
+        if isinstance(ret, Mapping):
+            uuid = str(ret.get("uuid") or "").lower()
+            return FleetEvent(
+                received_at,
+                minion,
+                RECONCILE,
+                tag,
+                True,
+                uuid=uuid,
+                name=str(ret.get("name") or ""),
+                transition=str(ret.get("transition") or ""),
+                reason=str(ret.get("reason") or ""),
+                data=kept,
+            )
+        return FleetEvent(received_at, minion, RECONCILE, tag, True, reason=str(ret), data=kept)
+    if fun == "vmpower.sync":
+        return FleetEvent(
+            received_at,
+            minion,
+            SYNC,
+            tag,
+            True,
+            reason=sync_summary(ret)["summary"],
+            data={**kept, "return": sync_summary(ret)},
+        )
+    return FleetEvent(received_at, minion, JOB, tag, True, reason=fun, data=kept)
+
+
+def sync_summary(ret: Any) -> Dict[str, Any]:
+    """What the fleet keeps of a sync's return: counts, how long it took, and its actions
+    (each with its reason), never the whole listing of skipped VMs."""
+    if not isinstance(ret, Mapping):
+        return {"ok": False, "error": str(ret), "summary": f"failed: {ret}"}
+    actions = [a for a in ret.get("actions") or () if isinstance(a, Mapping)]
+    took = ret.get("took") if _number(ret.get("took")) else None
+    counts = {key: ret.get(key) if _number(ret.get(key)) else 0 for key in ("checked", "updated")}
+    skipped = len(ret.get("skipped") or ())
+    summary = (
+        f"checked {counts['checked']}, updated {counts['updated']}, "
+        f"{len(actions)} action(s), {skipped} skipped"
+    )
+    return {
+        "ok": True,
+        **counts,
+        "skipped": skipped,
+        "took": took,
+        "summary": summary,
+        "actions": [{k: a.get(k) for k in ("uuid", "name", "action", "reason", "result")} for a in actions],
+        **({"event_loop": ret["event_loop"]} if isinstance(ret.get("event_loop"), Mapping) else {}),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# What a report says
+# ---------------------------------------------------------------------------------------------
+# The power states in which a VM of each vm_state is as intended (Nova's meaning of vm_state).
+# vm_states that are someone else's business (building, error...) agree with anything.
+EXPECTED_POWER = {
+    "active": {"running"},
+    "stopped": {"shutdown", "crashed", "nostate"},
+    "paused": {"paused"},
+    "suspended": {"suspended", "shutdown"},
+    "deleted": {"nostate", "shutdown"},
+}
+FILTER_STATES = (
+    "active",
+    "stopped",
+    "paused",
+    "suspended",
+    "building",
+    "rescued",
+    "resized",
+    "error",
+    "shelved",
+    "deleted",
+    "running",
+    "shutdown",
+    "crashed",
+    "nostate",
+)
+
+
+def disagreement(vm_state: str, power_state: str) -> str:
+    """Why a VM's recorded intent and its power state disagree, or "" if they do not."""
+    expected = EXPECTED_POWER.get(vm_state)
+    if expected is None or power_state in expected:
+        return ""
+    return f"vm_state {vm_state} but power_state {power_state}"
+
+
+def stuck(task_state: str, updated_at: float, now: float, stuck_after: float) -> str:
+    """Why a VM's task_state looks stuck (set, and unchanged for ``stuck_after`` s), or ""."""
+    if task_state and now - updated_at >= stuck_after:
+        return f"task_state {task_state} for {now - updated_at:.0f} s"
+    return ""
+
+
+@dataclasses.dataclass(frozen=True)
+class Filters:
+    """What a report is narrowed to; empty means everything."""
+
+    hosts: Tuple[str, ...] = ()
+    state: str = ""
+    disagreement: bool = False
+    error: bool = False
+    stuck: bool = False
+
+
+def _bool(value: Any, what: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+        return value.lower() in ("true", "yes", "1")
+    raise ConfigError(f"{what} must be true or false, not {value!r}")
+
+
+def parse_filters(
+    host: Any = None, state: Any = None, disagreement: Any = False, error: Any = False, stuck: Any = False
+) -> Filters:
+    """The report's filters from the command line, each checked, with a message naming it."""
+    if host in (None, ""):
+        hosts: Tuple[str, ...] = ()
+    elif isinstance(host, str):
+        hosts = tuple(h.strip() for h in host.split(",") if h.strip())
+    elif isinstance(host, (list, tuple)) and all(isinstance(h, str) for h in host):
+        hosts = tuple(host)
+    else:
+        raise ConfigError(f"host must be a minion id or a comma-separated list of them, not {host!r}")
+    if state in (None, ""):
+        state = ""
+    elif not isinstance(state, str) or state not in FILTER_STATES:
+        raise ConfigError(
+            f"state must be a vm_state or power_state ({', '.join(FILTER_STATES)}), not {state!r}"
+        )
+    return Filters(
+        hosts, state, _bool(disagreement, "disagreement"), _bool(error, "error"), _bool(stuck, "stuck")
+    )
+
+
+def vm_row(
+    record: Mapping,
+    last_change: Optional[Mapping],
+    last_event: Optional[Mapping],
+    now: float,
+    stuck_after: float,
+) -> Dict[str, Any]:
+    """One VM of the report: the record, the last change and why, what is wrong with it."""
+    row = {
+        key: record.get(key)
+        for key in ("uuid", "name", "host", "vm_state", "power_state", "task_state", "updated_at")
+    }
+    row["disagreement"] = disagreement(row["vm_state"], row["power_state"])
+    row["error"] = row["vm_state"] == "error"
+    row["stuck"] = stuck(row["task_state"] or "", float(row["updated_at"] or 0), now, stuck_after)
+    row["last_change"] = dict(last_change) if last_change else {}
+    row["last_event"] = dict(last_event) if last_event else {}
+    return row
+
+
+def keep(row: Mapping, filters: Filters) -> bool:
+    """Whether a report row passes the filters (all of them, when several are given)."""
+    if filters.hosts and row["host"] not in filters.hosts:
+        return False
+    if filters.state and filters.state not in (row["vm_state"], row["power_state"]):
+        return False
+    if filters.disagreement and not row["disagreement"]:
+        return False
+    if filters.error and not row["error"]:
+        return False
+    if filters.stuck and not row["stuck"]:
+        return False
+    return True
+
+
+def host_row(
+    minion: str, seen: Mapping, records: int, now: float, sync_interval: float, sync_known: bool = True
+) -> Dict[str, Any]:
+    """One host of the report: when it last synced, whether that is too long ago
+    (2 x ``sync_interval``), and whether its event loop is connected, as far as anyone knows.
+
+    ``seen`` is what the fleet store (or the minion itself) said about it: ``last_sync_at``,
+    ``last_sync_took``, ``last_sync`` (the summary), ``loop`` (the event loop's status as the
+    minion last reported it), ``last_resync_at`` / ``last_resync_reason``. ``sync_known``
+    is False when nobody kept the host's syncs (a report asked of the minions themselves).
+    """
+    last_sync_at = float(seen.get("last_sync_at") or 0)
+    loop = seen.get("loop") or {}
+    connected = loop.get("connected") if isinstance(loop, Mapping) else None
+    row = {
+        "host": minion,
+        "records": records,
+        "last_sync_at": last_sync_at or None,
+        "last_sync_age": round(now - last_sync_at, 1) if last_sync_at else None,
+        "last_sync_took": seen.get("last_sync_took"),
+        "last_sync": seen.get("last_sync") or {},
+        "event_loop_connected": connected,
+        "last_resync": (
+            {"at": seen.get("last_resync_at"), "reason": seen.get("last_resync_reason")}
+            if seen.get("last_resync_at")
+            else {}
+        ),
+    }
+    problems = []
+    if not last_sync_at:
+        if sync_known:
+            problems.append("never synced")
+    elif now - last_sync_at > 2 * sync_interval:
+        problems.append(
+            f"not synced for {now - last_sync_at:.0f} s (> 2 x sync_interval {sync_interval:g} s)"
+        )
+    if connected is False:
+        problems.append("event loop disconnected")
+    row["problems"] = problems
+    return row
+
+
+def summary(rows: Iterable[Mapping], hosts: Sequence[Mapping]) -> Dict[str, Any]:
+    """Counts for the top of a report."""
+    counts: Dict[str, Dict[str, int]] = {"vm_state": {}, "power_state": {}}
+    total = disagreeing = errors = stuck_ = 0
+    for row in rows:
+        total += 1
+        for key in ("vm_state", "power_state"):
+            counts[key][row[key]] = counts[key].get(row[key], 0) + 1
+        disagreeing += bool(row["disagreement"])
+        errors += bool(row["error"])
+        stuck_ += bool(row["stuck"])
+    return {
+        "vms": total,
+        "by_vm_state": counts["vm_state"],
+        "by_power_state": counts["power_state"],
+        "disagreeing": disagreeing,
+        "error": errors,
+        "stuck": stuck_,
+        "hosts": len(hosts),
+        "hosts_with_problems": sorted(h["host"] for h in hosts if h["problems"]),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Settings of the master's side (``vmpower:`` in the master config) and the minion's extras
+# ---------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class FleetSettings:
+    """``store``: the fleet store (a SQLite path or a PostgreSQL DSN; "" for the default SQLite
+    file on the master); ``retention_days``: how long events are kept (0: forever);
+    ``sync_interval``: the fleet's, for the "not synced within 2 x sync_interval" check;
+    ``stuck_after``: seconds after which a task_state is reported stuck."""
+
+    store: str = ""
+    retention_days: float = DEFAULT_RETENTION_DAYS
+    sync_interval: float = 600.0
+    stuck_after: float = DEFAULT_STUCK_AFTER
+
+    def store_location(self) -> str:
+        return self.store or DEFAULT_FLEET_STORE
+
+
+def _nonnegative(raw: Mapping, key: str, default: float) -> float:
+    value = raw.get(key, default)
+    if value is None:
+        return default
+    if not _number(value) or value < 0:
+        raise ConfigError(f"vmpower:{key} must be a number of 0 or more, not {value!r}")
+    return float(value)
+
+
+def parse_fleet_settings(raw: Any) -> FleetSettings:
+    """``vmpower:`` of the master's config, for the returner and the runner."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"vmpower must be a mapping, not {type(raw).__name__}")
+    store = raw.get("store") or ""
+    if not isinstance(store, str):
+        raise ConfigError(f"vmpower:store must be a SQLite file path or a postgresql:// DSN, not {store!r}")
+    interval = _nonnegative(raw, "sync_interval", 600.0)
+    if interval <= 0:
+        raise ConfigError("vmpower:sync_interval must be more than 0")
+    return FleetSettings(
+        store=store,
+        retention_days=_nonnegative(raw, "retention_days", DEFAULT_RETENTION_DAYS),
+        sync_interval=interval,
+        stuck_after=_nonnegative(raw, "stuck_after", DEFAULT_STUCK_AFTER),
+    )
+
+
+def sync_splay(raw: Any, sync_interval: int) -> int:
+    """``vmpower:sync_splay``: up to how many seconds Salt's scheduler delays each periodic sync
+    at random, so that a fleet's hosts do not all hit one database in the same second.
+
+    Default: a tenth of ``sync_interval``, at most 60 s. 0 turns it off.
+    """
+    if raw is None:
+        return min(60, sync_interval // 10)
+    if isinstance(raw, bool) or not isinstance(raw, int) or raw < 0:
+        raise ConfigError(f"vmpower:sync_splay must be a whole number of seconds (0 or more), not {raw!r}")
+    if raw >= sync_interval:
+        raise ConfigError(
+            f"vmpower:sync_splay ({raw}) must be less than vmpower:sync_interval ({sync_interval})"
+        )
+    return raw
+
+
+def metrics_file(raw: Any) -> str:
+    """``vmpower:metrics_file``: where the minion writes its Prometheus text file (for
+    node_exporter's textfile collector: a ``.prom`` file in its directory); "" for none."""
+    if raw in (None, ""):
+        return ""
+    if not isinstance(raw, str) or not raw.startswith("/") or not raw.endswith(".prom"):
+        raise ConfigError(
+            f"vmpower:metrics_file must be an absolute path ending in .prom "
+            f"(node_exporter's textfile collector reads only those), not {raw!r}"
+        )
+    return raw
+
+
+def split_batch(events: Sequence[Any], received_at: float) -> Tuple[List[FleetEvent], List[str]]:
+    """A batch of ``{tag, data}`` from the master's event_return: the vmpower events to keep,
+    and why each malformed one was skipped. Nothing malformed stops the rest."""
+    kept: List[FleetEvent] = []
+    skipped: List[str] = []
+    for item in events or ():
+        if not isinstance(item, Mapping):
+            skipped.append(f"an event must be a mapping of tag and data, not {type(item).__name__}")
+            continue
+        try:
+            event = classify(item.get("tag"), item.get("data"), received_at)
+        except Malformed as exc:
+            skipped.append(str(exc))
+            continue
+        except (
+            TypeError,
+            ValueError,
+            KeyError,
+            AttributeError,
+        ) as exc:  # odd shapes: skip, never lose the rest
+            skipped.append(f"{item.get('tag')!r}: {type(exc).__name__}: {exc}")
+            continue
+        if event is not None:
+            kept.append(event)
+    return kept, skipped
+
+
+def loop_summary(status: Any) -> Dict[str, Any]:
+    """The event loop's health in one line per host, from the status file the minion process
+    writes (``vmpower.eventloop``): connected only if every watcher is, summed counters.
+    ``connected`` is None when nobody knows (no beacon in that minion, an unreadable file)."""
+    if (
+        not isinstance(status, Mapping)
+        or not isinstance(status.get("watchers"), Mapping)
+        or not status["watchers"]
+    ):
+        error = status.get("error") if isinstance(status, Mapping) else None
+        return {"connected": None, **({"error": str(error)} if error else {})}
+    watchers = [w for w in status["watchers"].values() if isinstance(w, Mapping)]
+    summed = {
+        key: sum(int(w.get(key) or 0) for w in watchers)
+        for key in ("events_seen", "dropped", "reconnects", "queue_depth")
+    }
+    return {
+        "connected": bool(watchers)
+        and all(w.get("connected") is True for w in watchers)
+        and status.get("thread_alive", True) is not False,
+        **summed,
+        "updated_at": status.get("updated_at"),
+    }
