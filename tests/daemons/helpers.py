@@ -544,7 +544,7 @@ def probe_python(python: Path, cwd: Optional[Path] = None) -> dict:
 #: What a source distribution of vmpower holds: setup.cfg's packages and package_dir, and the
 #: files its metadata reads.
 SOURCE_FILES = ("setup.cfg", "pyproject.toml", "README.md")
-SOURCE_DIRS = ("vmpower", "_modules", "_beacons", "_states")
+SOURCE_DIRS = ("vmpower", "_modules", "_beacons", "_states", "_returners", "_runners", "_reactor")
 
 
 def build_wheel(dest: Path, repo: Path = REPO_ROOT) -> Path:

@@ -343,9 +343,13 @@ def test_pip_installed_wheel_loads_through_the_entry_point(salt_master, minion_f
     assert any("vmpower.loader:get_loader_dirs" in ep for ep in seen["entry_points"]), seen
     package = installed.parent
     dirs = loader_dirs(python, tmp_path)
-    assert dirs == {kind: [str(package / "salt" / kind)] for kind in ("modules", "beacons", "states")}
+    kinds = ("modules", "beacons", "states", "returners", "runners")
+    assert dirs == {kind: [str(package / "salt" / kind)] for kind in kinds}
     for kind in dirs:
         assert (package / "salt" / kind / "vmpower.py").is_file()
+    # The reactor SLS files ship too, for a pip-installed master (issue 10).
+    for sls in ("lifecycle.sls", "resync.sls"):
+        assert (package / "salt" / "reactor" / sls).is_file()
 
     minion_id = "vmpower-wheel"
     with minion_factory.started(minion_id, uri=TEST_URI, python=python) as minion:
