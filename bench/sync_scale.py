@@ -4,7 +4,7 @@ Four implementations do the same job on the same host and the same records, each
 process of its own (``harness.in_subprocess``):
 
 ``vmpower``
-    ``HostOperations(settings, host, Store(path)).sync()``: the code a minion runs.
+    ``HostOperations(settings, host, open_store(path)).sync()``: the code a minion runs.
 ``nova-style``
     issue 5's baseline, the access pattern of Nova's ``ComputeManager._sync_power_states``:
     one query for the host's instances, then for each instance a re-read of its row
@@ -52,7 +52,7 @@ from vmpower.core.model import Cause, now
 from vmpower.core.rules import Action, decide
 from vmpower.core.settings import parse_settings
 from vmpower.operations import HostOperations
-from vmpower.store import Change, Store
+from vmpower.store import Change, Store, open_store
 
 PART = 1
 TITLE = "Sync at scale"
@@ -135,9 +135,9 @@ class Scenario:
         self.host = Host(n)
         self.adopted = workdir / "adopted.sqlite"
         self.path = workdir / "records.sqlite"
-        with Store(str(self.adopted)) as store:  # closing it checkpoints the WAL into the file
+        with open_store(str(self.adopted)) as store:  # closing it checkpoints the WAL into the file
             HostOperations(SETTINGS, HOST, store).sync()
-        with Store(str(self.path)) as store:
+        with open_store(str(self.path)) as store:
             for dom in self.host.drifting:
                 with store.lock(dom.UUIDString()):
                     pass

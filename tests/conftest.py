@@ -22,6 +22,8 @@ class LoadedMinion:
     """A minion's execution and state modules loaded by Salt's own loader, in this process."""
 
     def __init__(self, root, uri, pillar=None, test=False, **vmpower):
+        # A store of the test's own, never the shared default (/var/lib/vmpower).
+        vmpower.setdefault("store", str(root / "cache" / "vmpower" / "records.sqlite"))
         opts = salt.config.minion_config(None)
         opts.update(id="loader-minion", file_client="local", cachedir=str(root / "cache"),
                     pki_dir=str(root / "pki"), extension_modules=str(root / "extmods"),
@@ -38,7 +40,7 @@ class LoadedMinion:
 
     @property
     def store_path(self):
-        return f"{self.opts['cachedir']}/vmpower/records.sqlite"
+        return self.opts["vmpower"]["store"]
 
 
 @pytest.fixture

@@ -17,7 +17,7 @@ from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Seque
 
 from vmpower.core import fleet as core
 from vmpower.core.settings import ConfigError
-from vmpower.store import Store, StoreError
+from vmpower.store import Store, StoreError, open_store
 from vmpower.store.events import FleetStore
 
 log = logging.getLogger(__name__)
@@ -40,7 +40,7 @@ def open_fleet(location: str) -> FleetStore:
     with _open_lock:
         fleet = _open.get(location)
         if fleet is None:
-            fleet = _open[location] = FleetStore(Store(location))
+            fleet = _open[location] = FleetStore(open_store(location))
         return fleet
 
 
@@ -121,7 +121,7 @@ def keep_job_return(
 def fleet_at(location: str) -> Iterator[FleetStore]:
     """The fleet tables of the store at ``location``, open for the block only (a minion's job
     process: nothing is kept open across a fork)."""
-    with Store(location) as store:
+    with open_store(location) as store:
         yield FleetStore(store)
 
 

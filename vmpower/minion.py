@@ -7,13 +7,18 @@ the merging of minion config with pillar and the errors Salt shows are decided o
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import logging
 import os
+import sqlite3
 from typing import Callable, Iterator, Mapping, Optional
 
 from vmpower.core.settings import ConfigError, Settings, merge, parse_settings
 from vmpower.hypervisor import HypervisorError
 from vmpower.operations import HostOperations, OperationError
-from vmpower.store import Store, StoreError
+from vmpower.store import Store, StoreError, open_store
+
+log = logging.getLogger(__name__)
 
 SYNC_JOB = "vmpower-sync"
 
@@ -32,10 +37,89 @@ def settings(opts: Mapping, pillar: Optional[Mapping] = None) -> Settings:
     return parse_settings(merge(opts.get("vmpower"), pillar.get("vmpower")))
 
 
+#: Where the records are unless ``vmpower:store`` says otherwise: not in Salt's cachedir,
+#: which ``saltutil.clear_cache`` empties under open connections.
+STORE_DIR = "/var/lib/vmpower"
+STORE_NAME = "records.sqlite"
+DEFAULT_STORE = os.path.join(STORE_DIR, STORE_NAME)
+
+
 def store_path(opts: Mapping, current: Settings) -> str:
     """Where this minion's records are: ``vmpower:store`` (a SQLite file or a PostgreSQL DSN
-    shared by the fleet), by default SQLite in the minion's cachedir."""
-    return current.store or os.path.join(opts["cachedir"], "vmpower", "records.sqlite")
+    shared by the fleet), by default SQLite at ``/var/lib/vmpower/records.sqlite``."""
+    return current.store or DEFAULT_STORE
+
+
+def legacy_store_path(opts: Mapping) -> str:
+    """Where vmpower kept its records before: in the minion's cachedir."""
+    return os.path.join(opts["cachedir"], "vmpower", STORE_NAME)
+
+
+def carry_over(legacy: str, path: str) -> bool:
+    """Move the SQLite store at ``legacy`` to ``path`` if ``path`` does not exist yet; True if
+    it did. Its WAL is folded in (SQLite's online backup, so a consistent copy even while an
+    old process still has it open); the copy appears at ``path`` in one rename, under a flock
+    beside it, so two processes opening the store at once neither lose it nor copy it twice.
+    The old file is renamed ``<legacy>.moved`` (its -wal and -shm removed), so that it is
+    never carried over a second time. A legacy store that cannot be read is an error: starting
+    afresh beside it would forget every pinned vm_state.
+    """
+    if os.path.exists(path) or not os.path.exists(legacy):
+        return False
+    directory = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        fd = os.open(os.path.join(directory, f".{os.path.basename(path)}.carry-over.lock"),
+                     os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError as exc:
+        raise StoreError(f"cannot carry the vmpower store {legacy} over to {path}: {exc}") from exc
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # held for one copy of a small file at most
+        if os.path.exists(path) or not os.path.exists(legacy):
+            return False  # another process carried it over while this one waited
+        partial = f"{path}.carry-over.tmp"
+        try:
+            source = sqlite3.connect(f"file:{legacy}?mode=ro", uri=True, timeout=30)
+            try:
+                target = sqlite3.connect(partial)
+                try:
+                    source.backup(target)
+                finally:
+                    target.close()
+            finally:
+                source.close()
+            with open(partial, "rb+") as copied:
+                os.fsync(copied.fileno())
+            os.replace(partial, path)
+            dir_fd = os.open(directory, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+        except (sqlite3.Error, OSError) as exc:
+            with contextlib.suppress(OSError):
+                os.unlink(partial)
+            raise StoreError(f"cannot carry the vmpower store {legacy} over to {path}: "
+                             f"{exc}") from exc
+        with contextlib.suppress(OSError):
+            os.replace(legacy, legacy + ".moved")
+        for suffix in ("-wal", "-shm"):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(legacy + suffix)
+        log.warning("vmpower: carried the records over from %s to %s (Salt's cachedir is "
+                    "emptied by saltutil.clear_cache); the old file is now %s.moved",
+                    legacy, path, legacy)
+        return True
+    finally:
+        os.close(fd)
+
+
+def open_minion_store(opts: Mapping, current: Settings) -> Store:
+    """This minion's store, open; the default one carried over from the cachedir first."""
+    path = store_path(opts, current)
+    if not current.store:
+        carry_over(legacy_store_path(opts), path)
+    return open_store(path)
 
 
 def event_loop_status_path(opts: Mapping) -> str:
@@ -46,7 +130,7 @@ def event_loop_status_path(opts: Mapping) -> str:
 def operations(opts: Mapping, pillar: Mapping) -> Iterator[HostOperations]:
     """HostOperations for this minion, with its store open for the length of the block."""
     current = settings(opts, pillar)
-    with Store(store_path(opts, current)) as store:
+    with open_minion_store(opts, current) as store:
         yield HostOperations(current, opts["id"], store)
 
 

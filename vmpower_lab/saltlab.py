@@ -49,6 +49,9 @@ class SaltLab:
                   "pillar_roots": {"base": [str(workdir / "pillar")]}, **master}
         minion = {**common, "id": minion_id, "master": "127.0.0.1", "master_port": ports[1],
                   **minion}
+        # The lab's records stay in the lab, never in the machine's default /var/lib/vmpower.
+        minion["vmpower"] = {"store": str(self.root / "vmpower" / "records.sqlite"),
+                             **(minion.get("vmpower") or {})}
         (self.conf / "master").write_text(json.dumps(master, indent=2))
         (self.conf / "minion").write_text(json.dumps(minion, indent=2))
         self._daemons: list = []

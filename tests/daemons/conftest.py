@@ -306,6 +306,10 @@ class MinionFactory:
         that has Salt and libvirt-python but not vmpower (file_roots install path);
         ``python``: run it with that Python (e.g. one with vmpower installed from a wheel)."""
         config = self.config(uri, vmpower, beacons, overrides)
+        # Every minion keeps its records in a store of its own, outside its cachedir (as the
+        # default /var/lib/vmpower is), unless the test names one (a fleet's DSN).
+        config.setdefault("vmpower", {}).setdefault(
+            "store", str(Path(self.salt_factories.root_dir) / "stores" / minion_id / "records.sqlite"))
         if python is None and not entry_point:
             python = self.python_without_vmpower()
         if python is None:

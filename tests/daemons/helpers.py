@@ -317,8 +317,9 @@ def set_pillar(salt_master, pillar_tree: PillarTree, minion_id: str, data: dict,
 # vmpower's records
 # ---------------------------------------------------------------------------------------------
 def store_path(salt_minion) -> Path:
-    """Where ``salt_minion``'s vmpower keeps its records (the default: its cachedir)."""
-    return Path(salt_minion.config["cachedir"]) / "vmpower" / "records.sqlite"
+    """Where ``salt_minion``'s vmpower keeps its records: its ``vmpower:store``, which the
+    harness sets for every minion (``MinionFactory.create``)."""
+    return Path(salt_minion.config["vmpower"]["store"])
 
 
 def vm_record(salt_minion, uuid: str) -> Optional[dict]:

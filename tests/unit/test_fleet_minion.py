@@ -16,7 +16,7 @@ from salt.exceptions import CommandExecutionError
 
 from vmpower import minion as vmminion
 from vmpower.core.settings import parse_settings
-from vmpower.store import Store
+from vmpower.store import open_store
 from vmpower.store.events import FleetStore
 
 from .conftest import TEST_URI
@@ -88,7 +88,7 @@ def test_the_job_returner_keeps_the_sync_and_writes_the_metrics(loaded, testdriv
         }
     )
     assert done["kept"] == 1 and done["metrics"]["path"] == prom
-    with Store(minion.opts["vmpower"]["store"]) as store:
+    with open_store(minion.opts["vmpower"]["store"]) as store:
         host = FleetStore(store).hosts()[minion.opts["id"]]
         assert host["last_sync_took"] == report["took"]
         assert host["loop"] == {"connected": None, "error": host["loop"]["error"]}  # no beacon here

@@ -12,7 +12,7 @@ import salt.loader
 from salt.exceptions import SaltInvocationError
 
 from vmpower.core.model import Cause, PowerState, Record, VmState
-from vmpower.store import Change, Store
+from vmpower.store import Change, open_store
 from vmpower.store.events import FleetStore
 
 U1 = "11111111-1111-1111-1111-111111111111"
@@ -91,7 +91,7 @@ def sync_return(minion, took=0.5, actions=()):
 
 def write_records(location, *records):
     """Records as minions write them (with their audit entries) to the fleet's database."""
-    with Store(location) as store:
+    with open_store(location) as store:
         changes = [Change(None, r, Cause.SYNC, "adopt", f"first seen {r.power_state.value}") for r in records]
         assert store.commit(changes, time.time()) == []
 
@@ -124,7 +124,7 @@ def test_event_return_keeps_vmpower_events_and_counts_the_malformed(returner, st
         result = returner()(batch)
     assert result == {"kept": 3, "skipped": 1, "error": None}
     assert "skipped a malformed vmpower event" in caplog.text and "'garbage' is not a UUID" in caplog.text
-    with Store(store_location) as store:
+    with open_store(store_location) as store:
         fleet = FleetStore(store)
         kinds = [(e["minion"], e["kind"]) for e in fleet.events()]
         assert kinds == [("hv1", "lifecycle"), ("hv2", "resync"), ("hv2", "sync")]
@@ -142,7 +142,7 @@ def test_retention_prunes_old_events(store_location):
 
     event = lifecycle("hv1", U1, "started", "booted", at=1.0)
     old = classify(event["tag"], event["data"], 1.0)
-    with Store(store_location) as store:
+    with open_store(store_location) as store:
         fleet = FleetStore(store)
         fleet.add([old, dataclasses.replace(old, at=time.time())])
         assert fleet.prune(0) == 0  # 0 keeps everything
@@ -212,7 +212,7 @@ def test_the_report_from_the_store(runner, returner, store_location):
 
 
 def test_hosts_not_synced_in_time_and_with_the_loop_down(runner, store_location):
-    with Store(store_location) as store:
+    with open_store(store_location) as store:
         fleet = FleetStore(store)
         fleet.host_status("hv1", time.time() - 10_000, sync={"took": 1.0})
         fleet.host_status("hv2", time.time(), sync={"took": 1.0}, loop={"connected": False})

@@ -7,7 +7,7 @@ from vmpower.core.model import Cause, Transition
 from vmpower.core.settings import parse_settings
 from vmpower.hypervisor import UnknownDomain
 from vmpower.operations import HostOperations, OperationError
-from vmpower.store import Store
+from vmpower.store import open_store
 
 from .conftest import TEST_URI
 
@@ -16,7 +16,7 @@ HOST = "minion-1"
 
 @pytest.fixture
 def store(tmp_path):
-    with Store(str(tmp_path / "records.sqlite")) as s:
+    with open_store(str(tmp_path / "records.sqlite")) as s:
         yield s
 
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from vmpower.store import Store
+from vmpower.store import open_store
 
 from .conftest import TEST_URI
 
@@ -43,7 +43,7 @@ def test_stopped_records_intent_and_powers_off(states, testdriver):
 def test_states_are_audited_as_state(states, testdriver, tmp_path):
     dom = testdriver.define("db")
     states()["vmpower.stopped"](dom.name(), force=True)
-    with Store(str(tmp_path / "cache" / "vmpower" / "records.sqlite")) as store:
+    with open_store(str(tmp_path / "cache" / "vmpower" / "records.sqlite")) as store:
         causes = {e["cause"] for e in store.history(dom.UUIDString()) if e["action"] != "adopt"}
     assert causes == {"state"}
 

@@ -11,7 +11,7 @@ import threading
 import pytest
 
 from vmpower.core.model import Cause, PowerState, Record, VmState
-from vmpower.store import Change, Store, StoreError
+from vmpower.store import Change, StoreError, open_store
 
 
 def rec(uuid="u-1", **kw):
@@ -23,13 +23,13 @@ def rec(uuid="u-1", **kw):
 
 @pytest.fixture
 def store(store_location):
-    with Store(store_location) as s:
+    with open_store(store_location) as s:
         yield s
 
 
 @pytest.fixture
 def sqlite_store(tmp_path):
-    with Store(str(tmp_path / "records.sqlite")) as s:
+    with open_store(str(tmp_path / "records.sqlite")) as s:
         yield s
 
 
@@ -42,7 +42,7 @@ def raw_connection(location):
 
 
 def test_both_backends_open_through_store(store_location):
-    with Store(store_location) as store:
+    with open_store(store_location) as store:
         assert type(store).__name__ == ("PostgresStore" if "://" in store_location else "SqliteStore")
         assert store.count() == 0
 
@@ -98,9 +98,9 @@ def test_the_audit_log_is_append_only(store, store_location):
 
 
 def test_a_store_reopened_keeps_everything(store_location):
-    with Store(store_location) as store:
+    with open_store(store_location) as store:
         store.commit([Change(None, rec(updated_at=1700000000.123456), Cause.SYNC, "adopt", "x")], at=2.5)
-    with Store(store_location) as again:  # the schema is there already: nothing is recreated
+    with open_store(store_location) as again:  # the schema is there already: nothing is recreated
         assert again.get("u-1") == rec(updated_at=1700000000.123456)  # full float precision
         assert [e["at"] for e in again.history("u-1")] == [2.5]
 
@@ -114,7 +114,7 @@ def test_concurrent_compare_and_set_has_exactly_one_winner(store, store_location
 
     def write(i):  # a store of its own in each thread, as each Salt job has
         change = Change(first, first.replace(task_state=f"writer-{i}", version=2), Cause.API, "w", "x")
-        with Store(store_location) as mine:
+        with open_store(store_location) as mine:
             start.wait()
             results[i] = mine.commit([change], at=2.0)
 
@@ -141,14 +141,14 @@ def test_a_corrupt_store_is_a_clear_error(tmp_path):
     path = tmp_path / "records.sqlite"
     path.write_bytes(b"this is not a database, it is a shopping list\n" * 100)
     with pytest.raises(StoreError, match=f"the vmpower store {path} is unreadable"):
-        Store(str(path))
+        open_store(str(path))
 
 
 def test_an_unwritable_place_is_a_clear_error(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("x")
     with pytest.raises(StoreError, match="is unreadable"):
-        Store(str(blocker / "records.sqlite"))
+        open_store(str(blocker / "records.sqlite"))
 
 
 def test_it_is_configured_to_survive_a_crash(sqlite_store):
@@ -168,8 +168,8 @@ def test_a_writer_killed_mid_transaction_leaves_the_last_commit_intact(sqlite_st
     writer = _python("""
         import os, sys
         from vmpower.core.model import Cause, Record, VmState, PowerState
-        from vmpower.store import Store
-        store = Store(sys.argv[1])
+        from vmpower.store import open_store
+        store = open_store(sys.argv[1])
         store._db.execute("BEGIN IMMEDIATE")
         for i in range(1000):
             store._db.execute("INSERT INTO audit (at, uuid, name, host, cause, action, old, new, reason)"
@@ -180,7 +180,7 @@ def test_a_writer_killed_mid_transaction_leaves_the_last_commit_intact(sqlite_st
     assert writer.stdout.readline().strip() == "half-way"
     writer.wait()
     assert writer.returncode == -9
-    with Store(store.path) as reopened:
+    with open_store(store.path) as reopened:
         assert reopened.get("u-1") == rec()
         assert reopened.history("u-x") == []
         assert [e["reason"] for e in reopened.history("u-1")] == ["committed"]
@@ -189,8 +189,8 @@ def test_a_writer_killed_mid_transaction_leaves_the_last_commit_intact(sqlite_st
 def test_the_instance_lock_holds_across_processes(store, store_location):
     holder = _python("""
         import sys, time
-        from vmpower.store import Store
-        with Store(sys.argv[1]).lock("u-1"):
+        from vmpower.store import open_store
+        with open_store(sys.argv[1]).lock("u-1"):
             print("holding", flush=True)
             time.sleep(30)
     """, store_location)
@@ -230,7 +230,7 @@ def _make_old_store(location):
 
 def test_a_store_made_before_the_new_columns_gains_them(store_location):
     _make_old_store(store_location)
-    with Store(store_location) as store:
+    with open_store(store_location) as store:
         old = store.get("u-old")
         assert old == Record("u-old", "vm-old", "h1", VmState.ACTIVE, PowerState.RUNNING,
                              "maintenance", 5.0, 3, 2, 4.0)  # the new fields at their defaults
@@ -238,7 +238,7 @@ def test_a_store_made_before_the_new_columns_gains_them(store_location):
         owned = old.replace(task_state="powering-off", task_owner='{"pid": 1}', off_since=12.5,
                             boot_id="b-1", version=4)
         assert store.commit([Change(old, owned, Cause.API, "stop", "x")], at=6.0) == []
-    with Store(store_location) as again:  # a second open finds nothing left to add
+    with open_store(store_location) as again:  # a second open finds nothing left to add
         assert again.get("u-old") == owned
         # The audit shows who set the task_state; the monotonic bookkeeping stays out of it.
         assert again.history("u-old")[-1]["new"] == {"task_state": "powering-off",
@@ -249,8 +249,8 @@ def test_processes_opening_an_old_store_at_once_all_succeed(store_location):
     _make_old_store(store_location)
     code = """
         import sys
-        from vmpower.store import Store
-        with Store(sys.argv[1]) as store:
+        from vmpower.store import open_store
+        with open_store(sys.argv[1]) as store:
             print(store.get("u-old").boot_id == "", flush=True)
     """
     openers = [_python(code, store_location) for _ in range(4)]

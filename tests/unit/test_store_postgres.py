@@ -14,7 +14,7 @@ from salt.exceptions import CommandExecutionError
 from vmpower.core.model import Cause, PowerState, Record, VmState
 from vmpower.core.settings import parse_settings
 from vmpower.operations import HostOperations
-from vmpower.store import Change, PostgresStore, Store, StoreError
+from vmpower.store import Change, PostgresStore, Store, StoreError, open_store
 from vmpower.store import postgres as backend
 
 from .conftest import TEST_URI
@@ -33,7 +33,7 @@ def owned_by(host, uuid, name, **fields):
 def test_two_minions_share_one_database_and_each_syncs_only_its_own(postgres_dsn, testdriver):
     mine = testdriver.define("mine")
     moved = testdriver.define("moved")  # running here, but the fleet's record says it lives on B
-    with Store(postgres_dsn) as store_a, Store(postgres_dsn) as store_b:
+    with open_store(postgres_dsn) as store_a, open_store(postgres_dsn) as store_b:
         # Minion B's records, written through its own connection: one for the VM that is (also)
         # defined here, one for a VM only B has.
         b_moved = owned_by(B, moved.UUIDString(), moved.name(), vm_state=VmState.STOPPED,
@@ -60,7 +60,7 @@ def test_two_minions_share_one_database_and_each_syncs_only_its_own(postgres_dsn
 
 
 def test_locks_hold_across_minions_and_end_with_their_connection(postgres_dsn):
-    a, b = Store(postgres_dsn), Store(postgres_dsn)
+    a, b = open_store(postgres_dsn), open_store(postgres_dsn)
     try:
         with a.lock("u-1"), a.lock(f"host-{A}"):
             with pytest.raises(StoreError, match="could not take the vmpower lock 'u-1' within 0s"):
@@ -79,7 +79,7 @@ def test_locks_hold_across_minions_and_end_with_their_connection(postgres_dsn):
 
 
 def test_a_waiting_lock_is_taken_as_soon_as_it_is_released(postgres_dsn):
-    with Store(postgres_dsn) as holder, Store(postgres_dsn) as waiter:
+    with open_store(postgres_dsn) as holder, open_store(postgres_dsn) as waiter:
         order = []
         with holder.lock("u-1"):
             thread = threading.Thread(target=lambda: order.append(_take(postgres_dsn)))
@@ -93,7 +93,7 @@ def test_a_waiting_lock_is_taken_as_soon_as_it_is_released(postgres_dsn):
 
 
 def _take(dsn):
-    with Store(dsn) as store, store.lock("u-1", timeout=10):
+    with open_store(dsn) as store, store.lock("u-1", timeout=10):
         return "taken"
 
 
@@ -103,7 +103,7 @@ def test_minions_opening_a_new_database_together_create_the_schema_once(postgres
     def open_it():
         try:
             start.wait()
-            with Store(postgres_dsn) as store:
+            with open_store(postgres_dsn) as store:
                 store.count()
         except Exception as exc:  # reported below
             errors.append(exc)
@@ -119,7 +119,7 @@ def test_minions_opening_a_new_database_together_create_the_schema_once(postgres
 def test_the_audit_log_cannot_be_truncated(postgres_dsn):
     import psycopg
 
-    with Store(postgres_dsn) as store:
+    with open_store(postgres_dsn) as store:
         store.commit([Change(None, owned_by(A, "u-1", "vm1"), Cause.SYNC, "adopt", "x")], at=1.0)
         with psycopg.connect(postgres_dsn, autocommit=True) as db:
             with pytest.raises(psycopg.Error, match="append-only"):
@@ -144,7 +144,7 @@ def test_a_dsn_that_leads_nowhere_is_a_clear_error(postgres, case, message):
            "no database": postgres.dsn("no_such_db")}[case]
     masked = "the vmpower store postgresql://vmpower:\\*\\*\\*@127.0.0.1:"
     with pytest.raises(StoreError, match=masked) as error:
-        Store(dsn)
+        open_store(dsn)
     assert message in str(error.value)
     assert PASSWORD not in str(error.value) and "wrong-password" not in str(error.value)
     assert error.value.__cause__ is None  # psycopg's exception is not chained: it may quote the DSN
@@ -168,7 +168,7 @@ def test_the_minion_config_selects_postgresql(postgres, load_minion, testdriver)
     assert report["host"] == "loader-minion"
     status = mods["vmpower.status"]()
     assert status["store"].startswith("postgresql://vmpower:***@") and PASSWORD not in status["store"]
-    with Store(postgres_dsn) as store:
+    with open_store(postgres_dsn) as store:
         assert store.get(dom.UUIDString()).host == "loader-minion"
         assert status["records"] == store.count() >= 1
     assert mods["vmpower.history"](dom.name())[0]["action"] == "adopt"
@@ -179,11 +179,11 @@ def test_without_psycopg_sqlite_works_and_a_dsn_names_the_missing_package(tmp_pa
         import sys
         sys.modules["psycopg"] = None  # as if it were not installed: importing it fails
         from vmpower import minion
-        from vmpower.store import Store, StoreError
-        with Store(sys.argv[1]) as store:
+        from vmpower.store import StoreError, open_store
+        with open_store(sys.argv[1]) as store:
             print("sqlite", store.count())
         try:
-            Store("postgresql://vmpower:hunter2@db/fleet")
+            open_store("postgresql://vmpower:hunter2@db/fleet")
         except StoreError as exc:
             print(exc)
     """)
@@ -194,13 +194,13 @@ def test_without_psycopg_sqlite_works_and_a_dsn_names_the_missing_package(tmp_pa
 
 
 def test_the_scheme_may_be_written_in_any_case(postgres_dsn):
-    with Store(postgres_dsn.replace("postgresql://", "PostgreSQL://")) as store:
+    with open_store(postgres_dsn.replace("postgresql://", "PostgreSQL://")) as store:
         assert store.count() == 0 and store.path.startswith("postgresql://vmpower:***@")
 
 
 def test_other_schemes_are_refused():
     with pytest.raises(StoreError, match="mysql://... is not supported"):
-        Store("mysql://db/vmpower")
+        open_store("mysql://db/vmpower")
     assert PostgresStore.__mro__[1] is Store
 
 

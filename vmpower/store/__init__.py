@@ -2,15 +2,16 @@
 on ``version`` and per-instance and per-host locks that hold across processes (Salt runs every
 job in its own process).
 
-``Store(location)`` opens it: SQLite at a file path (the default, in the minion's cachedir), or
-PostgreSQL at a ``postgresql://`` DSN, one database for a fleet of minions. Both backends run
+``open_store(location)`` opens it: SQLite at a file path (the default,
+``/var/lib/vmpower/records.sqlite``), or PostgreSQL at a ``postgresql://`` DSN, one database for
+a fleet of minions. Both backends run
 the same SQL and the same diff, audit and lock logic (``base``); each says only how to connect,
 run a statement and take one lock.
 """
 
-from vmpower.store.base import COLUMNS, LOCK_TIMEOUT, Change, Note, Store, StoreError, diff
+from vmpower.store.base import COLUMNS, LOCK_TIMEOUT, Change, Note, Store, StoreError, diff, open_store
 from vmpower.store.postgres import PostgresStore
 from vmpower.store.sqlite import SqliteStore
 
 __all__ = ["COLUMNS", "LOCK_TIMEOUT", "Change", "Note", "PostgresStore", "SqliteStore", "Store",
-           "StoreError", "diff"]
+           "StoreError", "diff", "open_store"]

@@ -141,23 +141,24 @@ def diff(before: Optional[Record], after: Record) -> tuple:
     return old, new
 
 
-def _backend(location: str) -> type:
+def open_store(location) -> Store:
+    """The record store at ``location``, open: SQLite at a file path, PostgreSQL at a
+    ``postgresql://`` DSN (one database for a fleet). Any other scheme is a StoreError."""
+    location = os.fspath(location)
     scheme = store_scheme(location)
     if scheme is None:
         from vmpower.store.sqlite import SqliteStore
-        return SqliteStore
+        return SqliteStore(location)
     if scheme in POSTGRES_SCHEMES:
         from vmpower.store.postgres import PostgresStore
-        return PostgresStore
+        return PostgresStore(location)
     raise StoreError(f"the vmpower store {scheme}://... is not supported: give a SQLite file "
                      f"path or a postgresql:// DSN")
 
 
 class Store(abc.ABC):
-    """The record store at ``location``: a SQLite file path, or a ``postgresql://`` DSN.
-
-    ``Store(location)`` opens the right backend (as ``pathlib.Path`` picks its flavour); both
-    behave the same. ``path`` says where the store is, for people: the file, or the DSN with
+    """The record store: a SQLite file, or a PostgreSQL database; ``open_store(location)``
+    opens the right backend, and both behave the same. ``path`` says where the store is, for people: the file, or the DSN with
     its password masked. Not for use by several threads at once.
 
     A backend sets ``_errors`` (its driver's exceptions) and ``BEGIN``, connects in
@@ -168,11 +169,6 @@ class Store(abc.ABC):
     BEGIN = "BEGIN"
     _errors: Tuple[type, ...] = ()
     _db: Any
-
-    def __new__(cls, location, *args, **kwargs):
-        if cls is Store:
-            cls = _backend(os.fspath(location))
-        return super().__new__(cls)
 
     def __init__(self, location: str):
         self.path = location
