@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Dict, NamedTuple, Optional
+from typing import Dict, NamedTuple, Optional, Set
+from xml.etree import ElementTree
 
 from vmpower.core.mapping import live_state
 from vmpower.core.model import GONE, LiveState
+from vmpower.core.settings import UUID_RE
 
 try:
     import libvirt
@@ -90,18 +92,46 @@ class Hypervisor:
         return domains
 
     def lookup(self, name_or_uuid: str):
-        """The libvirt domain with that UUID or name, or UnknownDomain."""
+        """The libvirt domain with that UUID or name, or UnknownDomain.
+
+        What the text is decides how it is looked up: only text shaped like a UUID is tried as
+        one (and then as a name, since a name may look like a UUID). An error code never
+        decides it: libvirt keeps its last error per thread, and any libvirt call in between
+        (a virDomainFree run by the garbage collector) resets it, so it can read as None.
+        """
         if name_or_uuid in self._handles:
             return self._handles[name_or_uuid]
-        for finder in (self._conn.lookupByUUIDString, self._conn.lookupByName):
-            try:
-                return finder(name_or_uuid)
-            except libvirt.libvirtError as exc:
-                if exc.get_error_code() not in (libvirt.VIR_ERR_NO_DOMAIN,
-                                                libvirt.VIR_ERR_INVALID_ARG):
-                    raise HypervisorError(f"cannot look up {name_or_uuid!r} at {self.uri}: "
-                                          f"{_error(exc)}") from exc
-        raise UnknownDomain(f"no domain named or with UUID {name_or_uuid!r} at {self.uri}")
+        if UUID_RE.match(name_or_uuid):
+            dom = self._find_by(self._conn.lookupByUUIDString, name_or_uuid)
+            if dom is not None:
+                return dom
+        dom = self._find_by(self._conn.lookupByName, name_or_uuid)
+        if dom is None:
+            raise UnknownDomain(f"no domain named or with UUID {name_or_uuid!r} at {self.uri}")
+        return dom
+
+    def _find_by(self, finder, key: str):
+        """``finder(key)``, or None when libvirt says there is no such domain."""
+        try:
+            return finder(key)
+        except libvirt.libvirtError as exc:
+            code = exc.get_error_code()
+            if code == libvirt.VIR_ERR_NO_DOMAIN:
+                return None
+            if code is not None:
+                raise HypervisorError(f"cannot look up {key!r} at {self.uri}: {_error(exc)}") from exc
+        # The reason was lost (see lookup): the listing says for certain whether it exists.
+        as_uuid = key.replace("-", "").lower()
+        for dom in self._list_all_domains():
+            if dom.name() == key or dom.UUIDString().replace("-", "") == as_uuid:
+                return dom
+        return None
+
+    def _list_all_domains(self) -> list:
+        try:
+            return self._conn.listAllDomains()
+        except libvirt.libvirtError as exc:
+            raise HypervisorError(f"cannot list domains at {self.uri}: {_error(exc)}") from exc
 
     def find(self, uuid: str) -> Optional[LiveDomain]:
         """The domain with that UUID and its state read now, uncached; None if it is gone."""
@@ -130,6 +160,57 @@ class Hypervisor:
         return {"uuid": dom.UUIDString(), "name": dom.name(),
                 "power_state": live_state(state, 0).power_state.value,
                 "max_mem": max_mem, "mem": mem, "num_cpu": num_cpu, "cpu_time": cpu_time}
+
+    # What the rules need, read only when they need it
+    def on_crash(self, uuid: str) -> str:
+        """The domain's ``<on_crash>`` action (``destroy``, libvirt's default, when its XML has
+        none; ``preserve``, ``restart``, ``coredump-destroy``...); "" when it cannot be read."""
+        try:
+            xml = self.lookup(uuid).XMLDesc(0)
+        except (HypervisorError, libvirt.libvirtError) as exc:
+            log.warning("vmpower: cannot read the <on_crash> of %s at %s: %s", uuid, self.uri,
+                        _error(exc))
+            return ""
+        try:
+            found = ElementTree.fromstring(xml).find("on_crash")
+        except ElementTree.ParseError as exc:
+            log.warning("vmpower: the XML of %s at %s does not parse: %s", uuid, self.uri, exc)
+            return ""
+        return (found.text or "").strip() if found is not None else "destroy"
+
+    def migration_job(self, uuid: str) -> Optional[bool]:
+        """Whether libvirt runs a migration of the domain now, incoming or outgoing (its
+        current job's operation); False when it has no job (or the driver has no jobs, as the
+        test driver); None when it cannot be told."""
+        try:
+            stats = self.lookup(uuid).jobStats()
+        except UnknownDomain:
+            return False
+        except (HypervisorError, libvirt.libvirtError) as exc:
+            code = exc.get_error_code() if isinstance(exc, libvirt.libvirtError) else None
+            if code in (libvirt.VIR_ERR_NO_SUPPORT, libvirt.VIR_ERR_NO_DOMAIN,
+                        libvirt.VIR_ERR_OPERATION_INVALID):
+                return False
+            log.warning("vmpower: cannot read the job of %s at %s: %s", uuid, self.uri, _error(exc))
+            return None
+        if stats.get("type", libvirt.VIR_DOMAIN_JOB_NONE) == libvirt.VIR_DOMAIN_JOB_NONE:
+            return False
+        operation = stats.get("operation")
+        if operation is None:
+            return None  # a job libvirt does not name: cannot tell it is not a migration
+        return operation in (libvirt.VIR_DOMAIN_JOB_OPERATION_MIGRATION_IN,
+                             libvirt.VIR_DOMAIN_JOB_OPERATION_MIGRATION_OUT)
+
+    def autostart_set(self) -> Optional[Set[str]]:
+        """The UUIDs of the domains libvirt starts when it starts, in one bulk call; None when
+        libvirt cannot list them."""
+        try:
+            domains = self._conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_AUTOSTART)
+        except libvirt.libvirtError as exc:
+            log.warning("vmpower: cannot list the autostarted domains at %s: %s", self.uri,
+                        _error(exc))
+            return None
+        return {dom.UUIDString() for dom in domains}
 
     # Acting
     def _call(self, dom, verb: str, method, *args) -> None:

@@ -1,0 +1,123 @@
+"""libvirt access on the test driver (``test:///default``): lookups that the input decides (and
+that stay right while the garbage collector frees domains between a failing call and its error),
+and the facts the rules read: ``<on_crash>``, migration jobs, autostart."""
+
+import gc
+import uuid as uuidlib
+
+import libvirt
+import pytest
+
+from vmpower.hypervisor import Hypervisor, UnknownDomain
+
+from .conftest import TEST_URI
+
+CRASH_XML = """<domain type='test'>
+  <name>{name}</name><uuid>{uuid}</uuid><memory>65536</memory><vcpu>1</vcpu>
+  <os><type>hvm</type></os>{on_crash}
+</domain>"""
+
+
+class _Cycle:
+    """Garbage that only the cyclic collector frees; freeing it frees its virDomain too
+    (virDomainFree, a libvirt call that resets the thread's last error)."""
+
+    def __init__(self, dom):
+        self.dom = dom
+        self.me = self
+
+
+@pytest.fixture
+def gc_pressure():
+    """The collector runs every 13 allocations; a test makes 5 cycles per lookup. With this
+    rhythm the old lookup lost its error code (read as None) in nearly every call."""
+    old = gc.get_threshold()
+    gc.set_threshold(13, 1000, 1000)
+    yield
+    gc.set_threshold(*old)
+
+
+def test_lookups_by_name_never_fail_while_the_gc_frees_domains(testdriver, gc_pressure):
+    dom = testdriver.define("x")
+    name = dom.name()
+    wrong = []
+    with Hypervisor(TEST_URI) as hv:
+        for _ in range(20000):
+            for _ in range(5):
+                _Cycle(testdriver.conn.lookupByName(name))
+            hv._handles.clear()  # no cached handle: every lookup asks libvirt
+            if hv.lookup(name).name() != name:
+                wrong.append("found another domain")
+            try:
+                hv.lookup(name + "-missing")
+                wrong.append("found a missing domain")
+            except UnknownDomain:
+                pass
+    assert wrong == []
+
+
+def test_what_the_text_is_decides_the_lookup(testdriver):
+    dom = testdriver.define("y")
+    uuid = dom.UUIDString()
+    with Hypervisor(TEST_URI) as hv:
+        assert hv.lookup(uuid).name() == dom.name()
+        assert hv.lookup(uuid.replace("-", "").upper()).name() == dom.name()
+        assert hv.lookup(dom.name()).UUIDString() == uuid
+        with pytest.raises(UnknownDomain, match="no domain named or with UUID 'nope'"):
+            hv.lookup("nope")
+        with pytest.raises(UnknownDomain):
+            hv.lookup(str(uuidlib.uuid4()))
+    # A domain named like a UUID is still found by its name.
+    odd_name = str(uuidlib.uuid4())
+    odd = testdriver.conn.defineXML(CRASH_XML.format(name=odd_name, uuid=uuidlib.uuid4(), on_crash=""))
+    testdriver.domains.append(odd)
+    with Hypervisor(TEST_URI) as hv:
+        assert hv.lookup(odd_name).UUIDString() == odd.UUIDString()
+
+
+@pytest.mark.parametrize("on_crash,expected", [
+    ("", "destroy"),  # libvirt's default
+    ("<on_crash>preserve</on_crash>", "preserve"),
+    ("<on_crash>restart</on_crash>", "restart"),
+    ("<on_crash>coredump-destroy</on_crash>", "coredump-destroy"),
+])
+def test_on_crash_is_read_from_the_domains_xml(testdriver, on_crash, expected):
+    name = f"{testdriver.prefix}crash-{expected}"
+    dom = testdriver.conn.defineXML(CRASH_XML.format(name=name, uuid=uuidlib.uuid4(), on_crash=on_crash))
+    testdriver.domains.append(dom)
+    with Hypervisor(TEST_URI) as hv:
+        assert hv.on_crash(dom.UUIDString()) == expected
+        assert hv.on_crash(str(uuidlib.uuid4())) == ""  # gone: cannot be read
+
+
+def test_no_migration_job_on_a_driver_without_jobs(testdriver):
+    dom = testdriver.define("m")
+    with Hypervisor(TEST_URI) as hv:
+        assert hv.migration_job(dom.UUIDString()) is False
+        assert hv.migration_job(str(uuidlib.uuid4())) is False
+
+
+def test_autostart_domains_in_one_call(testdriver):
+    auto = testdriver.define("auto")
+    plain = testdriver.define("plain")
+    auto.setAutostart(1)
+    try:
+        with Hypervisor(TEST_URI) as hv:
+            found = hv.autostart_set()
+        assert auto.UUIDString() in found and plain.UUIDString() not in found
+    finally:
+        auto.setAutostart(0)
+    with Hypervisor(TEST_URI) as hv:
+        assert auto.UUIDString() not in hv.autostart_set()
+
+
+def test_jobstats_is_what_the_test_driver_lacks():
+    """The premise of the test above: the test driver has no jobs (a real migration job is
+    seen by tests/real on two real libvirtds)."""
+    conn = libvirt.open(TEST_URI)
+    try:
+        with pytest.raises(libvirt.libvirtError) as raised:
+            conn.listAllDomains()[0].jobStats()
+        assert raised.value.get_error_code() == libvirt.VIR_ERR_NO_SUPPORT
+    finally:
+        conn.close()
