@@ -2,6 +2,8 @@
 append-only audit log, locks across processes; and SQLite's crash safety and a clear error for
 a file that cannot be read. PostgreSQL's own (a fleet in one database, bad DSNs): test_store_postgres.py."""
 
+import os
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -11,7 +13,7 @@ import threading
 import pytest
 
 from vmpower.core.model import Cause, PowerState, Record, VmState
-from vmpower.store import Change, StoreError, open_store
+from vmpower.store import Change, LockBusy, StoreError, open_store
 
 
 def rec(uuid="u-1", **kw):
@@ -256,3 +258,58 @@ def test_processes_opening_an_old_store_at_once_all_succeed(store_location):
     openers = [_python(code, store_location) for _ in range(4)]
     outputs = [opener.communicate(timeout=120)[0].strip() for opener in openers]
     assert outputs == ["True"] * 4 and [o.returncode for o in openers] == [0] * 4
+
+
+def test_a_sync_takes_the_free_locks_and_is_told_who_holds_the_others(store, store_location):
+    store.commit([Change(None, rec("u-1", name="web1"), Cause.SYNC, "adopt", "x")], at=1.0)
+    holder = _python("""
+        import sys, time
+        from vmpower.store import open_store
+        store = open_store(sys.argv[1])
+        store.job = "vmpower.stop web1 (jid 20261201120001)"
+        with store.lock("u-1"):
+            print("holding", flush=True)
+            time.sleep(60)
+    """, store_location)
+    try:
+        assert holder.stdout.readline().strip() == "holding"
+        with store.try_locks(["u-2", "u-1", "u-3", "u-2"]) as (held, busy):
+            assert held == ["u-2", "u-3"] and list(busy) == ["u-1"]
+            assert busy["u-1"]["pid"] == holder.pid
+            assert busy["u-1"]["job"] == "vmpower.stop web1 (jid 20261201120001)"
+            with store.try_locks(["u-2"]) as (again, busy_again):  # not re-entrant
+                assert again == [] and busy_again["u-2"]["pid"] == os.getpid()
+        with store.try_locks(["u-2", "u-3"]) as (held, busy):  # released on leaving the block
+            assert held == ["u-2", "u-3"] and busy == {}
+        # A blocking wait is bounded, and its error names the lock, the VM and the holder.
+        with pytest.raises(LockBusy) as raised:
+            with store.lock("u-1", timeout=0.2):
+                pass
+        message = str(raised.value)
+        assert message.startswith("could not take the vmpower lock 'u-1' within 0.2s: "
+                                  "the instance lock of web1 (u-1) is held by pid "
+                                  f"{holder.pid} on {socket.gethostname()} "
+                                  "(vmpower.stop web1 (jid 20261201120001), since ")
+        assert raised.value.holder["pid"] == holder.pid and raised.value.key == "u-1"
+    finally:
+        holder.kill()
+        holder.wait()
+    with store.try_locks(["u-1"]) as (held, busy):  # its holder died: free
+        assert held == ["u-1"] and busy == {}
+    assert store.holder("u-1") is None  # a released lock names no holder
+
+
+def test_the_host_lock_is_named_as_the_sync_lock(store, store_location):
+    with open_store(store_location) as second, store.lock("host-m1"):
+        with pytest.raises(LockBusy, match="the sync lock of minion m1 is held by pid "):
+            with second.lock("host-m1", timeout=0):
+                pass
+
+
+def test_several_locks_share_one_bounded_wait(store, store_location):
+    with open_store(store_location) as second, store.lock("u-2"):
+        with pytest.raises(LockBusy, match="'u-2' within 0.3s"):
+            with second.locks(["u-1", "u-2", "u-3"], timeout=0.3):
+                pass
+        with second.try_locks(["u-1", "u-3"]) as (held, busy):  # u-1 was given back
+            assert held == ["u-1", "u-3"] and busy == {}

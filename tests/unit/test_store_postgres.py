@@ -2,6 +2,7 @@
 the minion's ``vmpower:store`` DSN, and clear errors for a DSN that leads nowhere.
 Everything the two backends share runs on both in test_store.py."""
 
+import os
 import socket
 import subprocess
 import sys
@@ -63,7 +64,8 @@ def test_locks_hold_across_minions_and_end_with_their_connection(postgres_dsn):
     a, b = open_store(postgres_dsn), open_store(postgres_dsn)
     try:
         with a.lock("u-1"), a.lock(f"host-{A}"):
-            with pytest.raises(StoreError, match="could not take the vmpower lock 'u-1' within 0s"):
+            with pytest.raises(StoreError, match=f"could not take the vmpower lock 'u-1' within 0.1s: "
+                                                 f"the instance lock of u-1 is held by pid {os.getpid()} "):
                 with b.lock("u-1", timeout=0.1):
                     pass
             with b.locks([f"host-{B}", "u-2"], timeout=0.1):  # other hosts and VMs go on

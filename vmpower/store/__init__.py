@@ -9,9 +9,20 @@ the same SQL and the same diff, audit and lock logic (``base``); each says only 
 run a statement and take one lock.
 """
 
-from vmpower.store.base import COLUMNS, LOCK_TIMEOUT, Change, Note, Store, StoreError, diff, open_store
+from vmpower.store.base import (
+    COLUMNS,
+    LOCK_TIMEOUT,
+    Change,
+    LockBusy,
+    Note,
+    Store,
+    StoreError,
+    describe_holder,
+    diff,
+    open_store,
+)
 from vmpower.store.postgres import PostgresStore
 from vmpower.store.sqlite import SqliteStore
 
-__all__ = ["COLUMNS", "LOCK_TIMEOUT", "Change", "Note", "PostgresStore", "SqliteStore", "Store",
-           "StoreError", "diff", "open_store"]
+__all__ = ["COLUMNS", "LOCK_TIMEOUT", "Change", "LockBusy", "Note", "PostgresStore", "SqliteStore", "Store",
+           "StoreError", "describe_holder", "diff", "open_store"]

@@ -9,7 +9,10 @@ import contextlib
 import dataclasses
 import json
 import logging
+import multiprocessing
 import os
+import socket
+import sys
 import time
 from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
@@ -64,7 +67,10 @@ ADDED_COLUMNS = (("off_since", "{real} NOT NULL DEFAULT 0"),
 # the boot it belongs to) that means nothing to people and would clutter every entry.
 NOT_AUDITED = ("uuid", "version", "updated_at", "off_since", "boot_id")
 AUDIT_COLUMNS = ("id", "at", "uuid", "name", "host", "cause", "action", "old", "new", "reason")
-LOCK_TIMEOUT = 300.0
+# How long reconcile, stop and start wait for an instance lock (a sync does not wait at all:
+# ``try_locks``). Bounded, and well below the minutes a hung job would hold it: a wait that
+# fails says who holds the lock, so the operator can tell a long stop from a stuck job.
+LOCK_TIMEOUT = 30.0
 
 # Every statement, written once with ``?`` placeholders (the PostgreSQL backend turns them
 # into its driver's ``%s``; none of these statements holds a literal ``?`` or ``%``).
@@ -91,6 +97,37 @@ def sql_get_many(count: int) -> str:
 
 class StoreError(RuntimeError):
     """The store cannot be read or written; nothing may be decided without it."""
+
+
+class LockBusy(StoreError):
+    """A lock was not free within the time allowed; ``holder`` says who holds it (a dict with
+    ``pid``, ``host``, ``job``, ``since``), or is None when the holder has not said."""
+
+    def __init__(self, message: str, key: str, holder: Optional[dict]):
+        super().__init__(message)
+        self.key = key
+        self.holder = holder
+
+
+def _this_job() -> str:
+    """What this process is, for the lock files: a Salt job process is named after its job
+    (``ProcessPayload(jid=...)``); anything else by its command."""
+    name = multiprocessing.current_process().name
+    if name != "MainProcess":
+        return name
+    return " ".join([os.path.basename(sys.argv[0] if sys.argv and sys.argv[0] else "python"),
+                     *sys.argv[1:3]])
+
+
+def describe_holder(holder: Optional[dict]) -> str:
+    """``pid 1234 on h1 (vmpower.stop, since 12:00:01 UTC)``, from a lock's holder."""
+    if not holder:
+        return "a process that has not said who it is"
+    since = holder.get("since")
+    when = (time.strftime("%H:%M:%S UTC", time.gmtime(since))
+            if isinstance(since, (int, float)) else "?")
+    return (f"pid {holder.get('pid', '?')} on {holder.get('host', '?')} "
+            f"({holder.get('job') or 'unknown job'}, since {when})")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -173,6 +210,9 @@ class Store(abc.ABC):
     def __init__(self, location: str):
         self.path = location
         self._held: Dict[str, Any] = {}  # lock name -> what releases it
+        #: What the locks this store takes say about their holder's job; a caller may set it
+        #: to something more telling (``vmpower.stop web1``, with the Salt jid).
+        self.job = _this_job()
 
     def close(self) -> None:
         self._db.close()
@@ -206,6 +246,14 @@ class Store(abc.ABC):
     @abc.abstractmethod
     def _release(self, key: str, handle: Any) -> None:
         """Release a lock ``_try_lock`` took."""
+
+    @abc.abstractmethod
+    def _write_holder(self, key: str, handle: Any, holder: str) -> None:
+        """Leave ``holder`` (a JSON text) where others can read it while the lock is held."""
+
+    @abc.abstractmethod
+    def _read_holder(self, key: str) -> Optional[str]:
+        """What the holder of lock ``key`` left (``_write_holder``), or None."""
 
     # Reading
     def _query(self, sql: str, args: Iterable = ()) -> List[Sequence]:
@@ -297,7 +345,8 @@ class Store(abc.ABC):
 
     # Locks
     def lock(self, key: str, timeout: float = LOCK_TIMEOUT):
-        """Hold the cross-process lock named ``key`` (an instance UUID, or ``host-<id>``).
+        """Hold the cross-process lock named ``key`` (an instance UUID, or ``host-<id>``),
+        waiting at most ``timeout`` seconds for it; LockBusy names its holder otherwise.
 
         Its holder dying, however it dies, releases it. Not re-entrant: a store that holds a
         lock waits for it like anyone else.
@@ -306,36 +355,103 @@ class Store(abc.ABC):
 
     @contextlib.contextmanager
     def locks(self, keys: Iterable[str], timeout: float = LOCK_TIMEOUT) -> Iterator[None]:
-        """Hold several locks, taken in sorted order so that two holders cannot deadlock."""
+        """Hold several locks, taken in sorted order so that two holders cannot deadlock;
+        ``timeout`` bounds the whole wait."""
         taken: List[str] = []
+        deadline = time.monotonic() + timeout
         try:
             for key in sorted(set(keys)):
-                self._wait_for(key, timeout)
+                self._wait_for(key, deadline, timeout)
                 taken.append(key)
             yield
         finally:
-            for key in reversed(taken):
-                handle = self._held.pop(key)
-                try:
-                    self._release(key, handle)
-                except self._errors + (OSError,) as exc:  # a lost connection lost its locks too
-                    log.warning("vmpower: releasing the lock %r of %s: %s", key, self.path, exc)
+            self._release_all(taken)
 
-    def _wait_for(self, key: str, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
+    @contextlib.contextmanager
+    def try_locks(self, keys: Iterable[str]) -> Iterator[Tuple[List[str], Dict[str, Optional[dict]]]]:
+        """Take each of the locks ``keys`` that is free now, without waiting; yields
+        ``(held, busy)``: the keys now held (sorted) and, for each busy key, its holder (as in
+        LockBusy.holder). The held ones are released on leaving the block.
+
+        A sync uses it: a VM whose lock another job holds is left for later, not waited for.
+        A key this store holds already counts as busy (locks are not re-entrant).
+        """
+        held: List[str] = []
+        busy: Dict[str, Optional[dict]] = {}
+        try:
+            for key in sorted(set(keys)):
+                if key not in self._held and self._take(key):
+                    held.append(key)
+                else:
+                    busy[key] = self.holder(key)
+            yield held, busy
+        finally:
+            self._release_all(held)
+
+    def holder(self, key: str) -> Optional[dict]:
+        """Who holds lock ``key``, as its holder wrote it when it took it; None if unknown.
+        Only meaningful while the lock is held (a released lock says nothing)."""
+        if key in self._held:
+            return json.loads(self._holder_text(key))
+        try:
+            text = self._read_holder(key)
+        except self._errors + (OSError,) as exc:
+            log.debug("vmpower: cannot read the holder of the lock %r in %s: %s", key, self.path, exc)
+            return None
+        try:
+            holder = json.loads(text) if text else None
+        except ValueError:  # read while its holder was writing it
+            return None
+        return holder if isinstance(holder, dict) else None
+
+    def _holder_text(self, key: str) -> str:
+        return json.dumps({"key": key, "pid": os.getpid(), "host": socket.gethostname(),
+                           "job": self.job, "since": round(time.time(), 3)}, sort_keys=True)
+
+    def _take(self, key: str) -> bool:
+        """Try lock ``key`` once; True if it is held now."""
+        try:
+            handle = self._try_lock(key)
+        except self._errors + (OSError,) as exc:
+            raise StoreError(f"could not take the vmpower lock {key!r} in {self.path}: "
+                             f"{self._describe(exc)}") from exc
+        if handle is None:
+            return False
+        self._held[key] = handle
+        try:
+            self._write_holder(key, handle, self._holder_text(key))
+        except self._errors + (OSError,) as exc:  # the lock holds; only its label is missing
+            log.warning("vmpower: cannot record the holder of the lock %r in %s: %s", key,
+                        self.path, self._describe(exc))
+        return True
+
+    def _release_all(self, keys: List[str]) -> None:
+        for key in reversed(keys):
+            handle = self._held.pop(key)
+            try:
+                self._release(key, handle)
+            except self._errors + (OSError,) as exc:  # a lost connection lost its locks too
+                log.warning("vmpower: releasing the lock %r of %s: %s", key, self.path, exc)
+
+    def _what(self, key: str) -> str:
+        """What lock ``key`` protects, in words, for an error message."""
+        if key.startswith("host-"):
+            return f"the sync lock of minion {key[len('host-'):]}"
+        try:
+            record = self.get(key)
+        except StoreError:
+            record = None
+        return f"the instance lock of {record.name} ({key})" if record else f"the instance lock of {key}"
+
+    def _wait_for(self, key: str, deadline: float, timeout: float) -> None:
         pause = 0.001
         while True:
-            if key not in self._held:
-                try:
-                    handle = self._try_lock(key)
-                except self._errors + (OSError,) as exc:
-                    raise StoreError(f"could not take the vmpower lock {key!r} in {self.path}: "
-                                     f"{self._describe(exc)}") from exc
-                if handle is not None:
-                    self._held[key] = handle
-                    return
+            if key not in self._held and self._take(key):
+                return
             if time.monotonic() >= deadline:
-                raise StoreError(f"could not take the vmpower lock {key!r} within "
-                                 f"{timeout:.0f}s: another vmpower job holds it")
-            time.sleep(pause)
+                holder = self.holder(key) if key not in self._held else json.loads(self._holder_text(key))
+                raise LockBusy(f"could not take the vmpower lock {key!r} within {timeout:g}s: "
+                               f"{self._what(key)} is held by {describe_holder(holder)}",
+                               key, holder)
+            time.sleep(min(pause, max(0.0, deadline - time.monotonic())))
             pause = min(pause * 2, 0.05)

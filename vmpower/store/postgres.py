@@ -40,14 +40,18 @@ REAL = "DOUBLE PRECISION"
 # new one), in the same transaction and under the same advisory lock as the rest of the schema.
 MIGRATION = "".join(f"ALTER TABLE instances ADD COLUMN IF NOT EXISTS {name} {kind.format(real=REAL)};\n"
                     for name, kind in ADDED_COLUMNS)
+# Who holds each advisory lock (written by its holder when it takes it, deleted when it lets
+# go): pg_locks names only a backend, not the vmpower job behind it.
+HOLDERS = "CREATE TABLE IF NOT EXISTS lock_holders (key TEXT PRIMARY KEY, holder TEXT NOT NULL);\n"
 SCHEMA = TABLES.format(real=REAL,
-                       serial="BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY") + MIGRATION + f"""
+                       serial="BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY") + MIGRATION + HOLDERS + f"""
 CREATE OR REPLACE FUNCTION vmpower_audit_append_only() RETURNS trigger LANGUAGE plpgsql AS $$
     BEGIN RAISE EXCEPTION '{APPEND_ONLY}'; END $$;
 """ + "".join(f"DROP TRIGGER IF EXISTS {name} ON audit;\n"
               f"CREATE TRIGGER {name} {when} EXECUTE FUNCTION vmpower_audit_append_only();\n"
               for name, when in TRIGGERS.items())
-SCHEMA_READY = ("SELECT to_regclass('instances') IS NOT NULL AND (SELECT count(*) FROM pg_trigger "
+SCHEMA_READY = ("SELECT to_regclass('instances') IS NOT NULL AND to_regclass('lock_holders') IS NOT NULL "
+                "AND (SELECT count(*) FROM pg_trigger "
                 "WHERE tgrelid = to_regclass('audit') AND tgname IN "
                 f"({', '.join(repr(name) for name in TRIGGERS)})) = {len(TRIGGERS)} "
                 "AND (SELECT count(*) FROM pg_attribute WHERE attrelid = to_regclass('instances') "
@@ -145,5 +149,17 @@ class PostgresStore(Store):
         taken = self._db.execute("SELECT pg_try_advisory_lock(%s)", (ident,)).fetchone()[0]
         return ident if taken else None
 
+    def _write_holder(self, key: str, ident: int, holder: str) -> None:
+        self._db.execute("INSERT INTO lock_holders (key, holder) VALUES (%s, %s) "
+                         "ON CONFLICT (key) DO UPDATE SET holder = EXCLUDED.holder", (key, holder))
+
+    def _read_holder(self, key: str) -> Optional[str]:
+        row = self._db.execute("SELECT holder FROM lock_holders WHERE key = %s", (key,)).fetchone()
+        return row[0] if row else None
+
     def _release(self, key: str, ident: int) -> None:
-        self._db.execute("SELECT pg_advisory_unlock(%s)", (ident,))
+        try:
+            # Before letting go, so that it never deletes the next holder's row.
+            self._db.execute("DELETE FROM lock_holders WHERE key = %s", (key,))
+        finally:
+            self._db.execute("SELECT pg_advisory_unlock(%s)", (ident,))

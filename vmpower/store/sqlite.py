@@ -1,8 +1,9 @@
-"""The SQLite backend, the default: one file in the minion's cachedir.
+"""The SQLite backend, the default: one file, ``/var/lib/vmpower/records.sqlite`` unless configured.
 
 Crash-safe (WAL journal, full fsync on commit); writers take the database's write lock up front
 (``BEGIN IMMEDIATE``). Locks are flocks on files of their own in ``<path>.locks/``: the kernel
-releases them when their holder dies, however it dies.
+releases them when their holder dies, however it dies. The holder writes who it is (pid, host,
+job, since) into the lock file, so a wait that times out can name it.
 """
 
 from __future__ import annotations
@@ -77,9 +78,11 @@ class SqliteStore(Store):
     def _run_many(self, sql: str, rows: Sequence[Sequence]) -> None:
         self._db.executemany(sql, rows)
 
+    def _lock_path(self, key: str) -> str:
+        return os.path.join(self._lock_dir, key.replace("/", "_") + ".lock")
+
     def _try_lock(self, key: str) -> Optional[int]:
-        path = os.path.join(self._lock_dir, key.replace("/", "_") + ".lock")
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        fd = os.open(self._lock_path(key), os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -87,5 +90,20 @@ class SqliteStore(Store):
             return None
         return fd
 
+    def _write_holder(self, key: str, fd: int, holder: str) -> None:
+        # In the lock file itself, written only by the flock's holder.
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, holder.encode(), 0)
+
+    def _read_holder(self, key: str) -> Optional[str]:
+        try:
+            with open(self._lock_path(key)) as handle:
+                return handle.read()
+        except FileNotFoundError:
+            return None
+
     def _release(self, key: str, fd: int) -> None:
-        os.close(fd)  # releases the lock
+        try:
+            os.ftruncate(fd, 0)  # a released lock names no holder
+        finally:
+            os.close(fd)  # releases the lock
