@@ -146,8 +146,8 @@ def guest_prefix() -> str:
 
 @pytest.fixture
 def make_guest(request, conn, guest_dir, guest_prefix):
-    """``make_guest(kind, suffix="", start=True)`` defines (and starts) a lab guest named
-    ``<guest_prefix><test name>-<kind><suffix>`` and returns ``(Guest, virDomain)``; every
+    """``make_guest(kind, suffix="", start=True, **define_guest_args)`` defines (and starts) a
+    lab guest named ``<guest_prefix><test name>-<kind><suffix>`` and returns ``(Guest, virDomain)``; every
     guest of the test is removed afterwards.
 
     It uses the test's ``conn`` while that is alive, and a new connection once libvirtd was
@@ -169,9 +169,10 @@ def make_guest(request, conn, guest_dir, guest_prefix):
         opened.append(libvirt.open(LIBVIRT_URI))
         return opened[-1]
 
-    def make(kind: str, suffix: str = "", start: bool = True):
+    def make(kind: str, suffix: str = "", start: bool = True, **more):
         connected = connection()
-        guest = lab.define_guest(connected, f"{prefix}{kind}{suffix}", kind, guest_dir, start=start)
+        guest = lab.define_guest(connected, f"{prefix}{kind}{suffix}", kind, guest_dir,
+                                 start=start, **more)
         return guest, connected.lookupByUUIDString(guest.uuid)
 
     yield make
@@ -179,5 +180,69 @@ def make_guest(request, conn, guest_dir, guest_prefix):
     for connected in opened:
         try:
             connected.close()
+        except libvirt.libvirtError:
+            pass
+
+
+# ---------------------------------------------------------------------------------------------
+# Two hypervisor hosts on this machine (vmpower_lab.hosts), for live migration
+# ---------------------------------------------------------------------------------------------
+#: Guests on the lab hosts are named ``vmpower-m-<test>-<kind>`` (``make_host_guest``).
+HOST_GUEST_PREFIX = "vmpower-m-"
+
+#: How long the lab's hosts took to start, for the terminal summary of tests/real.
+LAB_TIMINGS: list = []
+
+
+@pytest.fixture(scope="session")
+def lab_hosts(libvirt_event_loop):
+    """Two lab hosts, ``hosta`` and ``hostb``: each a libvirtd of its own in its own mount and
+    UTS namespaces, reached at ``lab_hosts["hosta"].uri``; their guests' disks in
+    ``lab_hosts.disks``, which both see. Started once per session, stopped at its end (every
+    process of theirs with them)."""
+    import time
+
+    reason = lab.have_lab_prerequisites()
+    if reason:
+        pytest.skip(reason)
+    from vmpower_lab.hosts import TwoHostLab
+
+    began = time.monotonic()
+    hosts = TwoHostLab().start()
+    LAB_TIMINGS.append(f"two lab hosts started in {time.monotonic() - began:.2f} s")
+    try:
+        yield hosts
+    finally:
+        began = time.monotonic()
+        hosts.stop()
+        LAB_TIMINGS.append(f"two lab hosts stopped in {time.monotonic() - began:.2f} s")
+
+
+@pytest.fixture
+def make_host_guest(request, lab_hosts):
+    """``make_host_guest(host, kind, suffix="", start=True, **define_guest_args)`` defines (and
+    starts) a guest on lab host ``host`` (its name, e.g. ``"hosta"``), its disk in the shared
+    directory; returns ``(Guest, virDomain)`` on a connection of the test's own. Every guest
+    of the test, on every lab host, is removed afterwards."""
+    import libvirt
+
+    test_name = re.sub(r"[^A-Za-z0-9_.-]", "-", request.node.name.removeprefix("test_"))
+    prefix = f"{HOST_GUEST_PREFIX}{test_name}-"
+    conns = {}
+
+    def make(host: str, kind: str, suffix: str = "", start: bool = True, **more):
+        if host not in conns:
+            conns[host] = libvirt.open(lab_hosts[host].uri)
+        guest = lab.define_guest(conns[host], f"{prefix}{kind}{suffix}", kind, lab_hosts.disks,
+                                 start=start, **more)
+        return guest, conns[host].lookupByUUIDString(guest.uuid)
+
+    yield make
+    for host in lab_hosts:
+        if host.answers():
+            lab.remove_guests(host.uri, prefix)
+    for conn in conns.values():
+        try:
+            conn.close()
         except libvirt.libvirtError:
             pass

@@ -21,9 +21,11 @@ import logging
 import os
 import pwd
 import re
+import select
 import shutil
 import signal
 import subprocess
+import sys
 import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -38,7 +40,12 @@ QEMU_CONF = Path("/etc/libvirt/qemu.conf")
 QEMU_RUN_DIR = Path("/run/libvirt/qemu")
 VIRTLOGD_SOCKET = Path("/run/libvirt/virtlogd-sock")
 
-GUEST_KINDS = ("acpi", "stubborn", "selfstop")
+GUEST_KINDS = ("acpi", "stubborn", "selfstop", "panic", "selfpanic")
+
+#: Guests that crash through the pvpanic ISA device at this port (``<panic model='isa'>``):
+#: libvirt then reports CRASHED/PANICKED and handles it as the domain's ``<on_crash>`` says.
+PANIC_KINDS = ("panic", "selfpanic")
+PVPANIC_PORT = 0x505
 
 # Every boot sector writes this at guest-physical READY_ADDRESS once it runs (for "acpi": once
 # the power-button event is enabled). A power-button press that arrives earlier is dropped by
@@ -112,7 +119,7 @@ class LibvirtDaemon:
 
         if not _pids("virtlogd"):
             log.info("starting virtlogd")
-            subprocess.run(["virtlogd", "-d"], check=True)
+            _start_reaped(["virtlogd", "-d"], self.timeout)
             self.started_virtlogd = True
             # libvirtd only connects to virtlogd when a domain starts; waiting for the socket
             # here means a domain started right after start() cannot race virtlogd's startup.
@@ -127,7 +134,7 @@ class LibvirtDaemon:
             # Pin the log file: without systemd or a tty libvirtd's default output depends on
             # how it was built, and the error message below quotes this file.
             env.setdefault("LIBVIRT_LOG_OUTPUTS", f"3:file:{self.log_path}")
-            subprocess.run(["libvirtd", "-d"], check=True, env=env)
+            _start_reaped(["libvirtd", "-d"], self.timeout, env)
             self.started_libvirtd = True
 
         deadline = time.monotonic() + self.timeout
@@ -153,6 +160,9 @@ class LibvirtDaemon:
         if force or self.started_virtlogd:
             _terminate("virtlogd", self.timeout)
             self.started_virtlogd = False
+        for reaper in list(_REAPERS):  # those left with no daemon and no guest have exited
+            if reaper.poll() is not None:
+                _REAPERS.remove(reaper)
 
     def kill(self) -> None:
         """SIGKILL libvirtd (only libvirtd, not virtlogd nor guests) to simulate a crash."""
@@ -189,6 +199,35 @@ class LibvirtDaemon:
         except subprocess.TimeoutExpired:
             return False  # A daemon that accepts but never replies is not up either.
         return result.returncode == 0
+
+
+#: The reapers started so far, kept so each is waited for once it exits (no zombie, and no
+#: "still running" warning from a Popen collected early).
+_REAPERS: list[subprocess.Popen] = []
+
+
+def _start_reaped(command: list[str], timeout: float, env: dict | None = None) -> None:
+    """Run a daemon's start command under a child subreaper of this process
+    (:mod:`vmpower_lab.reaper`), so that the daemon and the QEMU processes it forks away are
+    reaped as they exit, not whenever PID 1 gets to it (1.2-2.4 s on every destroy or guest
+    shutdown here). The reaper outlives this process if need be, as the daemons do.
+
+    Raises RuntimeError when the command fails, as ``subprocess.run(check=True)`` did.
+    """
+    from vmpower_lab import reaper
+
+    for old in list(_REAPERS):
+        if old.poll() is not None:
+            _REAPERS.remove(old)
+    proc = subprocess.Popen([sys.executable, reaper.SCRIPT, "--", *command], env=env,
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    _REAPERS.append(proc)
+    ready, _, _ = select.select([proc.stdout], [], [], timeout)
+    status = proc.stdout.readline().strip() if ready else f"no answer within {timeout:.0f} s"
+    proc.stdout.close()
+    if status != reaper.STARTED:
+        raise RuntimeError(f"{' '.join(command)} did not start: {status}")
 
 
 def ensure_qemu_account(name: str = QEMU_ACCOUNT) -> bool:
@@ -253,9 +292,21 @@ def configure_qemu_conf(path: Path = QEMU_CONF) -> bool:
 
 
 def _pids(name: str) -> list[int]:
-    """Pids of live (not zombie) processes named exactly ``name``."""
+    """Pids of live (not zombie) processes named exactly ``name`` in this mount namespace.
+
+    A libvirtd of a lab host (``vmpower_lab.hosts``) runs in a mount namespace of its own with
+    its own /run/libvirt: it is not this machine's libvirtd, and must not be taken for it.
+    """
     result = subprocess.run(["pgrep", "-x", name], capture_output=True, text=True, check=False)
-    return [int(pid) for pid in result.stdout.split() if _alive(int(pid))]
+    return [int(pid) for pid in result.stdout.split()
+            if _alive(int(pid)) and _same_mount_namespace(int(pid))]
+
+
+def _same_mount_namespace(pid: int) -> bool:
+    try:
+        return os.readlink(f"/proc/{pid}/ns/mnt") == os.readlink("/proc/self/ns/mnt")
+    except OSError:
+        return False  # gone meanwhile
 
 
 def _alive(pid: int) -> bool:
@@ -328,6 +379,13 @@ _POWER_OFF = [
     (b"\xb8\x00\x20", "mov ax, 0x2000         ; SLP_EN, SLP_TYP 0 = soft off"),
     (b"\xef", "out dx, ax             ; QEMU powers the machine off here"),
 ]
+# pvpanic (QEMU's ISA panic device, port 0x505): writing bit 0 (PANICKED) is a guest kernel
+# panic as far as QEMU and libvirt are concerned.
+_PANIC = [
+    (b"\xba\x05\x05", "mov dx, 0x505          ; pvpanic ISA port"),
+    (b"\xb0\x01", "mov al, 1              ; PVPANIC_PANICKED"),
+    (b"\xee", "out dx, al             ; QEMU reports GUEST_PANICKED here"),
+]
 _HALT_FOREVER = [
     (b"\xf4", "halt: hlt"),
     (b"\xeb\xfd", "jmp halt               ; -3"),
@@ -377,14 +435,22 @@ _BOOT_CODE = {
         *_HALT_FOREVER,
     ],
 }
+# Crash (pvpanic) where "acpi" and "selfstop" power off: on the ACPI power button, so a test
+# says when ("panic"); about 2 s after boot, unasked ("selfpanic"). Same code up to there.
+_BOOT_CODE["panic"] = [*_BOOT_CODE["acpi"][:-len(_POWER_OFF) - len(_HALT_FOREVER)], *_PANIC,
+                       *_HALT_FOREVER]
+_BOOT_CODE["selfpanic"] = [*_BOOT_CODE["selfstop"][:-len(_POWER_OFF) - len(_HALT_FOREVER)],
+                           *_PANIC, *_HALT_FOREVER]
 
 
 def boot_sector(kind: str) -> bytes:
-    """The 512-byte MBR for a guest of ``kind``: ``"acpi"``, ``"stubborn"`` or ``"selfstop"``.
+    """The 512-byte MBR for a guest of ``kind`` (one of :data:`GUEST_KINDS`).
 
     - ``acpi`` powers off when the ACPI power button is pressed (``virsh shutdown``);
     - ``stubborn`` ignores ACPI, so only ``virsh destroy`` stops it;
-    - ``selfstop`` powers itself off about two seconds after boot, with no outside request.
+    - ``selfstop`` powers itself off about two seconds after boot, with no outside request;
+    - ``panic`` panics (pvpanic) when the ACPI power button is pressed;
+    - ``selfpanic`` panics about two seconds after boot, unasked.
 
     Each writes :data:`READY_MARKER` at :data:`READY_ADDRESS` once it is running.
     """
@@ -422,7 +488,7 @@ _DOMAIN_XML = """\
   </features>
   <on_poweroff>destroy</on_poweroff>
   <on_reboot>restart</on_reboot>
-  <on_crash>destroy</on_crash>
+  <on_crash>{on_crash}</on_crash>
   <devices>
     <disk type='file' device='disk'>
       <driver name='qemu' type='raw'/>
@@ -430,12 +496,20 @@ _DOMAIN_XML = """\
       <target dev='hda' bus='ide'/>
     </disk>
     <controller type='usb' model='none'/>
-    <memballoon model='none'/>
+    <memballoon model='none'/>{panic}
   </devices>
 </domain>
 """
 
 IMAGE_SIZE = 1024 * 1024
+
+#: What libvirt may do when a guest crashes (the domain's ``<on_crash>``).
+ON_CRASH = ("destroy", "restart", "preserve", "rename-restart", "coredump-destroy",
+            "coredump-restart")
+_PANIC_DEVICE = """
+    <panic model='isa'>
+      <address type='isa' iobase='0x505'/>
+    </panic>"""
 
 
 def _connect(conn_or_uri):
@@ -454,14 +528,19 @@ def define_guest(
     workdir: Path = DEFAULT_WORKDIR,
     memory_mib: int = 32,
     start: bool = True,
+    on_crash: str = "destroy",
 ) -> Guest:
     """Define a persistent guest of ``kind`` (see :func:`boot_sector`), and start it if asked.
 
     Its disk is ``workdir/<name>.img``, a 1 MiB raw image holding the boot sector; each guest
     gets its own because QEMU locks a writable image. The domain is TCG (type ``qemu``, works
     without /dev/kvm), machine ``pc``, 1 vCPU, ACPI, no network and no graphics; it is destroyed
-    on power-off and on crash. ``conn_or_uri`` is a libvirt connection or a URI.
+    on power-off, and on crash as ``on_crash`` says (default ``destroy``; ``preserve`` leaves
+    it ``crashed``). Guests of :data:`PANIC_KINDS` get the pvpanic device they write to.
+    ``conn_or_uri`` is a libvirt connection or a URI.
     """
+    if on_crash not in ON_CRASH:
+        raise ValueError(f"unknown on_crash {on_crash!r}; expected one of {ON_CRASH}")
     sector = boot_sector(kind)
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -471,7 +550,8 @@ def define_guest(
         f.truncate(IMAGE_SIZE)
 
     domain_xml = _DOMAIN_XML.format(
-        name=escape(name), memory_mib=int(memory_mib), image=quoteattr(str(image.resolve()))
+        name=escape(name), memory_mib=int(memory_mib), image=quoteattr(str(image.resolve())),
+        on_crash=on_crash, panic=_PANIC_DEVICE if kind in PANIC_KINDS else "",
     )
     conn, owned = _connect(conn_or_uri)
     try:

@@ -86,9 +86,13 @@ class LifecycleRecorder:
 
 
 def pytest_terminal_summary(terminalreporter):
-    if not _OBSERVED:
+    from tests.conftest import LAB_TIMINGS
+
+    if not _OBSERVED and not LAB_TIMINGS:
         return
     terminalreporter.section("observed on the real libvirtd")
+    for line in LAB_TIMINGS:
+        terminalreporter.write_line(line)
     for case, lines in _OBSERVED.items():
         for line in lines:
             terminalreporter.write_line(f"{case}: {line}")
