@@ -1,17 +1,34 @@
-"""The decision table, cell by cell: every vm_state x power_state, locks, hosts and pillar."""
+"""The decision table, cell by cell: every vm_state x power_state, locks, hosts and pillar.
 
+The table's answers are those for a VM known off for at least ``stop_grace`` (a non-stale
+``stopped`` event says so); what a sync that sees the VM off for the first time does (it
+waits) is tested cell by cell too. The new rules of issue 8 are in test_rules_fleet.py.
+"""
+
+import dataclasses
 import itertools
 
 import pytest
 
-from vmpower.core.model import LiveState, PowerState as P, Record, VmState as V
-from vmpower.core.rules import RESTART_RESET_AFTER, Action, adopt, decide
+from vmpower.core.model import OFF as OFF_STATES
+from vmpower.core.model import LiveState, Record, Transition
+from vmpower.core.model import PowerState as P
+from vmpower.core.model import VmState as V
+from vmpower.core.rules import RESTART_RESET_AFTER, Action, Facts, adopt, decide
 from vmpower.core.settings import InstancePolicy, OnCrash, OnGuestShutdown, Settings, parse_instance
 
 HOST = "minion-a"
 NOW = 1_000_000.0
 SETTINGS = Settings()
 DEFAULT = InstancePolicy()
+BOOT = "boot-1"
+CLOCK = 5_000.0  # the host's monotonic clock now
+# The facts a sync has read (libvirt's default <on_crash>, no migration, this boot).
+SYNC = Facts(clock=CLOCK, boot_id=BOOT, on_crash="destroy", migrating=False)
+# ... and those of a reconcile for a non-stale stopped event: off for stop_grace at least.
+KNOWN_OFF = dataclasses.replace(SYNC, event=Transition.STOPPED)
+# Keys of ``observed`` that keep the off spell's books, tested in test_rules_fleet.py.
+BOOKKEEPING = {"off_since", "boot_id", "off_reason"}
 
 # The spec's rules 4-8 restated as data: (vm_state, live power) -> (action, vm_state after,
 # warning). Cells not listed do nothing.
@@ -38,7 +55,7 @@ CELLS = list(itertools.product(V, P, P))  # vm_state, recorded power, live power
 
 def record(vm_state=V.ACTIVE, power=P.RUNNING, **kw):
     fields = dict(uuid="u-1", name="vm1", host=HOST, vm_state=vm_state, power_state=power,
-                  version=3)
+                  version=3, boot_id=BOOT)
     fields.update(kw)
     return Record(**fields)
 
@@ -47,19 +64,69 @@ def live(power, reason=None):
     return LiveState(power, reason or REASON_FOR.get(power, "unknown"))
 
 
+def event_facts(power):
+    """The facts of a reconcile for the (non-stale) event that brought the domain there."""
+    return dataclasses.replace(SYNC, event=Transition.STOPPED if power in OFF_STATES else None)
+
+
+def changes(decision):
+    """``observed`` without the off spell's bookkeeping."""
+    return {k: v for k, v in decision.observed.items() if k not in BOOKKEEPING}
+
+
+def nothing(decision):
+    return decision.action is Action.NONE and not decision.observed and not decision.outcome
+
+
 @pytest.mark.parametrize("vm_state,recorded,power", CELLS)
 def test_every_vm_state_and_power_state_pair(vm_state, recorded, power):
-    decision = decide(record(vm_state, recorded), live(power), HOST, DEFAULT, SETTINGS, NOW)
+    decision = decide(record(vm_state, recorded), live(power), HOST, DEFAULT, SETTINGS, NOW,
+                      facts=event_facts(power))
     action, vm_after, warning = EXPECTED.get((vm_state, power), (Action.NONE, None, False))
     assert decision.action is action, decision.reason
     assert decision.outcome.get("vm_state") is vm_after
     assert decision.warning is warning
-    assert not decision.skipped
+    assert not decision.skipped and decision.retry_in is None
     # Rule 3: the truth is written whenever it differs, and only then.
-    assert decision.observed == ({"power_state": power} if power is not recorded else {})
+    assert changes(decision) == ({"power_state": power} if power is not recorded else {})
     # Rule 5 re-reads before stopping a VM that is meant to run.
     assert decision.recheck is (vm_state is V.ACTIVE and power in (P.SHUTDOWN, P.CRASHED))
     assert decision.reason
+
+
+# Cells whose answer acts on (or records the end of) a VM that went off: held by the grace.
+HELD = {(V.ACTIVE, P.SHUTDOWN), (V.ACTIVE, P.CRASHED), (V.PAUSED, P.SHUTDOWN),
+        (V.PAUSED, P.CRASHED)}
+
+
+@pytest.mark.parametrize("vm_state,recorded,power", CELLS)
+def test_every_cell_as_a_sync_first_sees_it(vm_state, recorded, power):
+    """No event: a VM that went off since the record was written has been off for no time
+    known, so every decision that would act on it waits for stop_grace (issue 8 req 3)."""
+    went_off = power in OFF_STATES and recorded not in OFF_STATES
+    decision = decide(record(vm_state, recorded), live(power), HOST, DEFAULT, SETTINGS, NOW,
+                      facts=SYNC)
+    assert changes(decision) == ({"power_state": power} if power is not recorded else {})
+    if went_off and (vm_state, power) in HELD:
+        assert nothing(dataclasses.replace(decision, observed={}))
+        assert decision.retry_in == SETTINGS.stop_grace and "waiting 15s more" in decision.reason
+        assert decision.observed["off_since"] == CLOCK  # first seen off now, on this clock
+    else:
+        action, vm_after, warning = EXPECTED.get((vm_state, power), (Action.NONE, None, False))
+        if (vm_state, power) in HELD:  # recorded off already, but since when is not known
+            action, vm_after = Action.NONE, None
+        assert decision.action is action and decision.outcome.get("vm_state") is vm_after
+
+
+@pytest.mark.parametrize("vm_state,power", sorted(HELD))
+@pytest.mark.parametrize("off_for", [0.0, 14.0, 15.0, 600.0])
+def test_a_vm_known_off_for_stop_grace_is_acted_on(vm_state, power, off_for):
+    rec = record(vm_state, power, off_since=CLOCK - off_for)
+    decision = decide(rec, live(power), HOST, DEFAULT, SETTINGS, NOW, facts=SYNC)
+    if off_for >= SETTINGS.stop_grace:
+        assert decision.action is Action.POWER_OFF and decision.retry_in is None
+    else:
+        assert nothing(decision) and decision.retry_in == SETTINGS.stop_grace - off_for
 
 
 @pytest.mark.parametrize("vm_state,recorded,power", CELLS)
@@ -76,9 +143,14 @@ def test_task_state_means_nothing_at_all(vm_state, recorded, power, where):
 @pytest.mark.parametrize("vm_state,recorded,power", CELLS)
 def test_a_vm_recorded_on_another_host_is_left_alone(vm_state, recorded, power):
     decision = decide(record(vm_state, recorded, host="minion-b"), live(power), HOST, DEFAULT,
-                      SETTINGS, NOW)
-    assert decision.skipped and not decision.changes_anything
-    assert "minion-b" in decision.reason
+                      SETTINGS, NOW, facts=event_facts(power))
+    if power is P.RUNNING and recorded is not P.RUNNING:
+        # Ownership follows the running domain: its recorded owner does not run it (req 1).
+        assert decision.observed["host"] == HOST and "migrated from minion-b" in decision.reason
+        assert not decision.skipped
+    else:
+        assert decision.skipped and nothing(decision)
+        assert "minion-b" in decision.reason
 
 
 @pytest.mark.parametrize("vm_state,power", list(itertools.product(V, P)))
@@ -86,14 +158,14 @@ def test_unmanaged_vms_are_recorded_but_never_acted_on(vm_state, power):
     policy = InstancePolicy(managed=False)
     decision = decide(record(vm_state, P.RUNNING), live(power), HOST, policy, SETTINGS, NOW)
     assert decision.action is Action.NONE and not decision.outcome
-    assert decision.observed == ({"power_state": power} if power is not P.RUNNING else {})
+    assert changes(decision) == ({"power_state": power} if power is not P.RUNNING else {})
     assert "managed: false" in decision.reason
 
 
 def test_bad_pillar_takes_the_vm_out_of_vmpowers_hands():
     decision = decide(record(V.STOPPED), live(P.RUNNING), HOST, DEFAULT, SETTINGS, NOW,
                       pillar_error="vmpower:instances:vm1:vm_state must be one of ...")
-    assert decision.skipped and not decision.changes_anything
+    assert decision.skipped and nothing(decision)
     assert "bad pillar" in decision.reason
 
 
@@ -107,20 +179,21 @@ def test_pillar_pin_overrides_and_rewrites_the_recorded_vm_state():
 
 class TestGuestShutdownPolicies:
     def test_stop_is_the_default_and_says_why(self):
-        decision = decide(record(), live(P.SHUTDOWN, "shutdown"), HOST, DEFAULT, SETTINGS, NOW)
+        decision = decide(record(), live(P.SHUTDOWN, "shutdown"), HOST, DEFAULT, SETTINGS, NOW,
+                          facts=KNOWN_OFF)
         assert decision.action is Action.POWER_OFF
         assert decision.outcome == {"vm_state": V.STOPPED}
         assert "shut down" in decision.reason and "on_guest_shutdown=stop" in decision.reason
 
     def test_ignore_records_the_truth_and_nothing_else(self):
         policy = InstancePolicy(on_guest_shutdown=OnGuestShutdown.IGNORE)
-        decision = decide(record(), live(P.SHUTDOWN), HOST, policy, SETTINGS, NOW)
+        decision = decide(record(), live(P.SHUTDOWN), HOST, policy, SETTINGS, NOW, facts=KNOWN_OFF)
         assert decision.action is Action.NONE and not decision.outcome
-        assert decision.observed == {"power_state": P.SHUTDOWN}
+        assert changes(decision) == {"power_state": P.SHUTDOWN}
 
     def test_restart_policy_starts_it_and_counts(self):
         policy = InstancePolicy(on_guest_shutdown=OnGuestShutdown.RESTART)
-        decision = decide(record(), live(P.SHUTDOWN), HOST, policy, SETTINGS, NOW)
+        decision = decide(record(), live(P.SHUTDOWN), HOST, policy, SETTINGS, NOW, facts=KNOWN_OFF)
         assert decision.action is Action.START
         assert decision.outcome == {"restart_count": 1, "last_restart_at": NOW}
 
@@ -128,10 +201,12 @@ class TestGuestShutdownPolicies:
                                               (P.SHUTDOWN, "failed")])
     def test_a_crash_follows_on_crash_not_on_guest_shutdown(self, power, reason):
         restart_on_shutdown = InstancePolicy(on_guest_shutdown=OnGuestShutdown.RESTART)
-        decision = decide(record(), live(power, reason), HOST, restart_on_shutdown, SETTINGS, NOW)
+        decision = decide(record(), live(power, reason), HOST, restart_on_shutdown, SETTINGS, NOW,
+                          facts=KNOWN_OFF)
         assert decision.action is Action.POWER_OFF and "on_crash=stop" in decision.reason
         restart_on_crash = InstancePolicy(on_crash=OnCrash.RESTART)
-        decision = decide(record(), live(power, reason), HOST, restart_on_crash, SETTINGS, NOW)
+        decision = decide(record(), live(power, reason), HOST, restart_on_crash, SETTINGS, NOW,
+                          facts=KNOWN_OFF)
         assert decision.action is Action.START and "crashed" in decision.reason
 
 
@@ -141,7 +216,7 @@ class TestPinnedActive:
     @pytest.mark.parametrize("power,reason", [(P.SHUTDOWN, "shutdown"), (P.SHUTDOWN, "crashed"),
                                               (P.CRASHED, "panicked")])
     def test_it_is_started_again_after_shutdown_or_crash(self, power, reason):
-        decision = decide(record(), live(power, reason), HOST, self.policy, SETTINGS, NOW)
+        decision = decide(record(), live(power, reason), HOST, self.policy, SETTINGS, NOW, facts=KNOWN_OFF)
         assert decision.action is Action.START and decision.recheck
         assert "pillar pins vm_state=active" in decision.reason
 
@@ -150,39 +225,41 @@ class TestPinnedActive:
         # The second restart waits 10 s after the first, the third 20 s after the second.
         for restarts, delay in ((1, 10), (2, 20), (3, 40)):
             rec = record(power=P.SHUTDOWN, restart_count=restarts, last_restart_at=NOW)
-            early = decide(rec, live(P.SHUTDOWN), HOST, self.policy, settings, NOW + delay - 1)
+            early = decide(rec, live(P.SHUTDOWN), HOST, self.policy, settings, NOW + delay - 1,
+                           facts=KNOWN_OFF)
             assert early.action is Action.NONE and "backs off" in early.reason
-            due = decide(rec, live(P.SHUTDOWN), HOST, self.policy, settings, NOW + delay)
+            due = decide(rec, live(P.SHUTDOWN), HOST, self.policy, settings, NOW + delay, facts=KNOWN_OFF)
             assert due.action is Action.START
             assert due.outcome["restart_count"] == restarts + 1
 
     def test_the_limit_turns_it_to_error(self):
         settings = Settings(restart_limit=3)
         rec = record(power=P.SHUTDOWN, restart_count=3, last_restart_at=NOW - 10_000)
-        decision = decide(rec, live(P.SHUTDOWN), HOST, self.policy, settings, NOW)
+        decision = decide(rec, live(P.SHUTDOWN), HOST, self.policy, settings, NOW, facts=KNOWN_OFF)
         assert decision.action is Action.NONE and decision.warning
         assert decision.outcome == {"vm_state": V.ERROR}
         # ...and error is hands off from then on.
         errored = decide(rec.replace(vm_state=V.ERROR), live(P.SHUTDOWN), HOST, DEFAULT,
-                         settings, NOW)
+                         settings, NOW, facts=KNOWN_OFF)
         assert errored.action is Action.NONE and not errored.outcome
 
     def test_a_vm_that_keeps_running_earns_its_count_back(self):
         rec = record(restart_count=2, last_restart_at=NOW - RESTART_RESET_AFTER)
-        decision = decide(rec, live(P.RUNNING), HOST, self.policy, SETTINGS, NOW)
+        decision = decide(rec, live(P.RUNNING), HOST, self.policy, SETTINGS, NOW, facts=SYNC)
         assert decision.observed == {"restart_count": 0}
         recent = rec.replace(last_restart_at=NOW - 1)
-        assert not decide(recent, live(P.RUNNING), HOST, self.policy, SETTINGS, NOW).observed
+        assert not decide(recent, live(P.RUNNING), HOST, self.policy, SETTINGS, NOW,
+                          facts=SYNC).observed
 
 
 @pytest.mark.parametrize("power,vm_state", [(P.RUNNING, V.ACTIVE), (P.PAUSED, V.PAUSED),
                                             (P.SUSPENDED, V.SUSPENDED), (P.SHUTDOWN, V.STOPPED),
                                             (P.CRASHED, V.STOPPED), (P.NOSTATE, V.STOPPED)])
 def test_a_new_domain_adopts_its_vm_state_from_its_power_state(power, vm_state):
-    rec = adopt("u-9", "new", HOST, live(power), DEFAULT, NOW)
+    rec = adopt("u-9", "new", HOST, live(power), DEFAULT, NOW, SYNC)
     assert (rec.vm_state, rec.power_state, rec.host, rec.task_state) == (vm_state, power, HOST, "")
     # An adopted record is in sync with what it was adopted from.
-    assert not decide(rec, live(power), HOST, DEFAULT, SETTINGS, NOW).changes_anything
+    assert nothing(decide(rec, live(power), HOST, DEFAULT, SETTINGS, NOW, facts=SYNC))
 
 
 def test_a_domain_seen_while_libvirt_starts_it_is_adopted_active():

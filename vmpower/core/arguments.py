@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from typing import Any, Optional
 
-from vmpower.core.model import Transition, parse_enum
+from vmpower.core.model import Transition, VmState, parse_enum
 from vmpower.core.settings import ConfigError, normalize_uuid
 
 
@@ -55,3 +55,22 @@ def transition(value: Any) -> Optional[Transition]:
         return parse_enum(Transition, value, "transition")
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
+
+
+def vm_state(value: Any) -> Optional[VmState]:
+    if value is None or value == "":
+        return None
+    try:
+        return parse_enum(VmState, value, "vm_state")
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def word(value: Any, what: str) -> str:
+    """A short word such as an event's reason (``host_shutdown``); "" for none."""
+    if value is None:
+        return ""
+    if not isinstance(value, str) or len(value) > 64 or not value.replace("_", "").isalnum() \
+            and value != "":
+        raise ConfigError(f"{what} must be a word such as host_shutdown, not {value!r}")
+    return value

@@ -10,7 +10,7 @@ import dataclasses
 import functools
 from typing import Dict, Optional, Tuple
 
-from vmpower.core.model import LiveState, PowerState, Transition
+from vmpower.core.model import OFF_OR_GONE, LiveState, PowerState, Transition
 
 # virDomainEventType -> (libvirt's name, transition or None, {detail: (detail name, reason)}).
 # A None transition is an event that changes no power state (DEFINED, UNDEFINED) or only
@@ -74,8 +74,8 @@ EXPECTED_POWER: Dict[Transition, frozenset] = {
     Transition.RESUMED: frozenset({PowerState.RUNNING}),
     Transition.PAUSED: frozenset({PowerState.PAUSED}),
     Transition.SUSPENDED: frozenset({PowerState.SUSPENDED}),
-    Transition.STOPPED: frozenset({PowerState.SHUTDOWN, PowerState.CRASHED, PowerState.NOSTATE}),
-    Transition.CRASHED: frozenset({PowerState.CRASHED, PowerState.SHUTDOWN, PowerState.NOSTATE}),
+    Transition.STOPPED: OFF_OR_GONE,
+    Transition.CRASHED: OFF_OR_GONE,
 }
 
 

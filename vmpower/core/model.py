@@ -20,7 +20,13 @@ class PowerState(str, enum.Enum):
 
     @property
     def is_off(self) -> bool:
-        return self in (PowerState.SHUTDOWN, PowerState.CRASHED)
+        return self in OFF
+
+
+# The one spelling of "off": a domain that exists but does not run (shut off, or crashed)...
+OFF = frozenset({PowerState.SHUTDOWN, PowerState.CRASHED})
+# ...and "off or gone": also a domain libvirt no longer knows, or has no state for.
+OFF_OR_GONE = OFF | {PowerState.NOSTATE}
 
 
 class VmState(str, enum.Enum):
@@ -123,7 +129,9 @@ class Record(NamedTuple):
     (``/proc/sys/kernel/random/boot_id``) when ``power_state``/``off_since`` were last written,
     so a monotonic value from another boot or host is never trusted. ``task_owner`` says who
     set a vmpower ``task_state``: a JSON text ``{"host", "boot_id", "pid", "start_time",
-    "since"}`` (``vmpower.hostinfo``), "" for none. A tuple, because a sync
+    "since"}`` (``vmpower.hostinfo``), "" for none. ``off_reason`` is why vmpower believes the
+    domain went off, when libvirt's state cannot say it later: ``host_shutdown`` (the host
+    asked: libvirt-guests, ``virsh shutdown``, a reboot), "" otherwise. A tuple, because a sync
     reads one per domain of the host, and a tuple is several times cheaper to build than a
     frozen dataclass.
     """
@@ -141,9 +149,14 @@ class Record(NamedTuple):
     off_since: float = 0.0
     boot_id: str = ""
     task_owner: str = ""
+    off_reason: str = ""
 
     def replace(self, **changes) -> "Record":
         return self._replace(**changes)
+
+    def updated(self, at: float, **changes) -> "Record":
+        """The next version of this record, written at ``at``: the one place a version is bumped."""
+        return self._replace(**changes, version=self.version + 1, updated_at=at)
 
 
 def now() -> float:

@@ -1,23 +1,47 @@
 """The decision table: what to do when the record and the hypervisor disagree.
 
 This is Nova's ``_sync_instance_power_state`` as one pure function, plus the operator's pillar
-(pins, locks, ``managed: false``, shutdown and crash policies, restart back-off). It reads
-nothing and changes nothing: the caller reads the live state, asks, and carries the answer out.
+(pins, locks, ``managed: false``, shutdown and crash policies, restart back-off) and what a
+fleet does every day (live migration, host shutdown and boot, interrupted operations, renames,
+libvirt's own crash handling, the grace before believing a VM went off). It reads nothing and
+changes nothing: the caller reads the live state and the ``Facts``, asks, and carries the
+answer out.
+
+Order of the checks, the safest first: bad pillar, a pillar lock, a migration in progress and a
+task_state leave the VM alone entirely (no write); then ownership (another host's VM is left
+alone, unless it runs here and its owner does not run it); then a domain that lives elsewhere
+(shut off ``migrated``/``saved``) is recorded only; then the table of rules 4-8, where every
+action on a VM that went off waits for ``stop_grace`` and a host's shutdown or libvirt's own
+crash handling is recorded, not acted on.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import enum
+import json
 from typing import Mapping, Optional
 
-from vmpower.core.model import LiveState, PowerState, Record, VmState
-from vmpower.core.settings import InstancePolicy, OnCrash, OnGuestShutdown, Settings
+from vmpower.core.model import (
+    OFF,
+    OFF_OR_GONE,
+    LiveState,
+    PowerState,
+    Record,
+    Transition,
+    VmState,
+)
+from vmpower.core.settings import (
+    InstancePolicy,
+    OnCrash,
+    OnGuestShutdown,
+    OnHostShutdown,
+    Settings,
+)
 
 # vm_states whose VM is in someone else's hands (rule 4): record the truth, do nothing more.
 HANDS_OFF = frozenset({VmState.BUILDING, VmState.RESCUED, VmState.RESIZED, VmState.SUSPENDED,
                        VmState.ERROR, VmState.SHELVED})
-OFF_OR_GONE = frozenset({PowerState.NOSTATE, PowerState.SHUTDOWN, PowerState.CRASHED})
 
 # A VM pinned active that has run this long since its last automatic restart starts its
 # restart count afresh.
@@ -33,6 +57,24 @@ ADOPTED_VM_STATE = {
     PowerState.NOSTATE: VmState.STOPPED,
 }
 
+# libvirt's state reasons (``mapping.DOMAIN_STATES``) and event reasons that the rules read.
+# libvirt starts every domain paused (QEMU runs with -S) and resumes it once it is set up; a
+# domain seen in that moment, paused with this reason, is being started, not paused by anyone.
+STARTING_UP = "starting_up"
+MIGRATION = "migration"    # paused: an outgoing (or the end of an incoming) migration
+MIGRATED = "migrated"      # shut off: it was migrated away; started/resumed: it came by migration
+SAVED = "saved"            # shut off: it lives in a save file (virsh save, managedsave)
+LIVES_ELSEWHERE = frozenset({MIGRATED, SAVED})
+HOST_SHUTDOWN = "host_shutdown"  # the event reason of a shutdown the host asked for
+FAILED = "failed"          # shut off: QEMU was killed or failed; not a guest crash
+UNDEFINED = "undefined"    # the reason of model.GONE: libvirt no longer knows the domain
+
+# libvirt's ``<on_crash>`` actions with which libvirt handles a guest crash itself; ``destroy``
+# (libvirt's default) leaves the domain off and the decision to vmpower.
+LIBVIRT_HANDLES_CRASH = frozenset({"preserve", "restart", "rename-restart", "coredump-destroy",
+                                   "coredump-restart"})
+LIBVIRT_DEFAULT_ON_CRASH = "destroy"
+
 
 class Action(str, enum.Enum):
     """What to do to the domain itself."""
@@ -43,13 +85,49 @@ class Action(str, enum.Enum):
 
 
 @dataclasses.dataclass(frozen=True)
+class Facts:
+    """What the shell read about the host and the domain besides the record and live state.
+
+    ``clock`` and ``boot_id`` are this host's monotonic clock and boot id now: the grace is
+    measured on them, and a record written in another boot is known to be. ``name`` is the
+    domain's live name ("" when it is gone or unknown). ``event`` and ``event_reason`` are
+    those of the lifecycle event being reconciled, already checked not stale. The last three
+    are read only when a decision needs them (a sync reads them under the instance lock of the
+    few VMs that change); ``None`` means "not read", and a decision that needs one asks for a
+    ``recheck``:
+
+    ``migrating``
+        libvirt reports an active migration job for the domain.
+    ``on_crash``
+        the domain's ``<on_crash>`` action; "" when it could not be read.
+    ``owner_alive``
+        whether the process named in the record's ``task_owner`` still runs (False: it is
+        dead, or its host rebooted).
+    """
+
+    clock: float = 0.0
+    boot_id: str = ""
+    name: str = ""
+    event: Optional[Transition] = None
+    event_reason: str = ""
+    migrating: Optional[bool] = None
+    on_crash: Optional[str] = None
+    owner_alive: Optional[bool] = None
+
+
+NO_FACTS = Facts()
+
+
+@dataclasses.dataclass(frozen=True)
 class Decision:
     """The answer for one VM.
 
     ``observed`` is written whatever happens next (it is the truth just read); ``outcome`` is
     written only once ``action`` has succeeded. ``recheck`` asks the caller to read the live
-    state again, uncached, and decide again if it changed, before acting (rule 5).
-    ``skipped`` marks a VM vmpower must not touch at all (locks, another host, bad pillar).
+    state (and any ``Facts`` not read yet) again, uncached, under the instance lock, and decide
+    again before acting or writing. ``skipped`` marks a VM vmpower must not touch at all
+    (locks, another host, bad pillar, a migration in progress). ``retry_in`` says the decision
+    must be taken again that many seconds from now (a grace or a restart back-off running).
     """
 
     action: Action
@@ -59,53 +137,238 @@ class Decision:
     recheck: bool = False
     skipped: bool = False
     warning: bool = False
-
-    @property
-    def changes_anything(self) -> bool:
-        return self.action is not Action.NONE or bool(self.observed) or bool(self.outcome)
-
-
-# libvirt starts every domain paused (QEMU runs with -S) and resumes it once it is set up; a
-# domain seen in that moment, paused with this reason, is being started, not paused by anyone.
-STARTING_UP = "starting_up"
-
-
-def adopt(uuid: str, name: str, host: str, live: LiveState, policy: InstancePolicy,
-          at: float) -> Record:
-    """The record of a domain seen for the first time: its vm_state follows what it does,
-    unless pillar pins it."""
-    if live.power_state is PowerState.PAUSED and live.reason == STARTING_UP:
-        adopted = VmState.ACTIVE
-    else:
-        adopted = ADOPTED_VM_STATE[live.power_state]
-    vm_state = policy.vm_state or adopted
-    return Record(uuid=uuid, name=name, host=host, vm_state=vm_state,
-                  power_state=live.power_state, updated_at=at)
+    retry_in: Optional[float] = None
 
 
 def _skip(reason: str) -> Decision:
     return Decision(Action.NONE, reason, skipped=True)
 
 
+def owner_text(task_owner: str) -> str:
+    """A ``task_owner`` JSON text in words: "pid 123 on host-a", or "an unknown process"."""
+    try:
+        owner = json.loads(task_owner) if task_owner else {}
+    except ValueError:
+        owner = {}
+    if not isinstance(owner, dict) or not owner:
+        return "an unknown process"
+    return f"pid {owner.get('pid', '?')} on {owner.get('host') or 'an unknown host'}"
+
+
+def mid_migration(live: LiveState, facts: Facts) -> Optional[str]:
+    """Why the domain is in the middle of a migration, incoming or outgoing, or None."""
+    if facts.migrating:
+        return "libvirt reports a migration job running"
+    if live.power_state is PowerState.PAUSED and live.reason == MIGRATION:
+        return "paused by a migration"
+    if (live.power_state is PowerState.PAUSED and live.reason == STARTING_UP
+            and facts.event_reason == MIGRATED):
+        return "arriving by migration"
+    return None
+
+
+def lives_elsewhere(live: LiveState) -> bool:
+    """A domain shut off because it was migrated away or saved to a file: it lives elsewhere."""
+    return live.power_state in OFF and live.reason in LIVES_ELSEWHERE
+
+
+def not_to_record(live: LiveState, policy: InstancePolicy, pillar_error: Optional[str],
+                  facts: Facts = NO_FACTS) -> Optional[str]:
+    """Why a domain seen for the first time must not even be recorded, or None.
+
+    Bad pillar; a pillar lock (rule 1: nothing at all); a migration in progress (the domain
+    is not ours yet, and may never be).
+    """
+    if pillar_error:
+        return f"bad pillar, nothing done: {pillar_error}"
+    if policy.task_state:
+        return f"task_state={policy.task_state} is set in pillar: not even recorded"
+    migrating = mid_migration(live, facts)
+    if migrating:
+        return f"in the middle of a migration ({migrating}): not recorded until it ends"
+    return None
+
+
+def adopt(uuid: str, name: str, host: str, live: LiveState, policy: InstancePolicy,
+          at: float, facts: Facts = NO_FACTS) -> Record:
+    """The record of a domain seen for the first time: its vm_state follows what it does,
+    unless pillar pins it.
+
+    A domain shut off because it migrated away or was saved lives elsewhere: it is recorded
+    ``active`` (it runs there, so it is not powered off when it returns), and one migrated
+    away is owned by no host (``host`` ""). Its off-spell bookkeeping starts now.
+    """
+    if live.power_state is PowerState.PAUSED and live.reason == STARTING_UP:
+        adopted = VmState.ACTIVE
+    elif lives_elsewhere(live):
+        adopted = VmState.ACTIVE
+    else:
+        adopted = ADOPTED_VM_STATE[live.power_state]
+    if lives_elsewhere(live) and live.reason == MIGRATED:
+        host = ""
+    off = live.power_state in OFF
+    return Record(uuid=uuid, name=name, host=host, vm_state=policy.vm_state or adopted,
+                  power_state=live.power_state, updated_at=at, version=1,
+                  off_since=facts.clock if off else 0.0, boot_id=facts.boot_id)
+
+
+def adoption_reason(record: Record, live: LiveState, policy: InstancePolicy) -> str:
+    """The audit reason of ``adopt``'s record, for people."""
+    reason = (f"first seen {live.power_state.value}: vm_state={record.vm_state.value}"
+              + (" (pinned by pillar)" if policy.vm_state else " (adopted)"))
+    if lives_elsewhere(live):
+        reason += f"; shut off here because it was {live.reason}: it lives elsewhere"
+    return reason
+
+
+def refuse_power(name: str, record: Optional[Record], policy: InstancePolicy,
+                 pillar_error: Optional[str], wanted: VmState,
+                 owner_alive: Optional[bool] = None, live: Optional[LiveState] = None,
+                 host: str = "") -> Optional[str]:
+    """Why a stop (``wanted`` stopped) or a start (active) must not be done, or None.
+
+    A task_state whose owner is known to be gone does not refuse: the operation takes over,
+    and its own task_state replaces the stale one (audited). Nothing is started that lives
+    elsewhere (migrated away from here, or owned by a host that runs it).
+    """
+    if pillar_error:
+        return f"{name}: {pillar_error}"
+    if not policy.managed:
+        return f"{name} is managed: false in pillar: vmpower does not act on it"
+    if policy.vm_state not in (None, wanted):
+        # The next sync would undo it: refuse rather than fight the operator's pin.
+        return (f"{name}: pillar pins vm_state={policy.vm_state.value}, "
+                f"so it cannot be made {wanted.value}")
+    if policy.task_state:
+        return (f"{name} has task_state={policy.task_state} (pillar): vmpower leaves it alone "
+                f"until that is cleared")
+    if record is not None and record.task_state and not (record.task_owner and owner_alive is False):
+        return (f"{name} has task_state={record.task_state}: vmpower leaves it alone until that "
+                f"is cleared (vmpower.reset_state clears one vmpower set)")
+    if live is not None and wanted is VmState.ACTIVE and live.power_state in OFF \
+            and live.reason == MIGRATED:
+        return (f"{name} was migrated away from here (shut off, reason migrated): it runs "
+                f"elsewhere; start it there, or migrate it back")
+    if (record is not None and host and record.host not in ("", host)
+            and record.power_state is PowerState.RUNNING):
+        return (f"{name}: the record says it runs on {record.host}, not {host}: vmpower does "
+                f"not act on it here")
+    return None
+
+
+@dataclasses.dataclass(frozen=True)
+class Reset:
+    """What ``vmpower.reset_state`` writes (``fields``) and why, or why it refuses."""
+
+    fields: Mapping[str, object]
+    reason: str
+    refused: bool = False
+
+
+def reset(record: Record, live: LiveState, policy: InstancePolicy,
+          vm_state: Optional[VmState] = None) -> Reset:
+    """The operator's way out, as Nova's reset-state: clear a task_state vmpower set (whether
+    its owner is gone or not: the operator says so), and leave ``error``.
+
+    ``vm_state`` sets it; without it a VM in ``error`` takes the vm_state its power state
+    means (running -> active, shut off -> stopped) and any other vm_state is kept. Leaving
+    ``error`` (or setting a vm_state) starts the restart count afresh. A pillar task_state is
+    the operator's own lock: vmpower never clears it.
+    """
+    if policy.task_state:
+        return Reset({}, f"task_state={policy.task_state} is set in pillar: vmpower never clears "
+                         f"it; remove it from pillar", refused=True)
+    if vm_state is not None and policy.vm_state not in (None, vm_state):
+        return Reset({}, f"pillar pins vm_state={policy.vm_state.value}: it cannot be reset to "
+                         f"{vm_state.value}", refused=True)
+    fields: dict = {}
+    notes = []
+    if record.task_state:
+        fields.update(task_state="", task_owner="")
+        notes.append(f"task_state={record.task_state} (set by {owner_text(record.task_owner)}) "
+                     f"cleared")
+    target = vm_state
+    if target is None and record.vm_state is VmState.ERROR:
+        target = policy.vm_state or ADOPTED_VM_STATE[live.power_state]
+    if target is not None and target is not record.vm_state:
+        fields["vm_state"] = target
+        notes.append(f"vm_state {record.vm_state.value} -> {target.value}")
+    if target is not None and (record.restart_count or record.last_restart_at):
+        fields.update(restart_count=0, last_restart_at=0.0)
+        notes.append("restart count reset")
+    if not fields:
+        return Reset({}, "nothing to reset: no task_state, and vm_state is not error")
+    return Reset(fields, "reset by the operator: " + "; ".join(notes))
+
+
+def autostart_warning(policy: InstancePolicy, autostart: Optional[bool]) -> Optional[str]:
+    """A warning when libvirt's autostart contradicts the pinned vm_state, or None."""
+    if autostart is None or policy.vm_state is None:
+        return None
+    if policy.vm_state is VmState.ACTIVE and not autostart:
+        return ("pillar pins vm_state=active but libvirt's autostart is off: after a host "
+                "reboot nothing starts it (vmpower does not restart a VM the host shut down)")
+    if policy.vm_state is VmState.STOPPED and autostart:
+        return ("pillar pins vm_state=stopped but libvirt's autostart is on: libvirt starts it "
+                "at every boot and vmpower powers it off again")
+    return None
+
+
 def decide(record: Record, live: LiveState, host: str, policy: InstancePolicy,
-           settings: Settings, at: float, pillar_error: Optional[str] = None) -> Decision:
-    """Decide what to do about one VM, given its record and its live state read just now."""
+           settings: Settings, at: float, pillar_error: Optional[str] = None,
+           facts: Facts = NO_FACTS) -> Decision:
+    """Decide what to do about one VM, given its record and its live state read just now.
+
+    ``at`` is the wall clock (restart back-off); the grace runs on ``facts.clock``.
+    """
     if pillar_error:
         return _skip(f"bad pillar, nothing done: {pillar_error}")
-    task_state = policy.task_state or record.task_state
-    if task_state:
-        source = "pillar" if policy.task_state else "record"
-        return _skip(f"task_state={task_state} ({source}) is set: hands off until it clears")
-    if record.host != host:
-        return _skip(f"the record says the VM lives on {record.host}, not {host}: hands off")
+    if policy.task_state:
+        return _skip(f"task_state={policy.task_state} (pillar) is set: hands off until it clears")
+    migrating = mid_migration(live, facts)
+    if migrating:
+        return _skip(f"in the middle of a migration ({migrating}): hands off until it ends")
 
-    power = live.power_state
     observed: dict = {}
     notes = []
+    if record.task_state:
+        if not (record.task_owner and facts.owner_alive is False):
+            return _skip(f"task_state={record.task_state} (record) is set: hands off until it "
+                         f"clears")
+        # vmpower's own operation died (process killed, host rebooted): nothing will clear it.
+        observed.update(task_state="", task_owner="")
+        notes.append(f"task_state={record.task_state} was set by "
+                     f"{owner_text(record.task_owner)}, which is gone: cleared")
+
+    power = live.power_state
+    owner = record.host
+    if owner != host:
+        if power is PowerState.RUNNING and (not owner or record.power_state is not PowerState.RUNNING
+                                            or live.reason == MIGRATED):
+            # Ownership follows the running domain: its recorded owner does not run it, or
+            # libvirt says it runs here because it was migrated here (state reason, not an
+            # event's claim: the record may not know yet that the source let go).
+            observed["host"] = host
+            notes.append(f"migrated from {owner or 'no host'}: it runs on {host}")
+            if policy.vm_state is None and record.vm_state is not VmState.ACTIVE:
+                # Taken as a first sight is (req 1): a VM that runs here is not powered off
+                # because another host last recorded it stopped.
+                observed["vm_state"] = VmState.ACTIVE
+                notes.append(f"vm_state {record.vm_state.value} -> active: it runs")
+        elif lives_elsewhere(live):
+            return Decision(Action.NONE, f"shut off here because it was {live.reason}; the "
+                            f"record says it lives on {owner or 'no host'}: nothing to do")
+        else:
+            return _skip(f"the record says the VM lives on {owner or 'no host'}, not {host}: "
+                         f"hands off")
+
+    if facts.name and facts.name != record.name:
+        observed["name"] = facts.name
+        notes.append(f"renamed {record.name} -> {facts.name}")
     if power is not record.power_state:
         observed["power_state"] = power
         notes.append(f"power_state {record.power_state.value} -> {power.value}")
-    vm_state = record.vm_state
+    vm_state = observed.get("vm_state", record.vm_state)
     if policy.vm_state is not None and policy.vm_state is not vm_state:
         observed["vm_state"] = policy.vm_state
         notes.append(f"pillar pins vm_state={policy.vm_state.value}")
@@ -114,6 +377,26 @@ def decide(record: Record, live: LiveState, host: str, policy: InstancePolicy,
             and at - record.last_restart_at >= RESTART_RESET_AFTER):
         observed["restart_count"] = 0
         notes.append(f"ran {RESTART_RESET_AFTER:.0f}s since its last restart: restart count reset")
+
+    elsewhere = lives_elsewhere(live)
+    off = power in OFF and not elsewhere
+    off_for = _off_spell(record, live, facts, settings, observed, off)
+    host_shutdown = off and _host_shut_down(record, facts)
+    if host_shutdown and record.off_reason != HOST_SHUTDOWN:
+        observed["off_reason"] = HOST_SHUTDOWN
+
+    if elsewhere:
+        if live.reason == MIGRATED and observed.get("host", owner) == host:
+            observed["host"] = ""  # the source lets go: the host where it runs takes it
+            notes.append(f"migrated away from {host}")
+        seen = "; ".join(notes) + ": " if notes else ""
+        where = "elsewhere" if live.reason == MIGRATED else "in a save file"
+        return Decision(Action.NONE, f"{seen}shut off here because it was {live.reason}: it lives "
+                        f"{where}; never restarted, never recorded stopped", observed)
+    if live.reason == UNDEFINED and owner == host and "host" not in observed:
+        observed["host"] = ""  # no longer defined here: whoever runs it may take it
+        notes.append(f"no longer defined on {host}: let go")
+
     seen = "; ".join(notes) + ": " if notes else ""
 
     def result(action=Action.NONE, why="", outcome=None, **flags) -> Decision:
@@ -126,8 +409,9 @@ def decide(record: Record, live: LiveState, host: str, policy: InstancePolicy,
         return result(why=f"vm_state={vm_state.value}: nothing more to do")
 
     if vm_state is VmState.ACTIVE:
-        if power.is_off:
-            return _active_but_off(record, live, policy, settings, at, result)
+        if off:
+            return _active_but_off(record, live, policy, settings, at, facts, off_for,
+                                   host_shutdown, result)
         if power is PowerState.SUSPENDED:
             return result(Action.POWER_OFF, "vm_state=active but the guest is suspended: "
                           "stopping it", {"vm_state": VmState.STOPPED})
@@ -143,9 +427,12 @@ def decide(record: Record, live: LiveState, host: str, policy: InstancePolicy,
         return result(why=f"vm_state=stopped and power_state={power.value}: in sync")
 
     if vm_state is VmState.PAUSED:
-        if power.is_off:
-            return result(Action.POWER_OFF, f"vm_state=paused but the domain is {power.value} "
-                          f"({live.reason}): stopping it", {"vm_state": VmState.STOPPED})
+        if off:
+            what = f"vm_state=paused but the domain is {power.value} ({live.reason})"
+            held = _held(what, live, facts, host_shutdown, policy, off_for, settings, result)
+            if held:
+                return held
+            return result(Action.POWER_OFF, f"{what}: stopping it", {"vm_state": VmState.STOPPED})
         return result(why=f"vm_state=paused and power_state={power.value}: nothing to do")
 
     # VmState.DELETED
@@ -155,17 +442,92 @@ def decide(record: Record, live: LiveState, host: str, policy: InstancePolicy,
     return result(why=f"vm_state=deleted and power_state={power.value}: in sync")
 
 
+def _off_spell(record: Record, live: LiveState, facts: Facts, settings: Settings,
+               observed: dict, off: bool) -> float:
+    """How long the domain has been known off (seconds on this host's monotonic clock), and
+    the bookkeeping of its off spell into ``observed``.
+
+    The record's ``off_since`` is trusted only from this boot of this host (``boot_id``) and
+    for a record that says off: anything else starts the spell now. A non-stale
+    ``stopped``/``crashed`` event counts as ``stop_grace`` at least: the beacon held it back
+    that long. While the domain runs (or is paused, suspended) the spell is over, and the
+    record learns it was seen alive in this boot.
+    """
+    if off:
+        trusted = (record.off_since > 0 and facts.boot_id and record.boot_id == facts.boot_id
+                   and record.power_state in OFF and record.off_since <= facts.clock)
+        if trusted:
+            off_for = facts.clock - record.off_since
+        else:
+            observed.update(off_since=facts.clock, boot_id=facts.boot_id)
+            off_for = 0.0
+        if facts.event in (Transition.STOPPED, Transition.CRASHED):
+            off_for = max(off_for, settings.stop_grace)
+        return off_for
+    if live.power_state is not PowerState.NOSTATE and live.power_state not in OFF:
+        if record.off_since or record.off_reason:
+            observed.update(off_since=0.0, off_reason="")
+        if facts.boot_id and record.boot_id != facts.boot_id:
+            observed["boot_id"] = facts.boot_id
+    return 0.0
+
+
+def _host_shut_down(record: Record, facts: Facts) -> bool:
+    """Whether the host, not the guest, shut the domain down: the event says the host asked,
+    an earlier decision said so, or the record was last written in an earlier boot of this
+    host (the host went down with it)."""
+    return (facts.event_reason == HOST_SHUTDOWN or record.off_reason == HOST_SHUTDOWN
+            or bool(facts.boot_id and record.boot_id and record.boot_id != facts.boot_id))
+
+
+def _held(what: str, live: LiveState, facts: Facts, host_shutdown: bool,
+          policy: InstancePolicy, off_for: float, settings: Settings, result) -> Optional[Decision]:
+    """The reasons not to act (yet) on a VM that went off, in order, or None to go on."""
+    if host_shutdown and policy.on_host_shutdown is OnHostShutdown.IGNORE:
+        return result(why=f"{what}, shut down by the host (a host shutdown or reboot, "
+                          f"libvirt-guests, virsh shutdown): recorded only, vm_state kept "
+                          f"(on_host_shutdown=ignore); it is in sync when the host starts it")
+    if live.is_crash and live.reason != FAILED:
+        if facts.on_crash is None:
+            return result(why=f"{what}: libvirt's <on_crash> not read yet", recheck=True)
+        if facts.on_crash in LIBVIRT_HANDLES_CRASH:
+            return result(why=f"{what}: libvirt handles the crash itself "
+                              f"(<on_crash>{facts.on_crash}</on_crash>): recorded, nothing done")
+        if facts.on_crash != LIBVIRT_DEFAULT_ON_CRASH:
+            return result(why=f"{what}: libvirt's <on_crash> could not be read "
+                              f"({facts.on_crash or 'unknown'}): recorded, nothing done",
+                          warning=True)
+    if off_for < settings.stop_grace:
+        left = settings.stop_grace - off_for
+        return result(why=f"{what}, off for {off_for:.0f}s: waiting {left:.0f}s more before "
+                          f"acting (stop_grace={settings.stop_grace:g}s; a hard reboot "
+                          f"comes back meanwhile)", retry_in=left)
+    return None
+
+
 def _active_but_off(record: Record, live: LiveState, policy: InstancePolicy,
-                    settings: Settings, at: float, result) -> Decision:
+                    settings: Settings, at: float, facts: Facts, off_for: float,
+                    host_shutdown: bool, result) -> Decision:
     """Rule 5 for a VM meant to run whose guest is off: stop, restart or ignore, per pillar."""
     what = "crashed" if live.is_crash else "shut down"
     off = f"vm_state=active but the guest {what} (libvirt reason: {live.reason})"
+    if host_shutdown and policy.on_host_shutdown is OnHostShutdown.STOP:
+        off = f"vm_state=active but the host shut the guest down (libvirt reason: {live.reason})"
+    if not live.is_crash and not host_shutdown and policy.on_guest_shutdown is OnGuestShutdown.IGNORE:
+        return result(why=f"{off}: left as it is (on_guest_shutdown=ignore)")
+    held = _held(off, live, facts, host_shutdown, policy, off_for, settings, result)
+    if held:
+        return held
+    if host_shutdown:  # on_host_shutdown=stop: the host's shutdown is the operator's intent
+        return result(Action.POWER_OFF, f"{off}: recording it as stopped (on_host_shutdown=stop)",
+                      {"vm_state": VmState.STOPPED}, recheck=True)
     if live.is_crash:
         wants_restart = policy.on_crash is OnCrash.RESTART
         policy_text = f"on_crash={policy.on_crash.value}"
+        if live.reason == FAILED:
+            policy_text += ("; QEMU was killed or failed, not a guest crash libvirt's "
+                            "<on_crash> handles")
     else:
-        if policy.on_guest_shutdown is OnGuestShutdown.IGNORE:
-            return result(why=f"{off}: left as it is (on_guest_shutdown=ignore)")
         wants_restart = policy.on_guest_shutdown is OnGuestShutdown.RESTART
         policy_text = f"on_guest_shutdown={policy.on_guest_shutdown.value}"
     if policy.vm_state is VmState.ACTIVE:
@@ -183,7 +545,7 @@ def _active_but_off(record: Record, live: LiveState, policy: InstancePolicy,
     wait = settings.restart_delay(restarts) - (at - record.last_restart_at)
     if wait > 0:
         return result(Action.NONE, f"{off}: restart {restarts + 1} of {settings.restart_limit} "
-                      f"backs off for {wait:.0f}s more; a later sync restarts it")
+                      f"backs off for {wait:.0f}s more; retried then", retry_in=wait)
     return result(Action.START, f"{off}: starting it again, restart {restarts + 1} of "
                   f"{settings.restart_limit} ({policy_text})",
                   {"restart_count": restarts + 1, "last_restart_at": at}, recheck=True)

@@ -20,6 +20,7 @@ DEFAULT_SYNC_INTERVAL = 600  # Nova's sync_power_state_interval default
 DEFAULT_RESTART_LIMIT = 5
 DEFAULT_RESTART_BACKOFF = 10.0
 MAX_RESTART_BACKOFF = 600.0
+DEFAULT_STOP_GRACE = 15.0  # Nova's hard-coded delay before it believes a VM went off
 
 UUID_RE = re.compile(r"^[0-9a-fA-F]{8}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{12}$")
 
@@ -39,6 +40,19 @@ class OnCrash(str, enum.Enum):
     RESTART = "restart"
 
 
+class OnHostShutdown(str, enum.Enum):
+    """What a shutdown the host asked for means (libvirt-guests, ``virsh shutdown``, a reboot).
+
+    ``ignore`` (default): record the power state, keep vm_state, never act, so the VM is in
+    sync again when libvirt-guests or autostart brings it back (Nova bug 1444630: the host's
+    own shutdown is not the operator's intent). ``stop``: take it as the operator's intent,
+    as a guest shutdown under ``on_guest_shutdown: stop`` is (vm_state=stopped).
+    """
+
+    IGNORE = "ignore"
+    STOP = "stop"
+
+
 @dataclasses.dataclass(frozen=True)
 class InstancePolicy:
     """Pillar ``vmpower:instances:<name or uuid>``: the operator's word on one VM."""
@@ -48,6 +62,7 @@ class InstancePolicy:
     managed: bool = True
     on_guest_shutdown: OnGuestShutdown = OnGuestShutdown.STOP
     on_crash: OnCrash = OnCrash.STOP
+    on_host_shutdown: OnHostShutdown = OnHostShutdown.IGNORE
 
 
 DEFAULT_POLICY = InstancePolicy()
@@ -61,6 +76,7 @@ class Settings:
     sync_interval: int = DEFAULT_SYNC_INTERVAL
     restart_limit: int = DEFAULT_RESTART_LIMIT
     restart_backoff: float = DEFAULT_RESTART_BACKOFF
+    stop_grace: float = DEFAULT_STOP_GRACE
     instances: Mapping[str, InstancePolicy] = dataclasses.field(default_factory=dict)
     instance_errors: Mapping[str, str] = dataclasses.field(default_factory=dict)
 
@@ -135,7 +151,8 @@ def _store(raw: Mapping) -> str:
     return store
 
 
-INSTANCE_KEYS = ("vm_state", "task_state", "managed", "on_guest_shutdown", "on_crash")
+INSTANCE_KEYS = ("vm_state", "task_state", "managed", "on_guest_shutdown", "on_crash",
+                 "on_host_shutdown")
 
 
 def parse_instance(key: str, raw: Any) -> InstancePolicy:
@@ -155,6 +172,8 @@ def parse_instance(key: str, raw: Any) -> InstancePolicy:
         on_guest_shutdown = parse_enum(OnGuestShutdown, raw.get("on_guest_shutdown", "stop"),
                                        f"{where}:on_guest_shutdown")
         on_crash = parse_enum(OnCrash, raw.get("on_crash", "stop"), f"{where}:on_crash")
+        on_host_shutdown = parse_enum(OnHostShutdown, raw.get("on_host_shutdown", "ignore"),
+                                      f"{where}:on_host_shutdown")
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     task_state = raw.get("task_state") or ""
@@ -170,8 +189,13 @@ def parse_instance(key: str, raw: Any) -> InstancePolicy:
             if value not in (None, "restart"):
                 raise ConfigError(f"{where}: vm_state active means the VM is restarted, "
                                   f"so {field}: {value} contradicts it")
+        if on_host_shutdown is OnHostShutdown.STOP:
+            # Pinned active: a host's shutdown never makes it stopped; the host brings it back.
+            raise ConfigError(f"{where}: vm_state active means the VM must run, so "
+                              f"on_host_shutdown: stop contradicts it")
         on_guest_shutdown, on_crash = OnGuestShutdown.RESTART, OnCrash.RESTART
-    return InstancePolicy(vm_state, task_state, managed, on_guest_shutdown, on_crash)
+    return InstancePolicy(vm_state, task_state, managed, on_guest_shutdown, on_crash,
+                          on_host_shutdown)
 
 
 def merge(*layers: Any) -> Any:
@@ -216,6 +240,7 @@ def parse_settings(raw: Optional[Mapping]) -> Settings:
         sync_interval=_number(raw, "sync_interval", DEFAULT_SYNC_INTERVAL, int, 1),
         restart_limit=_number(raw, "restart_limit", DEFAULT_RESTART_LIMIT, int, 0),
         restart_backoff=_number(raw, "restart_backoff", DEFAULT_RESTART_BACKOFF, float, 0),
+        stop_grace=_number(raw, "stop_grace", DEFAULT_STOP_GRACE, float, 0),
         instances=instances,
         instance_errors=errors,
     )
@@ -230,7 +255,7 @@ def normalize_uuid(value: Any) -> str:
 
 
 # The beacon's configuration (``beacons:vmpower``), as Salt passes it to validate() and beacon().
-DEFAULT_STOP_GRACE = 15.0  # Nova's hard-coded delay before it believes a STOPPED event
+# (DEFAULT_STOP_GRACE, at the top, is the beacon's default too.)
 DEFAULT_QUEUE_SIZE = 10000
 DEFAULT_KEEPALIVE_INTERVAL = 5
 DEFAULT_KEEPALIVE_COUNT = 3
