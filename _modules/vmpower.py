@@ -11,11 +11,18 @@ config or pillar under ``vmpower:`` (pillar wins):
       uri: qemu:///system        # libvirt URI
       stop_timeout: 60           # graceful shutdown before power-off, seconds
       sync_interval: 600         # the periodic safety-net sync, seconds
+      stop_grace: 15             # no path acts on a VM that went off less than this ago
       instances:
         web1:
           vm_state: active       # pinned: restarted after a guest shutdown or crash
         db1:
           task_state: maintenance  # hands off while set
+        app1:
+          on_host_shutdown: ignore  # (default) a host's shutdown is not the operator's intent
+
+A decision that must be taken again later (a grace or a restart back-off running) is retried
+on time: the result says ``retry_at`` (epoch seconds), and the minion's scheduler runs a
+``vmpower.sync`` then (the one-shot job ``vmpower-wakeup``).
 """
 
 import logging
@@ -56,6 +63,22 @@ def _run(operation, *args, **kwargs):
             return getattr(ops, operation)(*args, **kwargs)
     except minion.ERRORS as exc:
         raise CommandExecutionError(f"vmpower.{operation}: {exc}") from exc
+
+
+def _wake_up_for(result):
+    """Ask the minion's scheduler for a sync at the result's ``retry_at``, if it has one.
+
+    A failure to ask is logged, never raised: the periodic sync is the safety net.
+    """
+    retry_at = result.get("retry_at") if isinstance(result, dict) else None
+    if retry_at is None:
+        return result
+    try:
+        minion.schedule_wakeup(__opts__, retry_at,
+                               lambda data, tag: __salt__["event.fire"](data, tag))
+    except Exception as exc:  # pylint: disable=broad-except
+        log.warning("vmpower: could not schedule the sync due at %s: %s", retry_at, exc)
+    return result
 
 
 def _check(check, *args):
@@ -148,26 +171,33 @@ def start(name):
     return _run("start", _check(arguments.target, name))
 
 
-def reconcile(uuid, transition=None):
+def reconcile(uuid, transition=None, reason=None):
     """
     Decide about one domain on its live state, as a lifecycle event asks.
 
     The event is only a trigger: the decision is made on what libvirt says now, and an event
-    whose transition no longer matches the live state is dropped as stale.
+    whose transition no longer matches the live state is dropped as stale. A VM still within
+    ``stop_grace`` of going off, or in a restart back-off, is decided again at ``retry_at``.
 
     uuid
         The domain's UUID.
     transition
         What the event claimed: started, stopped, paused, resumed, suspended or crashed.
+    reason
+        The event's reason (``host_shutdown``, ``migrated``...): a hint the rules weigh
+        (a shutdown the host asked for follows ``on_host_shutdown``).
 
     CLI Example:
 
     .. code-block:: bash
 
         salt '*' vmpower.reconcile uuid=6695eb01-f6a4-8304-79aa-97f2502e193f transition=stopped
+        salt '*' vmpower.reconcile uuid=6695eb01-f6a4-8304-79aa-97f2502e193f \
+            transition=stopped reason=host_shutdown
     """
-    return _run("reconcile", _check(arguments.uuid, uuid),
-                _check(arguments.transition, transition))
+    return _wake_up_for(_run("reconcile", _check(arguments.uuid, uuid),
+                             _check(arguments.transition, transition),
+                             reason=_check(arguments.word, reason, "reason")))
 
 
 def sync():
@@ -175,7 +205,9 @@ def sync():
     Check every domain and record of this host against the rules, as Nova's periodic
     power-state sync does, with one bulk libvirt listing.
 
-    Returns ``{host, checked, updated, actions, skipped, warnings, took}``.
+    Returns ``{host, checked, updated, actions, skipped, warnings, busy, took}``, and
+    ``retry_at`` when a decision is due again later. A VM whose instance lock another job
+    holds is not waited for: it is listed under ``busy`` and the rest are synced.
 
     CLI Example:
 
@@ -183,7 +215,31 @@ def sync():
 
         salt '*' vmpower.sync
     """
-    return _run("sync")
+    return _wake_up_for(_run("sync"))
+
+
+def reset_state(name, vm_state=None):
+    """
+    The operator's way out, as Nova's reset-state: clear a ``task_state`` vmpower set (an
+    interrupted ``vmpower.stop``, say) and take a VM out of ``error``. Audited.
+
+    A ``task_state`` set in pillar is the operator's own lock: vmpower never clears it.
+
+    name
+        The domain's name or UUID.
+    vm_state
+        The vm_state to set (``active``, ``stopped``...). Without it, a VM in ``error`` takes
+        the vm_state its power state means (running: active, shut off: stopped).
+
+    CLI Example:
+
+    .. code-block:: bash
+
+        salt '*' vmpower.reset_state web1
+        salt '*' vmpower.reset_state web1 vm_state=active
+    """
+    return _run("reset_state", _check(arguments.target, name),
+                _check(arguments.vm_state, vm_state))
 
 
 def history(name, limit=None):

@@ -1,64 +1,162 @@
-"""What vmpower does on one host: reconcile, sync, stop and start, over the rules and the store.
+"""What vmpower does on one host: reconcile, sync, stop, start and reset_state, over the rules
+and the store.
 
-This is the shell around the pure core: it reads live state through ``Hypervisor``, asks
-``rules.decide``, carries the answer out and records it. It knows nothing of Salt, so the
-execution module, the states, the tests and the benchmarks all drive the same code.
+This is the shell around the pure core: it reads live state and the facts the rules need
+(``rules.Facts``: this host's boot and monotonic clock, a migration job, ``<on_crash>``,
+whether a task's owner still runs) through ``Hypervisor`` and ``hostinfo``, asks the core,
+carries the answer out and records it. It knows nothing of Salt, so the execution module, the
+states, the tests and the benchmarks all drive the same code.
 
-Concurrency: every write to one record is compare-and-set on its version, and anything that
-acts on a domain holds that instance's lock, re-reads and decides again first. A decision
-that writes nothing takes no lock at all, which keeps a sync of thousands of VMs cheap.
+Concurrency: every write to an existing record is made under that instance's lock, from the
+record re-read under it, and is compare-and-set on its version: an action can never lose its
+compare-and-set to a sync. (A first record is an insert-if-absent, which cannot break anyone's
+compare-and-set; a sync batches those without locks.) A sync takes the lock of only the records
+that change, without waiting: one held by another job is reported under ``busy`` and the rest
+go on. A decision that writes nothing takes no lock at all, which keeps a sync of thousands of
+VMs cheap.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import json
 import logging
+import os
 import time
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from xml.etree import ElementTree
 
 from vmpower.core.mapping import is_stale
 from vmpower.core.model import (
+    GONE,
     TASK_POWERING_OFF,
     TASK_POWERING_ON,
-    GONE,
     Cause,
     LiveState,
+    PowerState,
     Record,
     Transition,
     VmState,
     now,
 )
-from vmpower.core.rules import Action, Decision, adopt, decide
+from vmpower.core.rules import (
+    Action,
+    Decision,
+    Facts,
+    adopt,
+    adoption_reason,
+    autostart_warning,
+    decide,
+    not_to_record,
+    refuse_power,
+    reset,
+)
 from vmpower.core.settings import InstancePolicy, Settings
 from vmpower.eventloop import read_status
 from vmpower.hypervisor import Hypervisor, LiveDomain
-from vmpower.store import Change, Note, Store
+from vmpower.store import Change, Note, Store, StoreError
+
+try:  # i8-host's host facts; the fallback below reads the same /proc files
+    from vmpower import hostinfo as _hostinfo
+except ImportError:  # pragma: no cover - until vmpower.hostinfo lands
+    _hostinfo = None
+
+try:
+    import libvirt
+except ImportError:  # pragma: no cover - reported by the Salt modules' __virtual__
+    libvirt = None
 
 log = logging.getLogger(__name__)
+
+# A sync locks the records that change in chunks of this many: each chunk is one transaction,
+# and a host of thousands of new or changed VMs never holds thousands of lock files open.
+LOCK_CHUNK = 256
 
 
 @dataclasses.dataclass(frozen=True)
 class Outcome:
-    """One decision carried out: what to report, and what to record (a change or a note)."""
+    """One decision carried out: what to report, and what to record (changes or a note)."""
 
     report: dict
-    change: Optional[Change] = None
+    changes: Tuple[Change, ...] = ()
     note: Optional[Note] = None
+    retry_in: Optional[float] = None
 
 
 class OperationError(RuntimeError):
     """An operation that cannot be carried out as asked; the message says why."""
 
 
+# This host and this process, for the grace (boot id) and for a task_state's owner.
+def _read(path: str) -> str:
+    try:
+        with open(path) as handle:
+            return handle.read().strip()
+    except OSError:
+        return ""
+
+
+def host_boot_id() -> str:
+    """This host's boot id ("" where there is none, and then no monotonic value is trusted)."""
+    if _hostinfo is not None and hasattr(_hostinfo, "boot_id"):
+        return _hostinfo.boot_id()
+    return _read("/proc/sys/kernel/random/boot_id")
+
+
+def _start_time(pid: int) -> str:
+    stat = _read(f"/proc/{pid}/stat")
+    # Field 22 (starttime), counted after the command name, which may hold spaces.
+    fields = stat.rsplit(")", 1)[-1].split()
+    return fields[19] if len(fields) > 19 else ""
+
+
+def process_owner(host: str, boot_id: str) -> str:
+    """The ``task_owner`` of a task_state this process sets: who, in which boot, since when."""
+    pid = os.getpid()
+    return json.dumps({"host": host, "boot_id": boot_id, "pid": pid,
+                       "start_time": _start_time(pid), "since": now()}, sort_keys=True)
+
+
+def owner_alive(task_owner: str, host: str, boot_id: str) -> Optional[bool]:
+    """Whether the process named in ``task_owner`` still runs: False when it is dead, or its
+    host (this one) rebooted since; None when it cannot be told (another host's, unreadable)."""
+    if _hostinfo is not None and hasattr(_hostinfo, "owner_alive"):
+        return _hostinfo.owner_alive(task_owner)
+    try:
+        owner = json.loads(task_owner)
+        pid = int(owner["pid"])
+    except (ValueError, TypeError, KeyError):
+        return None
+    if owner.get("host") != host or not boot_id:
+        return None
+    if owner.get("boot_id") != boot_id:
+        return False  # this host rebooted since: no process of that boot runs
+    started = _start_time(pid)
+    if not started:
+        return False
+    return started == str(owner.get("start_time"))  # a reused pid is another process
+
+
 class HostOperations:
-    """vmpower's operations for the minion ``host``, with its settings and store."""
+    """vmpower's operations for the minion ``host``, with its settings and store.
+
+    ``clock`` is the host's monotonic clock and ``boot_id`` a function giving the host's boot
+    id, injected so tests can step them; ``alive`` tells whether a ``task_owner`` runs.
+    """
 
     def __init__(self, settings: Settings, host: str, store: Store,
-                 hypervisor: Callable[[str], Hypervisor] = Hypervisor):
+                 hypervisor: Callable[[str], Hypervisor] = Hypervisor,
+                 clock: Callable[[], float] = time.monotonic,
+                 boot_id: Callable[[], str] = host_boot_id,
+                 alive: Optional[Callable[[str], Optional[bool]]] = None):
         self.settings = settings
         self.host = host
         self.store = store
         self._hypervisor = hypervisor
+        self._clock = clock
+        self._boot_id = boot_id
+        self._alive = alive
 
     def connect(self) -> Hypervisor:
         return self._hypervisor(self.settings.uri)
@@ -93,40 +191,52 @@ class HostOperations:
             return self.store.history(uuid, limit)
         return self.store.history(record.uuid, limit)
 
-    # Deciding
+    # The facts the rules read
     def _policy(self, uuid: str, name: str):
+        """Pillar for one VM, by UUID and by its live name (a renamed VM keeps its pillar)."""
         return self.settings.policy_for(uuid, name)
 
-    def _decide(self, record: Record, live: LiveState, at: float) -> Decision:
-        policy, error = self._policy(record.uuid, record.name)
-        return decide(record, live, self.host, policy, self.settings, at, error)
+    def _base_facts(self, boot_id: str, name: str = "", event: Optional[Transition] = None,
+                    event_reason: str = "") -> Facts:
+        return Facts(clock=self._clock(), boot_id=boot_id, name=name, event=event,
+                     event_reason=event_reason)
 
-    @staticmethod
-    def _not_to_record(policy: InstancePolicy, error: Optional[str]) -> Optional[str]:
-        """Why a domain seen for the first time must not even be recorded (bad pillar, or a
-        pillar lock: rule 1), or None."""
-        if error:
-            return error
-        if policy.task_state:
-            return f"task_state={policy.task_state} is set in pillar: not even recorded"
-        return None
+    def _owner_alive(self, task_owner: str, boot_id: str) -> Optional[bool]:
+        if not task_owner:
+            return None
+        if self._alive is not None:
+            return self._alive(task_owner)
+        return owner_alive(task_owner, self.host, boot_id)
 
-    def _adopt(self, dom: LiveDomain, policy: InstancePolicy, cause: Cause, at: float) -> Record:
-        """Record a domain seen for the first time (``_not_to_record`` said it may be)."""
-        adoption = self._adoption(dom, policy, cause, at)
+    def _full_facts(self, hv: Hypervisor, uuid: str, record: Optional[Record], live: LiveState,
+                    base: Facts) -> Facts:
+        """``base`` with what is read per domain: only what this decision can need."""
+        migrating = False
+        if live.power_state in (PowerState.RUNNING, PowerState.PAUSED):
+            migrating = _migration_job(hv, uuid)
+        on_crash = _on_crash(hv, uuid) if live.is_crash else None
+        alive = self._owner_alive(record.task_owner, base.boot_id) if record and record.task_state else None
+        return dataclasses.replace(base, migrating=migrating, on_crash=on_crash, owner_alive=alive)
+
+    # Deciding and carrying out, under the instance lock
+    def _adoption(self, dom: LiveDomain, policy: InstancePolicy, cause: Cause, at: float,
+                  facts: Facts) -> Change:
+        """The first record of a domain, as a change to commit."""
+        record = adopt(dom.uuid, dom.name, self.host, dom.state, policy, at, facts)
+        return Change(None, record, cause, "adopt", adoption_reason(record, dom.state, policy))
+
+    def _adopt(self, dom: LiveDomain, policy: InstancePolicy, cause: Cause, at: float,
+               facts: Facts) -> Record:
+        """Record a domain seen for the first time, at once (``not_to_record`` said it may be);
+        the caller holds its lock. A sync may have inserted it meanwhile (inserts take no
+        lock): then that record is the one."""
+        adoption = self._adoption(dom, policy, cause, at, facts)
         if self.store.commit([adoption], at):
-            return self.store.get(dom.uuid)  # someone else adopted it first
+            return self.store.get(dom.uuid)
         return adoption.after
 
-    def _adoption(self, dom: LiveDomain, policy: InstancePolicy, cause: Cause, at: float) -> Change:
-        """The first record of a domain, as a change to commit."""
-        record = adopt(dom.uuid, dom.name, self.host, dom.state, policy, at).replace(version=1)
-        reason = (f"first seen {dom.state.power_state.value}: vm_state={record.vm_state.value}"
-                  + (" (pinned by pillar)" if policy.vm_state else " (adopted)"))
-        return Change(None, record, cause, "adopt", reason)
-
     def _carry_out(self, hv: Hypervisor, record: Record, decision: Decision, cause: Cause,
-                   at: float) -> Outcome:
+                   at: float, facts: Facts) -> Outcome:
         """Act on one decision; the caller holds the instance lock and records the outcome."""
         fields = dict(decision.observed)
         if decision.action is Action.NONE:
@@ -140,56 +250,74 @@ class HostOperations:
                     result = "started" if hv.start(record.uuid) else "already running"
                 fields.update(decision.outcome)
                 fields["power_state"] = hv.state(record.uuid).power_state
+                fields.update(_off_books(record, fields["power_state"], facts))
             except Exception as exc:  # recorded and reported; the next sync tries again
                 result = f"failed: {exc}"
                 log.error("vmpower: %s of %s failed: %s", decision.action.value, record.name, exc)
         action = decision.action.value
         reason = f"{decision.reason} ({result})" if decision.action is not Action.NONE else decision.reason
         if not fields:
-            return Outcome(self._report(record, decision, result), note=Note(record, cause, action, reason))
-        after = record.replace(**fields, version=record.version + 1, updated_at=at)
-        return Outcome(self._report(after, decision, result), Change(record, after, cause, action, reason))
+            return Outcome(self._report(record, decision, result),
+                           note=Note(record, cause, action, reason), retry_in=decision.retry_in)
+        after = record.updated(at, **fields)
+        return Outcome(self._report(after, decision, result),
+                       (Change(record, after, cause, _audit_action(decision), reason),),
+                       retry_in=decision.retry_in)
 
     @staticmethod
     def _report(record: Record, decision: Decision, result: str = "nothing to do") -> dict:
-        return {"uuid": record.uuid, "name": record.name, "action": decision.action.value,
-                "reason": decision.reason, "result": result, "vm_state": record.vm_state.value,
-                "power_state": record.power_state.value}
+        report = {"uuid": record.uuid, "name": record.name, "action": decision.action.value,
+                  "reason": decision.reason, "result": result, "vm_state": record.vm_state.value,
+                  "power_state": record.power_state.value}
+        if decision.retry_in is not None:
+            report["retry_in"] = round(decision.retry_in, 3)
+        return report
 
-    def _reconcile_held(self, hv: Hypervisor, uuid: str, cause: Cause,
-                        transition: Optional[Transition] = None) -> Outcome:
-        """Re-read everything, decide and act; the caller holds the instance lock."""
+    def _decide_held(self, hv: Hypervisor, uuid: str, cause: Cause, record: Optional[Record],
+                     dom: Optional[LiveDomain], boot_id: str,
+                     transition: Optional[Transition] = None, event_reason: str = "",
+                     fresh: bool = True) -> Outcome:
+        """Decide about one domain and act; the caller holds its instance lock.
+
+        ``record`` was read under that lock; ``dom`` is the domain as read just now (``fresh``)
+        or as a sync's listing gave it, in which case it is read again before any action.
+        """
         at = now()
-        dom = hv.find(uuid)
         live = dom.state if dom else GONE
-        record = self.store.get(uuid)
+        stale = transition is not None and is_stale(transition, live)
+        base = self._base_facts(boot_id, dom.name if dom else "",
+                                None if stale else transition, "" if stale else event_reason)
+        facts = self._full_facts(hv, uuid, record, live, base)
         if record is None:
             if dom is None:
                 return Outcome({"uuid": uuid, "action": "none", "skipped": True,
                                 "reason": f"no domain and no record with UUID {uuid} on {self.host}"})
-            policy, error = self._policy(dom.uuid, dom.name)
-            why = self._not_to_record(policy, error)
+            policy, error = self._policy(uuid, dom.name)
+            why = not_to_record(live, policy, error, facts)
             if why:
                 return Outcome({"uuid": uuid, "name": dom.name, "action": "none", "skipped": True,
                                 "reason": why})
-            record = self._adopt(dom, policy, cause, at)
-        decision = self._decide(record, live, at)
+            record = self._adopt(dom, policy, cause, at, facts)
+        policy, error = self._policy(uuid, dom.name if dom else record.name)
+        decision = decide(record, live, self.host, policy, self.settings, at, error, facts)
         if decision.skipped:
             return Outcome({**self._report(record, decision), "skipped": True})
-        if transition is not None and is_stale(transition, live):
+        if stale:
             reason = (f"event {transition.value} is stale: the domain is "
                       f"{live.power_state.value} now; nothing done")
             return Outcome({**self._report(record, decision), "action": "dropped", "reason": reason},
                            note=Note(record, cause, "dropped", reason))
-        if decision.recheck:
-            fresh = hv.state(uuid)
-            if fresh != live:
-                decision = self._decide(record, fresh, now())
-        return self._carry_out(hv, record, decision, cause, at)
+        if decision.recheck or (not fresh and decision.action is not Action.NONE):
+            found = hv.find(uuid)  # uncached, before acting on what may have changed
+            state = found.state if found else GONE
+            if state != live or not fresh:
+                facts = self._full_facts(hv, uuid, record, state, base)
+                decision = decide(record, state, self.host, policy, self.settings, now(), error, facts)
+        return self._carry_out(hv, record, decision, cause, at, base)
 
-    def _record(self, outcomes: List[Outcome]) -> None:
+    def _record(self, outcomes: Sequence[Outcome]) -> None:
         """Commit the outcomes decided under their instance locks, in one transaction."""
-        changes = [o.change for o in outcomes if o.change]
+        changes = [change for o in outcomes for change in o.changes]
         notes = [o.note for o in outcomes if o.note]
         if changes or notes:
             self._commit_locked(changes, now(), notes)
@@ -203,21 +331,33 @@ class HostOperations:
 
     # The operations
     def reconcile(self, uuid: str, transition: Optional[Transition] = None,
-                  cause: Cause = Cause.EVENT) -> dict:
-        """Decide about one domain on its live state now; ``transition`` is what an event claimed."""
+                  cause: Cause = Cause.EVENT, reason: str = "") -> dict:
+        """Decide about one domain on its live state now; ``transition`` (and ``reason``) are
+        what an event claimed: only hints, checked against the live state."""
+        boot_id = self._boot_id()
         with self.connect() as hv, self.store.lock(uuid):
-            outcome = self._reconcile_held(hv, uuid, cause, transition)
+            outcome = self._decide_held(hv, uuid, cause, self.store.get(uuid), hv.find(uuid),
+                                        boot_id, transition, reason)
             self._record([outcome])
         result = outcome.report
         if transition is not None:
             result["transition"] = transition.value
+        if outcome.retry_in is not None:
+            result["retry_at"] = round(now() + outcome.retry_in, 3)
         return result
 
     def sync(self) -> dict:
-        """Check every domain and record of this host against the rules, in bulk."""
+        """Check every domain and record of this host against the rules, in bulk.
+
+        Decides first without locks; only the VMs whose record must change (or that need an
+        action, or facts read one by one) are locked, without waiting, re-read and decided
+        again: a VM whose lock another job holds is listed under ``busy``.
+        """
         started = time.monotonic()
         report: Dict[str, object] = {"host": self.host, "checked": 0, "updated": 0,
-                                     "actions": [], "skipped": [], "warnings": []}
+                                     "actions": [], "skipped": [], "warnings": [], "busy": []}
+        retries: List[float] = []
+        boot_id = self._boot_id()
         with self.store.lock(f"host-{self.host}"), self.connect() as hv:
             at = now()
             live = hv.list_all()
@@ -227,54 +367,98 @@ class HostOperations:
             for uuid in records:
                 if uuid not in live:
                     live[uuid] = LiveDomain(uuid, records[uuid].name, GONE)
+            autostart = _autostarted(hv) if self.settings.instances else None
 
-            writes: List[Change] = []
-            to_act: List[str] = []
-            decide_once = _SyncDecisions(self, at)
+            adoptions: List[Change] = []
+            to_lock: List[str] = []
+            decide_once = _SyncDecisions(self, at, boot_id)
             for uuid, dom in live.items():
+                policy, error = self._policy(uuid, dom.name)
+                if autostart is not None and dom.state is not GONE:
+                    warning = autostart_warning(policy, uuid in autostart)
+                    if warning:
+                        report["warnings"].append({"uuid": uuid, "name": dom.name, "reason": warning})
                 record = records.get(uuid) or elsewhere.get(uuid)
                 if record is None:
-                    policy, error = self._policy(uuid, dom.name)
-                    why = self._not_to_record(policy, error)
+                    facts = decide_once.facts
+                    if dom.state.power_state is PowerState.PAUSED:  # an incoming migration?
+                        facts = dataclasses.replace(facts, migrating=_migration_job(hv, uuid))
+                    why = not_to_record(dom.state, policy, error, facts)
                     if why:
                         report["skipped"].append({"uuid": uuid, "name": dom.name, "reason": why})
                         continue
-                    adoption = self._adoption(dom, policy, Cause.SYNC, at)
-                    writes.append(adoption)
+                    adoption = self._adoption(dom, policy, Cause.SYNC, at, facts)
+                    adoptions.append(adoption)
                     record = adoption.after
-                    decision = decide_once(record, dom.state)
-                else:
-                    decision = decide_once(record, dom.state)
+                decision = decide_once(record, dom, policy, error)
                 if decision.skipped:
                     report["skipped"].append({"uuid": uuid, "name": dom.name,
                                               "reason": decision.reason})
+                elif (decision.action is not Action.NONE or decision.observed or decision.outcome
+                      or decision.recheck):
+                    to_lock.append(uuid)
+                    continue
                 elif decision.warning:
-                    log.warning("vmpower: %s: %s", dom.name, decision.reason)
-                    report["warnings"].append({"uuid": uuid, "name": dom.name,
-                                               "reason": decision.reason})
-                if decision.action is not Action.NONE:
-                    to_act.append(uuid)
-                elif (decision.observed or decision.outcome) and uuid in records:
-                    fields = {**decision.observed, **decision.outcome}
-                    writes.append(Change(record, record.replace(
-                        **fields, version=record.version + 1, updated_at=at),
-                        Cause.SYNC, "update", decision.reason))
+                    self._warn(report, uuid, dom.name, decision.reason)
+                if decision.retry_in is not None:
+                    retries.append(decision.retry_in)
             report["checked"] = len(live)
-            conflicts = self.store.commit(writes, at) if writes else []
-            report["updated"] = len(writes) - len(conflicts)
-            # Actions, and writes that lost a race, are decided again under their locks and
-            # recorded together in one transaction.
-            again = to_act + [change.after.uuid for change in conflicts]
-            with self.store.locks(again):
-                outcomes = [self._reconcile_held(hv, uuid, Cause.SYNC) for uuid in again]
-                self._record(outcomes)
-            for outcome in outcomes:
-                if outcome.report.get("action", "none") != "none":
-                    report["actions"].append(outcome.report)
-                if outcome.change:
-                    report["updated"] += 1
+            # First records are inserts: one that lost (someone adopted it first) is decided
+            # again under its lock with the record that won.
+            lost = self.store.commit(adoptions, at) if adoptions else []
+            report["updated"] = len(adoptions) - len(lost)
+            to_lock.extend(change.after.uuid for change in lost if change.after.uuid not in to_lock)
+
+            for start in range(0, len(to_lock), LOCK_CHUNK):
+                chunk = to_lock[start:start + LOCK_CHUNK]
+                with self._try_locks(chunk) as (held, busy):
+                    for uuid in busy:
+                        report["busy"].append({"uuid": uuid, "name": live[uuid].name,
+                                               "reason": "another vmpower job holds its instance "
+                                                         "lock: left for the next sync"})
+                    fresh = self.store.get_many(held) if held else {}
+                    outcomes = [self._decide_held(hv, uuid, Cause.SYNC, fresh.get(uuid),
+                                                  None if live[uuid].state is GONE else live[uuid],
+                                                  boot_id, fresh=False)
+                                for uuid in held]
+                    self._record(outcomes)
+                for outcome in outcomes:
+                    self._report_outcome(report, outcome)
+                    if outcome.retry_in is not None:
+                        retries.append(outcome.retry_in)
+        if retries:
+            report["retry_at"] = round(now() + min(retries), 3)
         report["took"] = round(time.monotonic() - started, 6)
         return report
+
+    @staticmethod
+    def _warn(report: dict, uuid: str, name: str, reason: str) -> None:
+        log.warning("vmpower: %s: %s", name, reason)
+        report["warnings"].append({"uuid": uuid, "name": name, "reason": reason})
+
+    def _report_outcome(self, report: dict, outcome: Outcome) -> None:
+        entry = outcome.report
+        if entry.get("skipped"):
+            report["skipped"].append({"uuid": entry["uuid"], "name": entry.get("name", ""),
+                                      "reason": entry["reason"]})
+        elif entry.get("action", "none") != "none":
+            report["actions"].append(entry)
+        report["updated"] += sum(1 for change in outcome.changes if change.before is not None)
+
+    @contextlib.contextmanager
+    def _try_locks(self, keys: Sequence[str]) -> Iterator[Tuple[List[str], List[str]]]:
+        """Take each instance lock that is free, without waiting: ``(held, busy)``."""
+        held: List[str] = []
+        busy: List[str] = []
+        with contextlib.ExitStack() as stack:
+            for key in sorted(set(keys)):
+                try:
+                    stack.enter_context(self.store.lock(key, timeout=0))
+                except StoreError:
+                    busy.append(key)
+                else:
+                    held.append(key)
+            yield held, busy
 
     def stop(self, target: str, timeout: Optional[float] = None, force: bool = False,
              cause: Cause = Cause.API) -> dict:
@@ -303,39 +487,50 @@ class HostOperations:
 
     def _power(self, target: str, cause: Cause, task: str, vm_state: VmState,
                operate: Callable[[Hypervisor, str], str]) -> dict:
-        """Run one power operation under the instance lock with ``task_state`` set meanwhile."""
+        """Run one power operation under the instance lock with ``task_state`` set meanwhile.
+
+        The task_state names this process as its owner, so that if the process dies (killed,
+        OOM, host crash) the next reconcile or sync clears it. Any way out of the operation,
+        SystemExit from ``saltutil.term_job`` included, clears it here.
+        """
+        boot_id = self._boot_id()
         with self.connect() as hv:
             dom = hv.lookup(target)
             uuid, name = dom.UUIDString(), dom.name()
             policy, error = self._policy(uuid, name)
-            if error:
-                raise OperationError(f"{name}: {error}")
-            if not policy.managed:
-                raise OperationError(f"{name} is managed: false in pillar: vmpower does not act on it")
-            if policy.vm_state not in (None, vm_state):
-                # The next sync would undo it: refuse rather than fight the operator's pin.
-                raise OperationError(f"{name}: pillar pins vm_state={policy.vm_state.value}, "
-                                     f"so it cannot be made {vm_state.value}")
+            refusal = refuse_power(name, None, policy, error, vm_state)
+            if refusal:
+                raise OperationError(refusal)
             with self.store.lock(uuid):
                 at = now()
+                live = hv.state(uuid)
                 record = self.store.get(uuid)
-                if record is None and not policy.task_state:
-                    record = self._adopt(LiveDomain(uuid, name, hv.state(uuid)), policy, cause, at)
-                lock = policy.task_state or record.task_state
-                if lock:
-                    raise OperationError(f"{name} has task_state={lock}: vmpower leaves it "
-                                         f"alone until that is cleared")
-                busy = record.replace(task_state=task, version=record.version + 1, updated_at=at)
-                self._commit_locked([Change(record, busy, cause, task,
-                                            f"{task} requested ({cause.value})")], at)
+                facts = self._full_facts(hv, uuid, record, live, self._base_facts(boot_id, name))
+                refusal = refuse_power(name, record, policy, error, vm_state, facts.owner_alive,
+                                       live, self.host)
+                if refusal:
+                    raise OperationError(refusal)
+                if facts.migrating:
+                    raise OperationError(f"{name} is in the middle of a migration: vmpower leaves "
+                                         f"it alone until it ends")
+                if record is None:
+                    record = self._adopt(LiveDomain(uuid, name, live), policy, cause, at, facts)
+                why = f"{task} requested ({cause.value})"
+                if record.task_state:
+                    why += (f"; task_state={record.task_state} of a process that is gone "
+                            f"replaced")
+                owner = process_owner(self.host, boot_id)
+                busy = record.updated(at, task_state=task, task_owner=owner)
+                self._commit_locked([Change(record, busy, cause, task, why)], at)
                 begun = time.monotonic()
                 try:
                     how = operate(hv, uuid)
-                except Exception as exc:
-                    self._finish(busy, {}, cause, f"{task} failed: {exc}")
+                except BaseException as exc:  # SystemExit (saltutil.term_job) too
+                    self._finish(busy, {}, cause, f"{task} failed: {exc!r}")
                     raise
                 live = hv.state(uuid)
-                fields = {"vm_state": vm_state, "power_state": live.power_state}
+                fields = {"vm_state": vm_state, "power_state": live.power_state, "name": name,
+                          "host": self.host, **_off_books(busy, live.power_state, facts)}
                 if vm_state is VmState.ACTIVE:
                     fields.update(restart_count=0, last_restart_at=0.0)
                 done = self._finish(busy, fields, cause, f"{task.replace('powering', 'power')}: {how}")
@@ -345,9 +540,43 @@ class HostOperations:
 
     def _finish(self, busy: Record, fields: dict, cause: Cause, reason: str) -> Record:
         at = now()
-        done = busy.replace(**fields, task_state="", version=busy.version + 1, updated_at=at)
+        done = busy.updated(at, **fields, task_state="", task_owner="")
         self._commit_locked([Change(busy, done, cause, "done", reason)], at)
         return done
+
+    def reset_state(self, target: str, vm_state: Optional[VmState] = None,
+                    cause: Cause = Cause.API) -> dict:
+        """The operator's way out: clear a task_state vmpower set, and leave ``error``.
+
+        ``vm_state`` sets it (default: a VM in error takes the vm_state its power state means).
+        A pillar task_state is the operator's own: it is never cleared.
+        """
+        with self.connect() as hv:
+            record = self.store.find(target, self.host)
+            if record is None:
+                dom = hv.lookup(target)  # UnknownDomain names it if it is not there
+                record = self.store.get(dom.UUIDString())
+                if record is None:
+                    raise OperationError(f"{dom.name()} has no record yet: nothing to reset")
+            uuid = record.uuid
+            with self.store.lock(uuid):
+                record = self.store.get(uuid)
+                found = hv.find(uuid)
+                live = found.state if found else GONE
+                policy, error = self._policy(uuid, found.name if found else record.name)
+                if error:
+                    raise OperationError(f"{record.name}: {error}")
+                answer = reset(record, live, policy, vm_state)
+                if answer.refused:
+                    raise OperationError(f"{record.name}: {answer.reason}")
+                if answer.fields:
+                    at = now()
+                    after = record.updated(at, **answer.fields)
+                    self._commit_locked([Change(record, after, cause, "reset", answer.reason)], at)
+                    record = after
+        return {"uuid": record.uuid, "name": record.name, "reason": answer.reason,
+                "changed": bool(answer.fields), "vm_state": record.vm_state.value,
+                "power_state": record.power_state.value, "task_state": record.task_state}
 
     def status(self, event_loop_status: Optional[str] = None) -> dict:
         """Whether libvirt answers at the configured URI, and what the store holds.
@@ -368,28 +597,112 @@ class HostOperations:
         return result
 
 
+def _off_books(record: Record, power: PowerState, facts: Facts) -> dict:
+    """The off-spell bookkeeping after vmpower itself changed a domain's power."""
+    if power in (PowerState.SHUTDOWN, PowerState.CRASHED):
+        if record.power_state.is_off and record.off_since and record.boot_id == facts.boot_id:
+            return {}
+        return {"off_since": facts.clock, "boot_id": facts.boot_id, "off_reason": ""}
+    if power is PowerState.NOSTATE:
+        return {}
+    return {"off_since": 0.0, "off_reason": "", "boot_id": facts.boot_id}
+
+
+def _audit_action(decision: Decision) -> str:
+    """The audit entry's action word: what was done, or ``update`` for a write only."""
+    return decision.action.value if decision.action is not Action.NONE else "update"
+
+
+# Per-domain reads the rules need now and then (a sync makes them only for the few domains
+# that change). Small, and kept here until vmpower.hypervisor has them (i8-host).
+def _domain(hv: Hypervisor, uuid: str):
+    try:
+        return hv.lookup(uuid)
+    except Exception:  # gone meanwhile: nothing to read
+        return None
+
+
+def _migration_job(hv: Hypervisor, uuid: str) -> Optional[bool]:
+    """Whether libvirt runs a migration job for the domain; None when it cannot say."""
+    if hasattr(hv, "migration_job"):
+        return hv.migration_job(uuid)
+    dom = _domain(hv, uuid)
+    if dom is None or libvirt is None:
+        return None
+    try:
+        stats = dom.jobStats()
+    except libvirt.libvirtError as exc:
+        if exc.get_error_code() in (libvirt.VIR_ERR_NO_SUPPORT, libvirt.VIR_ERR_NO_DOMAIN,
+                                    libvirt.VIR_ERR_OPERATION_INVALID):
+            return False  # the driver has no jobs (test driver), or the domain is not running
+        return None
+    operation = stats.get("operation")
+    migrations = {getattr(libvirt, name, -1) for name in (
+        "VIR_DOMAIN_JOB_OPERATION_MIGRATION_IN", "VIR_DOMAIN_JOB_OPERATION_MIGRATION_OUT")}
+    return stats.get("type", 0) != 0 and (operation is None or operation in migrations)
+
+
+def _on_crash(hv: Hypervisor, uuid: str) -> str:
+    """The domain's ``<on_crash>`` action (libvirt's default ``destroy`` when absent); "" when
+    its XML cannot be read."""
+    if hasattr(hv, "on_crash"):
+        return hv.on_crash(uuid)
+    dom = _domain(hv, uuid)
+    if dom is None:
+        return ""
+    try:
+        root = ElementTree.fromstring(dom.XMLDesc(0))
+    except Exception:  # unreadable: the rules record it and do not act
+        return ""
+    found = root.find("on_crash")
+    return (found.text or "").strip() if found is not None else "destroy"
+
+
+def _autostarted(hv: Hypervisor) -> Optional[set]:
+    """The UUIDs of the domains libvirt starts at boot, from one bulk call; None if unknown."""
+    if hasattr(hv, "autostart_set"):
+        return hv.autostart_set()
+    try:
+        conn = hv._conn
+        return {dom.UUIDString() for dom in
+                conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_AUTOSTART)}
+    except Exception as exc:  # a warning only: the sync goes on without it
+        log.debug("vmpower: cannot list autostarted domains: %s", exc)
+        return None
+
 
 class _SyncDecisions:
     """``decide`` for every VM of one sync, each distinct situation decided once.
 
     ``decide`` is pure, and its answer does not depend on a VM's name or UUID, only on its
     record's states, its live state and its pillar: a host of thousands of VMs has a handful of
-    distinct situations, so a sync need not decide thousands of times.
+    distinct situations, so a sync need not decide thousands of times. (A renamed domain, and
+    the off-spell bookkeeping, are in the key, so they are decided on their own.)
     """
 
-    def __init__(self, ops: HostOperations, at: float):
+    def __init__(self, ops: HostOperations, at: float, boot_id: str):
         self._ops = ops
         self._at = at
+        self.facts = ops._base_facts(boot_id)
         self._answers: Dict[tuple, Decision] = {}
 
-    def __call__(self, record: Record, live: LiveState) -> Decision:
-        policy, error = self._ops._policy(record.uuid, record.name)
+    def __call__(self, record: Record, dom: LiveDomain, policy: InstancePolicy,
+                 error: Optional[str]) -> Decision:
         # By identity: live states and policies are shared objects (live_state is memoised),
         # and an equal but distinct one costs a second decision, never a wrong one.
-        key = (record.vm_state, record.power_state, record.task_state, record.host,
-               record.restart_count, record.last_restart_at, id(live), id(policy), error)
+        renamed = dom.name != record.name and dom.state is not GONE
+        # Every field decide reads: all but uuid, name, updated_at and version.
+        key = (record[2:6] + record[8:], id(dom.state), id(policy), error, renamed)
         answer = self._answers.get(key)
         if answer is None:
-            answer = self._answers[key] = decide(record, live, self._ops.host, policy,
-                                                 self._ops.settings, self._at, error)
+            facts = self.facts
+            if renamed:
+                facts = dataclasses.replace(facts, name=dom.name)
+            if record.task_state and record.task_owner:  # rare: read whether its owner runs
+                facts = dataclasses.replace(facts, owner_alive=self._ops._owner_alive(
+                    record.task_owner, facts.boot_id))
+            answer = decide(record, dom.state, self._ops.host, policy, self._ops.settings,
+                            self._at, error, facts)
+            if not renamed and not record.task_owner:
+                self._answers[key] = answer
         return answer

@@ -19,7 +19,7 @@ def minion(load_minion):
 
 
 PUBLIC = ["get_info", "list_instances", "get_num_instances", "stop", "start", "reconcile", "sync",
-          "status", "history"]
+          "status", "history", "reset_state"]
 
 
 def test_every_public_function_is_loaded_and_documented(minion):

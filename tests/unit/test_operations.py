@@ -20,8 +20,25 @@ def store(tmp_path):
         yield s
 
 
-def operations(store, **settings):
-    return HostOperations(parse_settings({"uri": TEST_URI, "stop_timeout": 0, **settings}), HOST, store)
+class Clock:
+    """The host's monotonic clock, stepped by the test."""
+
+    def __init__(self, at=1000.0):
+        self.at = at
+
+    def __call__(self):
+        return self.at
+
+    def step(self, seconds):
+        self.at += seconds
+
+
+BOOT = "boot-1"
+
+
+def operations(store, clock=None, boot_id=BOOT, alive=None, **settings):
+    return HostOperations(parse_settings({"uri": TEST_URI, "stop_timeout": 0, **settings}), HOST,
+                          store, clock=clock or Clock(), boot_id=lambda: boot_id, alive=alive)
 
 
 def test_sync_adopts_every_domain_then_finds_nothing_to_do(store, testdriver):
@@ -37,9 +54,14 @@ def test_sync_adopts_every_domain_then_finds_nothing_to_do(store, testdriver):
 
 def test_sync_records_a_shutdown_guest_as_stopped(store, testdriver):
     dom = testdriver.define("web")
-    ops = operations(store)
+    clock = Clock()
+    ops = operations(store, clock)
     ops.sync()
     dom.shutdown()  # behind vmpower's back
+    first = ops.sync()  # off for no time known: it waits for stop_grace
+    assert first["actions"] == [] and first["retry_at"] > 0
+    assert store.get(dom.UUIDString()).vm_state.value == "active"
+    clock.step(15)
     report = ops.sync()
     assert [a["name"] for a in report["actions"]] == [dom.name()]
     record = store.get(dom.UUIDString())

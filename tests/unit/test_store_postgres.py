@@ -38,7 +38,7 @@ def test_two_minions_share_one_database_and_each_syncs_only_its_own(postgres_dsn
         # Minion B's records, written through its own connection: one for the VM that is (also)
         # defined here, one for a VM only B has.
         b_moved = owned_by(B, moved.UUIDString(), moved.name(), vm_state=VmState.STOPPED,
-                           power_state=PowerState.SHUTDOWN)
+                           power_state=PowerState.RUNNING)  # B says it runs it there
         b_only = owned_by(B, "0b6d0e1c-0000-4000-8000-00000000000b", "b-only")
         assert store_b.commit([Change(None, b_moved, Cause.SYNC, "adopt", "on B"),
                                Change(None, b_only, Cause.SYNC, "adopt", "on B")], at=1.0) == []

@@ -1,0 +1,318 @@
+"""Issue 8's operations on libvirt's test driver and a real SQLite file: a busy VM, an
+interrupted stop, reset_state, renames, the grace on every path, a host reboot, ownership,
+autostart, <on_crash> and the wake-up on time.
+
+The test driver cannot migrate or crash a guest: those rules are tested cell by cell in
+test_rules_fleet.py, and on real libvirtds by tests/real (i8-real)."""
+
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+
+from vmpower import minion
+from vmpower.core.model import Cause, PowerState, VmState
+from vmpower.core.settings import parse_settings
+from vmpower.operations import HostOperations, OperationError, _on_crash, owner_alive, process_owner
+from vmpower.store import Change, Store
+
+from .conftest import TEST_URI
+from .test_operations import BOOT, HOST, Clock, operations
+
+
+@pytest.fixture
+def path(tmp_path):
+    return str(tmp_path / "records.sqlite")
+
+
+@pytest.fixture
+def store(path):
+    with Store(path) as s:
+        yield s
+
+
+def actions(report):
+    return {a["name"]: a["action"] for a in report["actions"]}
+
+
+def test_a_busy_vm_does_not_block_the_sync(store, path, testdriver):
+    busy, other = testdriver.define("busy"), testdriver.define("other", start=False)
+    ops = operations(store, instances={busy.name(): {"vm_state": "stopped"},
+                                       other.name(): {"vm_state": "stopped"}})
+    ops.sync()  # adopts both; busy (pinned stopped, running) is powered off
+    busy.create()
+    other.create()
+    with Store(path) as second, second.lock(busy.UUIDString()):  # another job holds it
+        report = ops.sync()
+    assert [b["name"] for b in report["busy"]] == [busy.name()]
+    assert actions(report) == {other.name(): "power_off"}  # the rest is synced
+    assert busy.isActive() and not other.isActive()
+    assert actions(ops.sync()) == {busy.name(): "power_off"}  # and next time it is done
+
+
+def test_an_interrupted_stop_is_cleared_by_the_next_sync(store, testdriver):
+    dom = testdriver.define("web")
+    ops = operations(store, alive=lambda owner: False)  # its process is gone
+    ops.sync()
+    record = store.get(dom.UUIDString())
+    owner = json.dumps({"host": HOST, "boot_id": BOOT, "pid": 1, "start_time": "0", "since": 0})
+    wedged = record.updated(1.0, task_state="powering-off", task_owner=owner)
+    assert store.commit([Change(record, wedged, Cause.API, "powering-off", "x")], 1.0) == []
+    dom.destroy()  # killed in the middle of the shutdown
+    ops.sync()
+    after = store.get(dom.UUIDString())
+    assert (after.task_state, after.task_owner, after.power_state) == ("", "", PowerState.SHUTDOWN)
+    cleared = ops.history(dom.name())[-1]
+    assert "which is gone: cleared" in cleared["reason"]
+    assert cleared["new"]["task_state"] == ""
+
+
+def test_a_live_owner_keeps_the_vm_out_of_syncs(store, testdriver):
+    dom = testdriver.define("web")
+    ops = operations(store, alive=lambda owner: True)
+    ops.sync()
+    record = store.get(dom.UUIDString())
+    busy = record.updated(1.0, task_state="powering-off", task_owner=process_owner(HOST, BOOT))
+    store.commit([Change(record, busy, Cause.API, "powering-off", "x")], 1.0)
+    dom.destroy()
+    report = ops.sync()
+    assert "task_state=powering-off" in {s["name"]: s["reason"] for s in report["skipped"]}[dom.name()]
+    assert store.get(dom.UUIDString()).task_state == "powering-off"
+
+
+def test_owner_alive_knows_a_dead_process_a_reused_pid_and_a_reboot():
+    me = json.loads(process_owner(HOST, BOOT))
+    assert owner_alive(json.dumps(me), HOST, BOOT) is True
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    assert owner_alive(json.dumps({**me, "pid": child.pid}), HOST, BOOT) is False
+    assert owner_alive(json.dumps({**me, "start_time": "1"}), HOST, BOOT) is False  # pid reused
+    assert owner_alive(json.dumps(me), HOST, "boot-2") is False  # this host rebooted since
+    assert owner_alive(json.dumps(me), "another-host", BOOT) is None  # cannot tell
+    assert owner_alive("not json", HOST, BOOT) is None
+
+
+def test_systemexit_in_the_middle_of_a_stop_clears_the_task_state(store, testdriver, monkeypatch):
+    dom = testdriver.define("web")
+    ops = operations(store)
+
+    def killed(*args):
+        raise SystemExit(1)  # what saltutil.term_job's SIGTERM raises in a job process
+
+    monkeypatch.setattr(HostOperations, "_shut_down", staticmethod(killed))
+    with pytest.raises(SystemExit):
+        ops.stop(dom.name())
+    record = store.get(dom.UUIDString())
+    assert (record.task_state, record.task_owner) == ("", "")
+    assert "powering-off failed: SystemExit(1)" in ops.history(dom.name())[-1]["reason"]
+
+
+def test_stop_records_its_owner_while_it_runs(store, testdriver, monkeypatch):
+    dom = testdriver.define("web")
+    ops = operations(store)
+    seen = {}
+
+    def look(hv, uuid, timeout, force):
+        seen["record"] = store.get(uuid)
+        return "looked"
+
+    monkeypatch.setattr(HostOperations, "_shut_down", staticmethod(look))
+    ops.stop(dom.name())
+    owner = json.loads(seen["record"].task_owner)
+    assert seen["record"].task_state == "powering-off"
+    assert (owner["host"], owner["boot_id"]) == (HOST, BOOT) and owner["pid"] > 0
+
+
+def test_reset_state_is_the_way_out(store, testdriver):
+    dom = testdriver.define("web")
+    ops = operations(store)
+    ops.sync()
+    record = store.get(dom.UUIDString())
+    stuck = record.updated(1.0, vm_state=VmState.ERROR, task_state="powering-on",
+                           task_owner=process_owner(HOST, BOOT), restart_count=5)
+    store.commit([Change(record, stuck, Cause.API, "x", "x")], 1.0)
+    result = ops.reset_state(dom.name())
+    assert result["changed"] and result["vm_state"] == "active" and result["task_state"] == ""
+    assert store.get(dom.UUIDString()).restart_count == 0
+    assert ops.history(dom.name())[-1]["action"] == "reset"
+    assert ops.reset_state(dom.name(), VmState.STOPPED)["vm_state"] == "stopped"
+    assert not ops.reset_state(dom.name())["changed"]
+    locked = operations(store, instances={dom.name(): {"task_state": "maintenance"}})
+    with pytest.raises(OperationError, match="vmpower never clears it"):
+        locked.reset_state(dom.name())
+
+
+def test_a_renamed_domain_keeps_its_pillar_and_its_record_takes_the_name(store, testdriver):
+    dom = testdriver.define("old", start=False)
+    operations(store).sync()
+    new_name = dom.name().replace("old", "new")
+    dom.rename(new_name)
+    dom.create()  # vm_state=stopped but running: a sync would power it off...
+    locked = operations(store, instances={new_name: {"task_state": "maintenance"}})
+    report = locked.sync()  # ...but pillar locks it under its new name
+    assert new_name in [s["name"] for s in report["skipped"]] and dom.isActive()
+    dom.destroy()
+    operations(store).sync()
+    assert store.get(dom.UUIDString()).name == new_name
+    assert any("renamed" in e["reason"] for e in store.history(dom.UUIDString()))
+
+
+def test_the_grace_holds_a_sync_and_a_hard_reboot_is_harmless(store, testdriver):
+    dom = testdriver.define("web")
+    clock = Clock()
+    ops = operations(store, clock, instances={dom.name(): {"vm_state": "active"}})
+    ops.sync()
+    dom.destroy()  # a hard reboot's gap...
+    held = ops.sync()
+    assert held["actions"] == [] and held["retry_at"] > time.time() + 14
+    clock.step(3)
+    dom.create()  # ...and it is back
+    assert ops.sync()["actions"] == []
+    record = store.get(dom.UUIDString())
+    assert (record.vm_state, record.power_state, record.restart_count) == (VmState.ACTIVE,
+                                                                            PowerState.RUNNING, 0)
+    assert record.off_since == 0.0
+
+
+def test_a_pinned_vm_that_stays_off_is_restarted_once_the_grace_is_over(store, testdriver):
+    dom = testdriver.define("web")
+    clock = Clock()
+    ops = operations(store, clock, instances={dom.name(): {"vm_state": "active"}})
+    ops.sync()
+    dom.destroy()
+    ops.sync()
+    clock.step(15)
+    report = ops.sync()
+    assert actions(report) == {dom.name(): "start"} and dom.isActive()
+    assert store.get(dom.UUIDString()).restart_count == 1
+    # The second restart backs off (10 s): retried on time, not at the next periodic sync.
+    dom.destroy()
+    assert ops.sync()["retry_at"] > 0
+    clock.step(15)
+    report = ops.sync()
+    assert report["actions"] == [] and 0 < report["retry_at"] - time.time() <= 10
+
+
+def test_a_host_reboot_neither_records_them_stopped_nor_fights_their_return(store, path,
+                                                                          testdriver):
+    doms = [testdriver.define(f"vm{i}") for i in range(3)]
+    operations(store, boot_id="boot-1").sync()
+    for dom in doms:
+        dom.shutdown()  # libvirt-guests at shutdown
+    after_boot = operations(store, boot_id="boot-2")
+    report = after_boot.sync()
+    assert report["actions"] == []
+    for dom in doms:
+        record = store.get(dom.UUIDString())
+        assert (record.vm_state, record.power_state, record.off_reason) == (
+            VmState.ACTIVE, PowerState.SHUTDOWN, "host_shutdown")
+    later = Clock(10_000)  # long after: still the host's doing, still left alone
+    assert operations(store, later, boot_id="boot-2").sync()["actions"] == []
+    for dom in doms:
+        dom.create()  # libvirt-guests or autostart brings them back
+    assert operations(store, later, boot_id="boot-2").sync()["actions"] == []
+    assert all(d.isActive() for d in doms)
+    assert store.get(doms[0].UUIDString()).off_reason == ""
+
+
+def test_a_host_shutdown_event_follows_on_host_shutdown(store, testdriver):
+    dom = testdriver.define("web")
+    ops = operations(store)
+    ops.sync()
+    dom.shutdown()
+    result = ops.reconcile(dom.UUIDString(), transition=None, reason="host_shutdown")
+    assert result["action"] == "none" and "on_host_shutdown=ignore" in result["reason"]
+    assert store.get(dom.UUIDString()).vm_state is VmState.ACTIVE
+    stop = operations(store, instances={dom.name(): {"on_host_shutdown": "stop"}})
+    from vmpower.core.model import Transition
+    assert stop.reconcile(dom.UUIDString(), Transition.STOPPED, reason="host_shutdown")[
+        "vm_state"] == "stopped"
+
+
+def test_ownership_follows_the_running_domain(path, testdriver):
+    dom = testdriver.define("web")
+    with Store(path) as store_a, Store(path) as store_b:
+        operations(store_a).sync()
+        record = store_a.get(dom.UUIDString())
+        assert record.host == HOST
+        let_go = record.updated(2.0, host="", power_state=PowerState.SHUTDOWN)  # as a source does
+        store_a.commit([Change(record, let_go, Cause.EVENT, "update", "migrated away")], 2.0)
+        ops_b = HostOperations(parse_settings({"uri": TEST_URI}), "minion-b", store_b,
+                               clock=Clock(), boot_id=lambda: "boot-b")
+        report = ops_b.sync()
+        taken = store_b.get(dom.UUIDString())
+        assert (taken.host, taken.vm_state, taken.boot_id) == ("minion-b", VmState.ACTIVE, "boot-b")
+        assert report["actions"] == [] and dom.isActive()
+        assert "migrated from no host" in store_b.history(dom.UUIDString())[-1]["reason"]
+        # Its former owner now leaves it alone: it runs here on B's record.
+        assert dom.UUIDString() not in store_a.for_host(HOST)
+
+
+def test_start_refuses_a_vm_whose_owner_runs_it(path, testdriver):
+    dom = testdriver.define("web", start=False)
+    with Store(path) as store:
+        operations(store).sync()
+        record = store.get(dom.UUIDString())
+        moved = record.updated(2.0, host="minion-b", power_state=PowerState.RUNNING)
+        store.commit([Change(record, moved, Cause.SYNC, "update", "on B")], 2.0)
+        with pytest.raises(OperationError, match="runs on minion-b"):
+            operations(store).start(dom.name())
+        assert not dom.isActive()
+
+
+def test_a_sync_warns_when_autostart_contradicts_the_pin(store, testdriver):
+    stopped, active = testdriver.define("stopped", start=False), testdriver.define("active")
+    stopped.setAutostart(1)
+    ops = operations(store, instances={stopped.name(): {"vm_state": "stopped"},
+                                       active.name(): {"vm_state": "active"}})
+    warnings = {w["name"]: w["reason"] for w in ops.sync()["warnings"]}
+    assert "autostart is on" in warnings[stopped.name()]
+    assert "autostart is off" in warnings[active.name()]
+
+
+def test_on_crash_is_read_from_the_domain_xml(testdriver):
+    plain = testdriver.define("plain", start=False)
+    xml = plain.XMLDesc(0).replace("<on_crash>destroy</on_crash>", "<on_crash>preserve</on_crash>")
+    other_uuid = "6c0b8c1e-0000-4000-8000-0000000000aa"
+    preserved = testdriver.conn.defineXML(xml.replace(plain.name(), plain.name() + "-p")
+                                          .replace(plain.UUIDString(), other_uuid))
+    testdriver.domains.append(preserved)
+    from vmpower.hypervisor import Hypervisor
+    with Hypervisor(TEST_URI) as hv:
+        assert _on_crash(hv, preserved.UUIDString()) == "preserve"
+        assert _on_crash(hv, plain.UUIDString()) == "destroy"
+
+
+class TestWakeUp:
+    def test_asks_the_scheduler_for_a_one_shot_sync(self, tmp_path):
+        opts = {"cachedir": str(tmp_path)}
+        fired = []
+        assert minion.schedule_wakeup(opts, 1000.2, lambda d, t: fired.append((t, d)), at=990)
+        tag, data = fired[0]
+        job = data["schedule"][minion.WAKEUP_JOB]
+        assert tag == "manage_schedule" and data["func"] == "add" and data["persist"] is True
+        assert job["function"] == "vmpower.sync"
+        assert job["once"] == time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(1001))
+
+    def test_a_later_request_does_not_push_an_earlier_one_back(self, tmp_path):
+        opts = {"cachedir": str(tmp_path)}
+        fired = []
+        def fire(d, t):
+            fired.append(d)
+        assert minion.schedule_wakeup(opts, 1000, fire, at=990)
+        assert not minion.schedule_wakeup(opts, 1005, fire, at=991)
+        assert minion.schedule_wakeup(opts, 995, fire, at=992)  # earlier: replaces it
+        assert minion.schedule_wakeup(opts, 1010, fire, at=996)  # the pending one has passed
+        assert len(fired) == 3
+
+    def test_the_module_schedules_what_a_sync_reports(self, load_minion, testdriver, monkeypatch):
+        dom = testdriver.define("web")
+        mods = load_minion(TEST_URI, None, stop_timeout=0).functions
+        mods["vmpower.sync"]()
+        dom.destroy()
+        asked = []
+        monkeypatch.setattr(minion, "schedule_wakeup", lambda opts, at, fire: asked.append(at))
+        report = mods["vmpower.sync"]()
+        assert asked == [report["retry_at"]]
