@@ -285,8 +285,10 @@ class HostOperations:
         at = now()
         live = dom.state if dom else GONE
         stale = transition is not None and is_stale(transition, live)
+        # The event's reason is kept even when the event is stale: the rules read it only to
+        # hold back (a migration arriving, a host shutdown), never to act.
         base = self._base_facts(boot_id, dom.name if dom else "",
-                                None if stale else transition, "" if stale else event_reason)
+                                None if stale else transition, event_reason)
         facts = self._full_facts(hv, uuid, record, live, base)
         if record is None:
             if dom is None:

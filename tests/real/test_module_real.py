@@ -2,6 +2,8 @@
 QEMU guests: get_info, stop (graceful and forced), sync after a guest shut itself down, sync
 powering off a VM started behind vmpower's back, and history saying why."""
 
+import time
+
 import libvirt
 import pytest
 
@@ -43,21 +45,29 @@ def test_stop_a_guest_that_ignores_acpi_is_forced_after_the_timeout(vmpower, mak
     assert dom.state() == [libvirt.VIR_DOMAIN_SHUTOFF, libvirt.VIR_DOMAIN_SHUTOFF_DESTROYED]
     history = vmpower["vmpower.history"](guest.name)
     assert [e["action"] for e in history] == ["adopt", "powering-off", "done"]
-    assert history[-1]["new"] == {"vm_state": "stopped", "power_state": "shutdown", "task_state": ""}
+    # task_owner: who set the task_state (issue 8), audited, and cleared with it.
+    assert history[-1]["new"] == {"vm_state": "stopped", "power_state": "shutdown", "task_state": "",
+                                  "task_owner": ""}
 
 
-def test_sync_records_a_guest_that_shut_itself_down_as_stopped(vmpower, make_guest):
+def test_sync_records_a_guest_that_shut_itself_down_as_stopped(load_minion, libvirt_daemon,
+                                                                 make_guest):
+    vmpower = load_minion(URI, stop_timeout=30, stop_grace=2).functions
     guest, dom = make_guest("selfstop", start=False)
     vmpower["vmpower.sync"]()
     assert vmpower["vmpower.start"](guest.name)["vm_state"] == "active"
     lab.wait_for_state(dom, libvirt.VIR_DOMAIN_SHUTOFF)  # nobody asked it to
+    # First seen off: recorded, and no path acts before stop_grace (issue 8).
+    held = vmpower["vmpower.sync"]()
+    assert not [a for a in held["actions"] if a["uuid"] == guest.uuid] and "retry_at" in held
+    time.sleep(max(0.0, held["retry_at"] - time.time()))
     report = vmpower["vmpower.sync"]()
     mine = [a for a in report["actions"] if a["uuid"] == guest.uuid]
     assert len(mine) == 1 and (mine[0]["vm_state"], mine[0]["power_state"]) == ("stopped", "shutdown")
-    why = vmpower["vmpower.history"](guest.name)[-1]
+    seen, why = vmpower["vmpower.history"](guest.name)[-2:]
+    assert (seen["old"], seen["new"]) == ({"power_state": "running"}, {"power_state": "shutdown"})
     assert why["cause"] == "sync"
-    assert why["old"] == {"vm_state": "active", "power_state": "running"}
-    assert why["new"] == {"vm_state": "stopped", "power_state": "shutdown"}
+    assert (why["old"], why["new"]) == ({"vm_state": "active"}, {"vm_state": "stopped"})
     assert "vm_state=active but the guest shut down (libvirt reason: shutdown)" in why["reason"]
 
 
