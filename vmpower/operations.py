@@ -25,8 +25,8 @@ import logging
 import os
 import time
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
-from xml.etree import ElementTree
 
+from vmpower import hostinfo
 from vmpower.core.mapping import is_stale
 from vmpower.core.model import (
     GONE,
@@ -57,16 +57,6 @@ from vmpower.eventloop import read_status
 from vmpower.hypervisor import Hypervisor, LiveDomain
 from vmpower.store import Change, Note, Store, StoreError
 
-try:  # i8-host's host facts; the fallback below reads the same /proc files
-    from vmpower import hostinfo as _hostinfo
-except ImportError:  # pragma: no cover - until vmpower.hostinfo lands
-    _hostinfo = None
-
-try:
-    import libvirt
-except ImportError:  # pragma: no cover - reported by the Salt modules' __virtual__
-    libvirt = None
-
 log = logging.getLogger(__name__)
 
 # A sync locks the records that change in chunks of this many: each chunk is one transaction,
@@ -88,54 +78,17 @@ class OperationError(RuntimeError):
     """An operation that cannot be carried out as asked; the message says why."""
 
 
-# This host and this process, for the grace (boot id) and for a task_state's owner.
-def _read(path: str) -> str:
-    try:
-        with open(path) as handle:
-            return handle.read().strip()
-    except OSError:
-        return ""
-
-
 def host_boot_id() -> str:
     """This host's boot id ("" where there is none, and then no monotonic value is trusted)."""
-    if _hostinfo is not None and hasattr(_hostinfo, "boot_id"):
-        return _hostinfo.boot_id()
-    return _read("/proc/sys/kernel/random/boot_id")
-
-
-def _start_time(pid: int) -> str:
-    stat = _read(f"/proc/{pid}/stat")
-    # Field 22 (starttime), counted after the command name, which may hold spaces.
-    fields = stat.rsplit(")", 1)[-1].split()
-    return fields[19] if len(fields) > 19 else ""
+    return hostinfo.boot_id()
 
 
 def process_owner(host: str, boot_id: str) -> str:
     """The ``task_owner`` of a task_state this process sets: who, in which boot, since when."""
     pid = os.getpid()
     return json.dumps({"host": host, "boot_id": boot_id, "pid": pid,
-                       "start_time": _start_time(pid), "since": now()}, sort_keys=True)
-
-
-def owner_alive(task_owner: str, host: str, boot_id: str) -> Optional[bool]:
-    """Whether the process named in ``task_owner`` still runs: False when it is dead, or its
-    host (this one) rebooted since; None when it cannot be told (another host's, unreadable)."""
-    if _hostinfo is not None and hasattr(_hostinfo, "owner_alive"):
-        return _hostinfo.owner_alive(task_owner)
-    try:
-        owner = json.loads(task_owner)
-        pid = int(owner["pid"])
-    except (ValueError, TypeError, KeyError):
-        return None
-    if owner.get("host") != host or not boot_id:
-        return None
-    if owner.get("boot_id") != boot_id:
-        return False  # this host rebooted since: no process of that boot runs
-    started = _start_time(pid)
-    if not started:
-        return False
-    return started == str(owner.get("start_time"))  # a reused pid is another process
+                       "start_time": hostinfo.process_start_time(pid), "since": now()},
+                      sort_keys=True)
 
 
 class HostOperations:
@@ -206,15 +159,15 @@ class HostOperations:
             return None
         if self._alive is not None:
             return self._alive(task_owner)
-        return owner_alive(task_owner, self.host, boot_id)
+        return hostinfo.owner_alive(task_owner, self.host)
 
     def _full_facts(self, hv: Hypervisor, uuid: str, record: Optional[Record], live: LiveState,
                     base: Facts) -> Facts:
         """``base`` with what is read per domain: only what this decision can need."""
         migrating = False
         if live.power_state in (PowerState.RUNNING, PowerState.PAUSED):
-            migrating = _migration_job(hv, uuid)
-        on_crash = _on_crash(hv, uuid) if live.is_crash else None
+            migrating = hv.migration_job(uuid)
+        on_crash = hv.on_crash(uuid) if live.is_crash else None
         alive = self._owner_alive(record.task_owner, base.boot_id) if record and record.task_state else None
         return dataclasses.replace(base, migrating=migrating, on_crash=on_crash, owner_alive=alive)
 
@@ -369,7 +322,7 @@ class HostOperations:
             for uuid in records:
                 if uuid not in live:
                     live[uuid] = LiveDomain(uuid, records[uuid].name, GONE)
-            autostart = _autostarted(hv) if self.settings.instances else None
+            autostart = hv.autostart_set() if self.settings.instances else None
 
             adoptions: List[Change] = []
             to_lock: List[str] = []
@@ -384,7 +337,7 @@ class HostOperations:
                 if record is None:
                     facts = decide_once.facts
                     if dom.state.power_state is PowerState.PAUSED:  # an incoming migration?
-                        facts = dataclasses.replace(facts, migrating=_migration_job(hv, uuid))
+                        facts = dataclasses.replace(facts, migrating=hv.migration_job(uuid))
                     why = not_to_record(dom.state, policy, error, facts)
                     if why:
                         report["skipped"].append({"uuid": uuid, "name": dom.name, "reason": why})
@@ -613,64 +566,6 @@ def _off_books(record: Record, power: PowerState, facts: Facts) -> dict:
 def _audit_action(decision: Decision) -> str:
     """The audit entry's action word: what was done, or ``update`` for a write only."""
     return decision.action.value if decision.action is not Action.NONE else "update"
-
-
-# Per-domain reads the rules need now and then (a sync makes them only for the few domains
-# that change). Small, and kept here until vmpower.hypervisor has them (i8-host).
-def _domain(hv: Hypervisor, uuid: str):
-    try:
-        return hv.lookup(uuid)
-    except Exception:  # gone meanwhile: nothing to read
-        return None
-
-
-def _migration_job(hv: Hypervisor, uuid: str) -> Optional[bool]:
-    """Whether libvirt runs a migration job for the domain; None when it cannot say."""
-    if hasattr(hv, "migration_job"):
-        return hv.migration_job(uuid)
-    dom = _domain(hv, uuid)
-    if dom is None or libvirt is None:
-        return None
-    try:
-        stats = dom.jobStats()
-    except libvirt.libvirtError as exc:
-        if exc.get_error_code() in (libvirt.VIR_ERR_NO_SUPPORT, libvirt.VIR_ERR_NO_DOMAIN,
-                                    libvirt.VIR_ERR_OPERATION_INVALID):
-            return False  # the driver has no jobs (test driver), or the domain is not running
-        return None
-    operation = stats.get("operation")
-    migrations = {getattr(libvirt, name, -1) for name in (
-        "VIR_DOMAIN_JOB_OPERATION_MIGRATION_IN", "VIR_DOMAIN_JOB_OPERATION_MIGRATION_OUT")}
-    return stats.get("type", 0) != 0 and (operation is None or operation in migrations)
-
-
-def _on_crash(hv: Hypervisor, uuid: str) -> str:
-    """The domain's ``<on_crash>`` action (libvirt's default ``destroy`` when absent); "" when
-    its XML cannot be read."""
-    if hasattr(hv, "on_crash"):
-        return hv.on_crash(uuid)
-    dom = _domain(hv, uuid)
-    if dom is None:
-        return ""
-    try:
-        root = ElementTree.fromstring(dom.XMLDesc(0))
-    except Exception:  # unreadable: the rules record it and do not act
-        return ""
-    found = root.find("on_crash")
-    return (found.text or "").strip() if found is not None else "destroy"
-
-
-def _autostarted(hv: Hypervisor) -> Optional[set]:
-    """The UUIDs of the domains libvirt starts at boot, from one bulk call; None if unknown."""
-    if hasattr(hv, "autostart_set"):
-        return hv.autostart_set()
-    try:
-        conn = hv._conn
-        return {dom.UUIDString() for dom in
-                conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_AUTOSTART)}
-    except Exception as exc:  # a warning only: the sync goes on without it
-        log.debug("vmpower: cannot list autostarted domains: %s", exc)
-        return None
 
 
 class _SyncDecisions:

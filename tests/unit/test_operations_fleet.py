@@ -6,8 +6,6 @@ The test driver cannot migrate or crash a guest: those rules are tested cell by 
 test_rules_fleet.py, and on real libvirtds by tests/real (i8-real)."""
 
 import json
-import subprocess
-import sys
 import time
 
 import pytest
@@ -15,8 +13,8 @@ import pytest
 from vmpower import minion
 from vmpower.core.model import Cause, PowerState, VmState
 from vmpower.core.settings import parse_settings
-from vmpower.operations import HostOperations, OperationError, _on_crash, owner_alive, process_owner
-from vmpower.store import Change, Store
+from vmpower.operations import HostOperations, OperationError, process_owner
+from vmpower.store import Change, open_store
 
 from .conftest import TEST_URI
 from .test_operations import BOOT, HOST, Clock, operations
@@ -29,7 +27,7 @@ def path(tmp_path):
 
 @pytest.fixture
 def store(path):
-    with Store(path) as s:
+    with open_store(path) as s:
         yield s
 
 
@@ -44,7 +42,7 @@ def test_a_busy_vm_does_not_block_the_sync(store, path, testdriver):
     ops.sync()  # adopts both; busy (pinned stopped, running) is powered off
     busy.create()
     other.create()
-    with Store(path) as second, second.lock(busy.UUIDString()):  # another job holds it
+    with open_store(path) as second, second.lock(busy.UUIDString()):  # another job holds it
         report = ops.sync()
     assert [b["name"] for b in report["busy"]] == [busy.name()]
     assert actions(report) == {other.name(): "power_off"}  # the rest is synced
@@ -80,18 +78,6 @@ def test_a_live_owner_keeps_the_vm_out_of_syncs(store, testdriver):
     report = ops.sync()
     assert "task_state=powering-off" in {s["name"]: s["reason"] for s in report["skipped"]}[dom.name()]
     assert store.get(dom.UUIDString()).task_state == "powering-off"
-
-
-def test_owner_alive_knows_a_dead_process_a_reused_pid_and_a_reboot():
-    me = json.loads(process_owner(HOST, BOOT))
-    assert owner_alive(json.dumps(me), HOST, BOOT) is True
-    child = subprocess.Popen([sys.executable, "-c", "pass"])
-    child.wait()
-    assert owner_alive(json.dumps({**me, "pid": child.pid}), HOST, BOOT) is False
-    assert owner_alive(json.dumps({**me, "start_time": "1"}), HOST, BOOT) is False  # pid reused
-    assert owner_alive(json.dumps(me), HOST, "boot-2") is False  # this host rebooted since
-    assert owner_alive(json.dumps(me), "another-host", BOOT) is None  # cannot tell
-    assert owner_alive("not json", HOST, BOOT) is None
 
 
 def test_systemexit_in_the_middle_of_a_stop_clears_the_task_state(store, testdriver, monkeypatch):
@@ -233,7 +219,7 @@ def test_a_host_shutdown_event_follows_on_host_shutdown(store, testdriver):
 
 def test_ownership_follows_the_running_domain(path, testdriver):
     dom = testdriver.define("web")
-    with Store(path) as store_a, Store(path) as store_b:
+    with open_store(path) as store_a, open_store(path) as store_b:
         operations(store_a).sync()
         record = store_a.get(dom.UUIDString())
         assert record.host == HOST
@@ -252,7 +238,7 @@ def test_ownership_follows_the_running_domain(path, testdriver):
 
 def test_start_refuses_a_vm_whose_owner_runs_it(path, testdriver):
     dom = testdriver.define("web", start=False)
-    with Store(path) as store:
+    with open_store(path) as store:
         operations(store).sync()
         record = store.get(dom.UUIDString())
         moved = record.updated(2.0, host="minion-b", power_state=PowerState.RUNNING)
@@ -270,19 +256,6 @@ def test_a_sync_warns_when_autostart_contradicts_the_pin(store, testdriver):
     warnings = {w["name"]: w["reason"] for w in ops.sync()["warnings"]}
     assert "autostart is on" in warnings[stopped.name()]
     assert "autostart is off" in warnings[active.name()]
-
-
-def test_on_crash_is_read_from_the_domain_xml(testdriver):
-    plain = testdriver.define("plain", start=False)
-    xml = plain.XMLDesc(0).replace("<on_crash>destroy</on_crash>", "<on_crash>preserve</on_crash>")
-    other_uuid = "6c0b8c1e-0000-4000-8000-0000000000aa"
-    preserved = testdriver.conn.defineXML(xml.replace(plain.name(), plain.name() + "-p")
-                                          .replace(plain.UUIDString(), other_uuid))
-    testdriver.domains.append(preserved)
-    from vmpower.hypervisor import Hypervisor
-    with Hypervisor(TEST_URI) as hv:
-        assert _on_crash(hv, preserved.UUIDString()) == "preserve"
-        assert _on_crash(hv, plain.UUIDString()) == "destroy"
 
 
 class TestWakeUp:
