@@ -253,8 +253,8 @@ def measure(implementation: str, n: int, scratch: str) -> dict:
     Raises if an implementation did other work than the scenario calls for: a benchmark of
     the wrong job is worse than none.
     """
-    opener, sync = {VMPOWER: (Store, sync_vmpower), NOVA: (Store, sync_nova_style),
-                    NOVA_CHANGED: (Store, sync_nova_changed),
+    opener, sync = {VMPOWER: (open_store, sync_vmpower), NOVA: (open_store, sync_nova_style),
+                    NOVA_CHANGED: (open_store, sync_nova_changed),
                     FLOOR: (open_sqlite, sync_floor)}[implementation]
     with tempfile.TemporaryDirectory(dir=scratch) as workdir:
         scenario = Scenario(n, Path(workdir))
@@ -262,7 +262,7 @@ def measure(implementation: str, n: int, scratch: str) -> dict:
                                                   lambda: scenario.steady(opener), sync)}
         if implementation == VMPOWER:
             result[FIRST_SYNC] = harness.best_of(REPEATS, RUN_BUDGET,
-                                                 lambda: scenario.first_sync(Store), sync_vmpower)
+                                                 lambda: scenario.first_sync(open_store), sync_vmpower)
     for name, point in result.items():
         expected = _expected_work(name, n, scenario.host.drifts)
         if point["work"] != expected:

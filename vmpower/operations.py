@@ -18,13 +18,12 @@ VMs cheap.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import logging
 import os
 import time
-from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from vmpower import hostinfo
 from vmpower.core.mapping import is_stale
@@ -55,7 +54,7 @@ from vmpower.core.rules import (
 from vmpower.core.settings import InstancePolicy, Settings
 from vmpower.eventloop import read_status
 from vmpower.hypervisor import Hypervisor, LiveDomain
-from vmpower.store import Change, Note, Store, StoreError
+from vmpower.store import Change, Note, Store, describe_holder
 
 log = logging.getLogger(__name__)
 
@@ -366,11 +365,12 @@ class HostOperations:
 
             for start in range(0, len(to_lock), LOCK_CHUNK):
                 chunk = to_lock[start:start + LOCK_CHUNK]
-                with self._try_locks(chunk) as (held, busy):
-                    for uuid in busy:
+                with self.store.try_locks(chunk) as (held, busy):
+                    for uuid, holder in busy.items():
+                        by = f" ({describe_holder(holder)})" if holder else ""
                         report["busy"].append({"uuid": uuid, "name": live[uuid].name,
-                                               "reason": "another vmpower job holds its instance "
-                                                         "lock: left for the next sync"})
+                                               "reason": f"another vmpower job holds its instance "
+                                                         f"lock{by}: left for the next sync"})
                     fresh = self.store.get_many(held) if held else {}
                     outcomes = [self._decide_held(hv, uuid, Cause.SYNC, fresh.get(uuid),
                                                   None if live[uuid].state is GONE else live[uuid],
@@ -399,21 +399,6 @@ class HostOperations:
         elif entry.get("action", "none") != "none":
             report["actions"].append(entry)
         report["updated"] += sum(1 for change in outcome.changes if change.before is not None)
-
-    @contextlib.contextmanager
-    def _try_locks(self, keys: Sequence[str]) -> Iterator[Tuple[List[str], List[str]]]:
-        """Take each instance lock that is free, without waiting: ``(held, busy)``."""
-        held: List[str] = []
-        busy: List[str] = []
-        with contextlib.ExitStack() as stack:
-            for key in sorted(set(keys)):
-                try:
-                    stack.enter_context(self.store.lock(key, timeout=0))
-                except StoreError:
-                    busy.append(key)
-                else:
-                    held.append(key)
-            yield held, busy
 
     def stop(self, target: str, timeout: Optional[float] = None, force: bool = False,
              cause: Cause = Cause.API) -> dict:
