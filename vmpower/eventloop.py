@@ -29,6 +29,7 @@ import threading
 import time
 from typing import Callable, Deque, Dict, List, Optional, Tuple
 
+from vmpower import forksafe
 from vmpower.core.mapping import LifecycleTranslator, translate_reboot
 from vmpower.core.model import LifecycleEvent, Transition
 from vmpower.core.settings import BeaconSettings
@@ -68,7 +69,7 @@ def _run_forever() -> None:
     global _loop_errors
     while True:
         try:
-            libvirt.virEventRunDefaultImpl()
+            forksafe.run_iteration()  # virEventRunDefaultImpl, never while the process forks
         except Exception:  # every watcher depends on this loop: it must outlive a failed iteration
             _loop_errors += 1
             time.sleep(LOOP_ERROR_PAUSE)  # neither a busy loop nor a log storm from this thread

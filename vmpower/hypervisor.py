@@ -3,13 +3,28 @@
 Every connection is opened for one job and closed when it ends, errors included. libvirt's
 default error handler (which prints every error to stderr) is replaced once: errors still
 arrive as exceptions, and vmpower reports them in its own words.
+
+Every libvirt call is bounded and says what it waited for. A libvirt client only notices a
+libvirtd that stopped answering (hung, or stopped) through keepalive, and keepalive runs only
+in a process that runs libvirt's event loop. So:
+
+- A process that can run the loop (``vmpower.eventloop.ensure_running``: salt-call, a minion
+  without the beacon, the tests) runs it, and its connections send keepalives: a call to a hung
+  libvirtd fails after about ``KEEPALIVE_INTERVAL * (KEEPALIVE_COUNT + 1)`` seconds.
+- A Salt job process forked from a minion that runs the beacon inherits that loop's state but
+  not its thread, and may not run it (the parent's sockets are registered in it). There, the
+  calls run on a thread of their own and the caller waits ``call_timeout`` seconds at most; and
+  since libvirtd drops a connection whose keepalives go unanswered for about 30 s, a
+  connection idle for ``IDLE_REOPEN`` seconds is opened afresh before its next call.
 """
 
 from __future__ import annotations
 
 import logging
+import queue
+import threading
 import time
-from typing import Dict, NamedTuple, Optional, Set
+from typing import Callable, Dict, NamedTuple, Optional, Set
 from xml.etree import ElementTree
 
 from vmpower.core.mapping import live_state
@@ -28,6 +43,15 @@ if HAS_LIBVIRT:
     libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
 
 POLL_INTERVAL = 0.1
+#: The longest any one libvirt call may take before vmpower gives up on it: above libvirt's own
+#: bounds (a domain job waits 30 s for another; a destroy waits some 15 s for QEMU to die).
+CALL_TIMEOUT = 60.0
+#: Client keepalive where this process runs the event loop: a ping after 5 s of silence, the
+#: connection given up after 3 unanswered ones.
+KEEPALIVE_INTERVAL = 5
+KEEPALIVE_COUNT = 3
+#: Where keepalive cannot be answered (see above), reconnect after this long without a call.
+IDLE_REOPEN = 15.0
 
 
 class HypervisorError(RuntimeError):
@@ -36,6 +60,10 @@ class HypervisorError(RuntimeError):
 
 class UnknownDomain(HypervisorError):
     """No domain has that name or UUID on this host."""
+
+
+class LibvirtTimeout(HypervisorError):
+    """libvirt did not answer within the time allowed; the message says what was asked."""
 
 
 class LiveDomain(NamedTuple):
@@ -50,24 +78,110 @@ def _error(exc: Exception) -> str:
     return exc.get_error_message() if hasattr(exc, "get_error_message") else str(exc)
 
 
-class Hypervisor:
-    """A libvirt connection for the length of a ``with`` block."""
+def run_event_loop() -> bool:
+    """Run libvirt's event loop in this process, once (vmpower.eventloop owns it); True if it
+    runs here, False in a process forked from the one that runs it (it cannot run twice)."""
+    if not HAS_LIBVIRT:
+        return False
+    from vmpower.eventloop import ensure_running  # imports this module: not at the top
 
-    def __init__(self, uri: str):
+    try:
+        ensure_running()
+    except RuntimeError as exc:
+        log.debug("vmpower: no libvirt event loop of this process's own: %s", exc)
+        return False
+    return True
+
+
+class _Caller:
+    """A daemon thread that makes one connection's libvirt calls, so that the caller can stop
+    waiting for one that does not return (a daemon thread never holds up the process's exit)."""
+
+    def __init__(self, name: str):
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self.thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            function, args, outcome, done = job
+            try:
+                outcome.append((True, function(*args)))
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller as it is
+                outcome.append((False, exc))
+            done.set()
+
+    def call(self, timeout: float, function: Callable, *args):
+        """``function(*args)`` on the thread; TimeoutError after ``timeout`` seconds."""
+        outcome: list = []
+        done = threading.Event()
+        self._jobs.put((function, args, outcome, done))
+        if not done.wait(timeout):
+            raise TimeoutError
+        ok, value = outcome[0]
+        if ok:
+            return value
+        raise value
+
+    def stop(self) -> None:
+        self._jobs.put(None)
+
+
+def _bounded(what: str):
+    """Make a Hypervisor method a bounded call on its connection's thread (see the module
+    docstring); ``what`` (formatted with the call's first argument) names it in the error."""
+    def wrap(method):
+        def bounded(self, *args, **kwargs):
+            return self._bounded_call(what.format(*args), method, self, *args, **kwargs)
+        bounded.__name__, bounded.__doc__ = method.__name__, method.__doc__
+        return bounded
+    return wrap
+
+
+class Hypervisor:
+    """A libvirt connection for the length of a ``with`` block; every call bounded by
+    ``call_timeout`` seconds (see the module docstring)."""
+
+    def __init__(self, uri: str, call_timeout: float = CALL_TIMEOUT):
         self.uri = uri
+        self.call_timeout = call_timeout
         self._conn = None
         self._handles: Dict[str, object] = {}  # uuid -> virDomain, from the last listing
+        self._caller: Optional[_Caller] = None
+        self._stuck: Optional[str] = None  # the call that never returned, if one did not
+        self._own_loop = False
+        self._last_call = 0.0
 
     def __enter__(self) -> "Hypervisor":
         if not HAS_LIBVIRT:
             raise HypervisorError("the libvirt Python bindings (libvirt-python) are not installed")
+        # Before the connection is opened: a connection opened without an event loop never
+        # gets keepalive.
+        self._own_loop = run_event_loop()
+        self._caller = _Caller(f"vmpower-libvirt {self.uri}")
+        try:
+            self._bounded_call("connect", self._open)
+        except BaseException:
+            self._caller.stop()
+            raise
+        return self
+
+    def _open(self) -> None:
         try:
             self._conn = libvirt.open(self.uri)
         except libvirt.libvirtError as exc:
             raise HypervisorError(f"cannot connect to libvirt at {self.uri}: {_error(exc)}") from exc
-        return self
+        if self._own_loop:
+            try:
+                self._conn.setKeepAlive(KEEPALIVE_INTERVAL, KEEPALIVE_COUNT)
+            except libvirt.libvirtError as exc:  # drivers inside the client (test:///) have no peer
+                log.debug("vmpower: no keepalive on %s: %s", self.uri, _error(exc))
+        self._last_call = time.monotonic()
 
-    def __exit__(self, *exc) -> None:
+    def _close(self) -> None:
         conn, self._conn = self._conn, None
         self._handles = {}
         if conn is not None:
@@ -76,7 +190,52 @@ class Hypervisor:
             except libvirt.libvirtError as close_exc:
                 log.debug("closing the libvirt connection to %s failed: %s", self.uri, close_exc)
 
+    def __exit__(self, *exc) -> None:
+        caller, self._caller = self._caller, None
+        if caller is None:
+            return
+        try:
+            if self._stuck is None:
+                self._bounded_call("close the connection", self._close)
+        except HypervisorError as close_exc:  # the job's own outcome matters more
+            log.warning("vmpower: %s", close_exc)
+        finally:
+            caller.stop()
+
+    def _bounded_call(self, what: str, function: Callable, *args, **kwargs):
+        """``function(*args, **kwargs)`` on the connection's thread, waited for at most
+        ``call_timeout`` seconds; a call that never returns leaves the connection unusable."""
+        if self._caller is None:
+            raise HypervisorError(f"no connection to libvirt at {self.uri}: use Hypervisor in a with block")
+        if threading.current_thread() is self._caller.thread:
+            return function(*args, **kwargs)  # a bounded method calling another
+        if self._stuck is not None:
+            raise LibvirtTimeout(f"libvirt at {self.uri} is still busy with '{self._stuck}', "
+                                 f"which did not return: cannot {what}")
+        try:
+            return self._caller.call(self.call_timeout, self._call_fresh, function, args, kwargs)
+        except TimeoutError:
+            self._stuck = what
+            raise LibvirtTimeout(f"libvirt at {self.uri} did not answer within "
+                                 f"{self.call_timeout:g}s (to {what}): libvirtd, or the domain's "
+                                 f"QEMU, is not responding") from None
+
+    def _call_fresh(self, function: Callable, args: tuple, kwargs: dict):
+        """On the connection's thread: reopen a connection idle for long where keepalive cannot
+        be answered (libvirtd will have dropped it), then call."""
+        if (not self._own_loop and self._conn is not None and function is not self._close
+                and time.monotonic() - self._last_call > IDLE_REOPEN):
+            log.debug("vmpower: reopening the connection to %s after %.0fs idle", self.uri,
+                      time.monotonic() - self._last_call)
+            self._close()
+            self._open()
+        try:
+            return function(*args, **kwargs)
+        finally:
+            self._last_call = time.monotonic()
+
     # Reading
+    @_bounded('list the domains')
     def list_all(self) -> Dict[str, LiveDomain]:
         """Every domain on the host with its state, from one bulk call."""
         try:
@@ -91,6 +250,7 @@ class Hypervisor:
                                        live_state(values["state.state"], values["state.reason"]))
         return domains
 
+    @_bounded('look up {0}')
     def lookup(self, name_or_uuid: str):
         """The libvirt domain with that UUID or name, or UnknownDomain.
 
@@ -133,6 +293,7 @@ class Hypervisor:
         except libvirt.libvirtError as exc:
             raise HypervisorError(f"cannot list domains at {self.uri}: {_error(exc)}") from exc
 
+    @_bounded('read the state of {0}')
     def find(self, uuid: str) -> Optional[LiveDomain]:
         """The domain with that UUID and its state read now, uncached; None if it is gone."""
         try:
@@ -150,6 +311,7 @@ class Hypervisor:
             raise HypervisorError(f"cannot read the state of {dom.name()} at {self.uri}: "
                                   f"{_error(exc)}") from exc
 
+    @_bounded('read {0}')
     def info(self, name_or_uuid: str) -> dict:
         """Power state, memory (KiB), vCPUs and CPU time (ns), as libvirt gives them."""
         dom = self.lookup(name_or_uuid)
@@ -162,6 +324,7 @@ class Hypervisor:
                 "max_mem": max_mem, "mem": mem, "num_cpu": num_cpu, "cpu_time": cpu_time}
 
     # What the rules need, read only when they need it
+    @_bounded('read the XML of {0}')
     def on_crash(self, uuid: str) -> str:
         """The domain's ``<on_crash>`` action (``destroy``, libvirt's default, when its XML has
         none; ``preserve``, ``restart``, ``coredump-destroy``...); "" when it cannot be read."""
@@ -178,6 +341,7 @@ class Hypervisor:
             return ""
         return (found.text or "").strip() if found is not None else "destroy"
 
+    @_bounded('read the job of {0}')
     def migration_job(self, uuid: str) -> Optional[bool]:
         """Whether libvirt runs a migration of the domain now, incoming or outgoing (its
         current job's operation); False when it has no job (or the driver has no jobs, as the
@@ -201,6 +365,7 @@ class Hypervisor:
         return operation in (libvirt.VIR_DOMAIN_JOB_OPERATION_MIGRATION_IN,
                              libvirt.VIR_DOMAIN_JOB_OPERATION_MIGRATION_OUT)
 
+    @_bounded('list the autostarted domains')
     def autostart_set(self) -> Optional[Set[str]]:
         """The UUIDs of the domains libvirt starts when it starts, in one bulk call; None when
         libvirt cannot list them."""
@@ -219,6 +384,7 @@ class Hypervisor:
         except libvirt.libvirtError as exc:
             raise HypervisorError(f"cannot {verb} {dom.name()} at {self.uri}: {_error(exc)}") from exc
 
+    @_bounded('power off {0}')
     def power_off(self, uuid: str) -> bool:
         """Make sure the domain is fully off; True if it had to be powered off."""
         dom = self.lookup(uuid)
@@ -239,16 +405,20 @@ class Hypervisor:
         (the caller decides whether to power it off).
         """
         dom = self.lookup(uuid)
-        if not dom.isActive():
+        if not self._is_active(dom):
             return True
-        self._call(dom, "shut down", dom.shutdown)
+        self._bounded_call(f"shut down {uuid}", self._call, dom, "shut down", dom.shutdown)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if not dom.isActive():
+            if not self._is_active(dom):
                 return True
             time.sleep(POLL_INTERVAL)
-        return not dom.isActive()
+        return not self._is_active(dom)
 
+    def _is_active(self, dom) -> bool:
+        return self._bounded_call(f"read the state of {dom.UUIDString()}", dom.isActive)
+
+    @_bounded('start {0}')
     def start(self, uuid: str) -> bool:
         """Start the domain; True if it was not running."""
         dom = self.lookup(uuid)
@@ -257,6 +427,7 @@ class Hypervisor:
         self._call(dom, "start", dom.create)
         return True
 
+    @_bounded('read the state of {0}')
     def state(self, uuid: str) -> LiveState:
         """The domain's state read now; NOSTATE if it no longer exists."""
         found = self.find(uuid)

@@ -1,0 +1,67 @@
+"""A process that runs libvirt's event loop on a thread (the minion with the vmpower beacon)
+forks job processes: none may inherit a libvirt lock held by that thread (the hung reconcile of
+issue 8). Real forks, a real libvirt event loop kept busy by a timer that fires at every
+iteration, and children that need the event loop's lock at once, as a job opening a remote
+connection does."""
+
+import subprocess
+import sys
+import textwrap
+
+FORKER = textwrap.dedent("""
+    import os, sys, threading, time
+    import libvirt
+    from vmpower import eventloop
+
+    eventloop.ensure_running()  # the minion's loop thread, as the beacon starts it
+    busy = libvirt.virEventAddTimeout(0, lambda timer, opaque: None, None)  # a storm of events
+    time.sleep(0.2)
+    hung = 0
+    children = int(sys.argv[1])
+    for _ in range(children):
+        pid = os.fork()
+        if pid == 0:
+            # What a job's first libvirt calls do: register a timer and a handle, remove them.
+            timer = libvirt.virEventAddTimeout(-1, lambda timer, opaque: None, None)
+            libvirt.virEventRemoveTimeout(timer)
+            os._exit(0)
+        # A child that has not exited long after it should have is hung (it needs microseconds).
+        deadline = time.monotonic() + 10
+        while os.waitpid(pid, os.WNOHANG) == (0, 0):
+            if time.monotonic() > deadline:
+                hung += 1
+                os.kill(pid, 9)
+                os.waitpid(pid, 0)
+                break
+            time.sleep(0.001)
+        if hung:
+            break  # one is enough to fail
+    print(hung, eventloop.ensure_running().is_alive(), flush=True)
+""")
+
+
+def test_forked_children_never_inherit_a_held_libvirt_lock():
+    # Without the guard, 29 children of 300 hung here.
+    out = subprocess.run([sys.executable, "-c", FORKER, "300"], capture_output=True, text=True,
+                         timeout=600, check=False)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["0", "True"]  # none hung, and the parent's loop still runs
+
+
+def test_a_forked_child_cannot_run_the_parents_loop():
+    code = textwrap.dedent("""
+        import os
+        from vmpower import eventloop, forksafe
+        eventloop.ensure_running()
+        pid = os.fork()
+        if pid == 0:
+            try:
+                eventloop.ensure_running()
+            except RuntimeError as exc:
+                os._exit(0 if "a forked process cannot run it" in str(exc)
+                         and not forksafe.loop_runs_here() else 2)
+            os._exit(1)
+        print(os.waitpid(pid, 0)[1] >> 8, forksafe.loop_runs_here())
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
+    assert out.stdout.split() == ["0", "True"], out.stderr

@@ -1,0 +1,103 @@
+"""libvirt's event loop thread and ``fork()``: a forked child never inherits a libvirt lock held.
+
+A Salt minion forks a process for every job. When the minion also runs libvirt's event loop
+(the vmpower beacon does, on a thread), a fork can happen while that thread is inside libvirt
+holding one of its locks (the event loop's own, GLib's main context, a connection's). The
+child gets a copy of the lock, held by a thread that does not exist in the child, and its first
+libvirt call that needs it (opening a connection registers its socket in the event loop; every
+RPC updates that registration) waits forever. That was the hung ``vmpower.reconcile``: forked
+right after an automatic restart and a pillar refresh, when the beacon's loop thread was busy
+with the restart's events and its reconnection.
+
+``run_iteration()`` is one iteration of the loop, run by the loop's thread
+(``vmpower.eventloop``). A fork first asks the thread to leave libvirt (it wakes the loop with a
+timer and waits for the iteration to end) and holds it outside until the fork is done, so the
+child is made while no thread of this process is inside libvirt. The cost is one wake-up of
+the loop per fork.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from typing import Optional
+
+try:
+    import libvirt
+except ImportError:  # pragma: no cover - nothing to guard without libvirt
+    libvirt = None
+
+log = logging.getLogger(__name__)
+
+#: How long a fork waits for the loop thread to leave libvirt; past it, the fork goes ahead
+#: (a minion that cannot fork is worse) and says so.
+FORK_WAIT = 10.0
+
+_cond = threading.Condition()
+_forks_pending = 0  # forks waiting for, or being made while, the loop thread stays out
+_in_libvirt = False  # the loop thread is inside virEventRunDefaultImpl
+_loop_ident: Optional[int] = None  # the loop thread's ident, once it has run an iteration
+_wake_timer: Optional[int] = None  # a libvirt timer, disabled except to wake the loop for a fork
+
+
+def _rest(timer: int, _opaque) -> None:
+    libvirt.virEventUpdateTimeout(timer, -1)
+
+
+def run_iteration() -> None:
+    """One iteration of libvirt's default event loop (``virEventRunDefaultImpl``), never while
+    this process forks. Only the one thread that runs the loop calls it."""
+    global _in_libvirt, _loop_ident, _wake_timer
+    with _cond:
+        while _forks_pending:
+            _cond.wait()
+        if _wake_timer is None:
+            _wake_timer = libvirt.virEventAddTimeout(-1, _rest, None)
+        _loop_ident = threading.get_ident()
+        _in_libvirt = True
+    try:
+        libvirt.virEventRunDefaultImpl()
+    finally:
+        with _cond:
+            _in_libvirt = False
+            _cond.notify_all()
+
+
+def _before_fork() -> None:
+    global _forks_pending
+    if _loop_ident is None or threading.get_ident() == _loop_ident:
+        return  # no loop in this process, or a fork from inside a libvirt callback
+    with _cond:
+        _forks_pending += 1
+        if _in_libvirt and _wake_timer is not None:
+            # The loop may sit in poll() with no timeout: a due timer ends the iteration.
+            libvirt.virEventUpdateTimeout(_wake_timer, 0)
+        if not _cond.wait_for(lambda: not _in_libvirt, FORK_WAIT):
+            log.warning("vmpower: libvirt's event loop thread did not leave libvirt within %gs; "
+                        "forking anyway (the child may find a libvirt lock held)", FORK_WAIT)
+
+
+def _after_fork_in_parent() -> None:
+    global _forks_pending
+    if _loop_ident is None or threading.get_ident() == _loop_ident:
+        return
+    with _cond:
+        _forks_pending -= 1
+        _cond.notify_all()
+
+
+def _after_fork_in_child() -> None:
+    # The loop thread is not copied: nothing here runs the loop, and nothing waits for it.
+    global _cond, _forks_pending, _in_libvirt, _loop_ident
+    _cond = threading.Condition()
+    _forks_pending, _in_libvirt, _loop_ident = 0, False, None
+
+
+def loop_runs_here() -> bool:
+    """Whether this process has run the loop (a forked child has not, whatever it inherited)."""
+    return _loop_ident is not None
+
+
+os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_in_parent,
+                    after_in_child=_after_fork_in_child)
