@@ -121,3 +121,19 @@ def test_open_store_picks_the_backend(tmp_path):
         assert type(store).__name__ == "SqliteStore"
     with pytest.raises(StoreError, match="mysql://... is not supported"):
         open_store("mysql://db/vmpower")
+
+
+def test_the_records_survive_saltutil_clear_cache(load_minion, testdriver, tmp_path, monkeypatch):
+    dom = testdriver.define("kept", start=False)
+    target = tmp_path / "lib" / "vmpower" / "records.sqlite"
+    monkeypatch.setattr(minion, "DEFAULT_STORE", str(target))  # the default, not the machine's
+    mods = load_minion("test:///default", store="").functions  # no vmpower:store: the default
+    mods["vmpower.sync"]()
+    before = mods["vmpower.history"](dom.name())
+    assert before and target.exists()
+    decoy = tmp_path / "cache" / "vmpower" / "what-clear_cache-removes"
+    decoy.parent.mkdir(parents=True, exist_ok=True)
+    decoy.write_text("x")
+    assert mods["saltutil.clear_cache"]() is True  # Salt's own
+    assert not decoy.exists()
+    assert mods["vmpower.history"](dom.name()) == before
