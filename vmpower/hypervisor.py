@@ -223,7 +223,8 @@ class Hypervisor:
     def _call_fresh(self, function: Callable, args: tuple, kwargs: dict):
         """On the connection's thread: reopen a connection idle for long where keepalive cannot
         be answered (libvirtd will have dropped it), then call."""
-        if (not self._own_loop and self._conn is not None and function is not self._close
+        if (not self._own_loop and self._conn is not None
+                and getattr(function, "__func__", None) is not Hypervisor._close
                 and time.monotonic() - self._last_call > IDLE_REOPEN):
             log.debug("vmpower: reopening the connection to %s after %.0fs idle", self.uri,
                       time.monotonic() - self._last_call)

@@ -3,6 +3,9 @@ that stay right while the garbage collector frees domains between a failing call
 and the facts the rules read: ``<on_crash>``, migration jobs, autostart."""
 
 import gc
+import subprocess
+import sys
+import textwrap
 import threading
 import uuid as uuidlib
 
@@ -150,3 +153,30 @@ def test_the_connection_runs_on_a_thread_of_its_own_and_the_loop_runs_here(testd
     assert not thread.is_alive()  # ended with the with block
     with pytest.raises(HypervisorError, match="use Hypervisor in a with block"):
         hv.lookup(dom.name())
+
+
+def test_a_forked_job_reopens_an_idle_connection_and_runs_no_loop_of_its_own():
+    """In a job forked from a process that runs libvirt's event loop, keepalives cannot be
+    answered, so an idle connection is opened afresh (tests/real shows libvirtd dropping one)."""
+    code = textwrap.dedent("""
+        import os, time
+        from vmpower import eventloop, hypervisor
+        eventloop.ensure_running()
+        pid = os.fork()
+        if pid == 0:
+            hypervisor.IDLE_REOPEN = 0.05
+            with hypervisor.Hypervisor("test:///default") as hv:
+                first = hv._conn
+                hv.list_all()
+                same = hv._conn is first
+                time.sleep(0.2)
+                hv.list_all()
+                print(hv._own_loop, same, hv._conn is first, flush=True)
+            os._exit(0)
+        os.waitpid(pid, 0)
+        with hypervisor.Hypervisor("test:///default") as hv:  # the parent runs the loop
+            print(hv._own_loop, flush=True)
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120, check=False)
+    assert out.stdout.split() == ["False", "True", "False", "True"], out.stderr
