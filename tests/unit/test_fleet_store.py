@@ -242,3 +242,16 @@ def test_master_config_names_shipped_reactor_files(runner):
     paths = [path for entry in config["reactor"] for paths in entry.values() for path in paths]
     assert paths and all(os.path.isabs(p) and os.path.isfile(p) for p in paths)
     assert config["event_return"] == "vmpower"
+
+
+def test_a_note_is_not_the_last_change(store_location):
+    from vmpower.store import Note
+
+    record = rec(U1, "web1", "hv1", "stopped", "shutdown")
+    write_records(store_location, record)
+    with open_store(store_location) as store:
+        store.commit([], time.time(), [Note(record, Cause.EVENT, "dropped", "event started is stale"),
+                                       Note(record, Cause.SYNC, "none", "paused: log only")])
+        assert FleetStore(store).last_changes()[U1]["action"] == "adopt"
+        assert FleetStore.last_changes_of(store, [U1])[U1]["reason"] == "first seen shutdown"
+        assert [e["action"] for e in store.history(U1)][-2:] == ["dropped", "none"]  # in the history
