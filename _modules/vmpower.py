@@ -171,7 +171,14 @@ def start(name):
     return _run("start", _check(arguments.target, name))
 
 
-def reconcile(uuid, transition=None, reason=None):
+def _test(test):
+    """``test=True`` on the command line, else the minion's own ``test`` setting (issue 10)."""
+    if test is None:
+        return bool(__opts__.get("test", False))
+    return _check(arguments.flag, test, "test")
+
+
+def reconcile(uuid, transition=None, reason=None, test=None):
     """
     Decide about one domain on its live state, as a lifecycle event asks.
 
@@ -186,6 +193,9 @@ def reconcile(uuid, transition=None, reason=None):
     reason
         The event's reason (``host_shutdown``, ``migrated``...): a hint the rules weigh
         (a shutdown the host asked for follows ``on_host_shutdown``).
+    test
+        A dry run: say what would be done and why, and change nothing (no record, no audit
+        entry).
 
     CLI Example:
 
@@ -194,13 +204,15 @@ def reconcile(uuid, transition=None, reason=None):
         salt '*' vmpower.reconcile uuid=6695eb01-f6a4-8304-79aa-97f2502e193f transition=stopped
         salt '*' vmpower.reconcile uuid=6695eb01-f6a4-8304-79aa-97f2502e193f \
             transition=stopped reason=host_shutdown
+        salt '*' vmpower.reconcile uuid=6695eb01-f6a4-8304-79aa-97f2502e193f test=True
     """
-    return _wake_up_for(_run("reconcile", _check(arguments.uuid, uuid),
-                             _check(arguments.transition, transition),
-                             reason=_check(arguments.word, reason, "reason")))
+    test = _test(test)
+    result = _run("reconcile", _check(arguments.uuid, uuid), _check(arguments.transition, transition),
+                  reason=_check(arguments.word, reason, "reason"), test=test)
+    return result if test else _wake_up_for(result)
 
 
-def sync():
+def sync(test=None):
     """
     Check every domain and record of this host against the rules, as Nova's periodic
     power-state sync does, with one bulk libvirt listing.
@@ -209,13 +221,25 @@ def sync():
     ``retry_at`` when a decision is due again later. A VM whose instance lock another job
     holds is not waited for: it is listed under ``busy`` and the rest are synced.
 
+    test
+        A dry run: what would be written (``would_write``) and done (``actions``), and why;
+        nothing changes (no record, no audit entry, no wake-up scheduled).
+
     CLI Example:
 
     .. code-block:: bash
 
         salt '*' vmpower.sync
+        salt '*' vmpower.sync test=True
     """
-    return _wake_up_for(_run("sync"))
+    test = _test(test)
+    result = _run("sync", test=test)
+    if isinstance(result, dict):  # the master's fleet store learns the loop's health (issue 10)
+        from vmpower.core.fleet import loop_summary
+        from vmpower.eventloop import read_status
+
+        result["event_loop"] = loop_summary(read_status(minion.event_loop_status_path(__opts__)))
+    return result if test else _wake_up_for(result)
 
 
 def reset_state(name, vm_state=None):

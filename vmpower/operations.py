@@ -26,6 +26,7 @@ import time
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from vmpower import hostinfo
+from vmpower.core.conduct import ENFORCE, OBSERVED, conduct, observed_reason
 from vmpower.core.mapping import is_stale
 from vmpower.core.model import (
     GONE,
@@ -188,9 +189,16 @@ class HostOperations:
         return adoption.after
 
     def _carry_out(self, hv: Hypervisor, record: Record, decision: Decision, cause: Cause,
-                   at: float, facts: Facts) -> Outcome:
-        """Act on one decision; the caller holds the instance lock and records the outcome."""
+                   at: float, facts: Facts, test: bool = False) -> Outcome:
+        """Act on one decision; the caller holds the instance lock and records the outcome.
+
+        ``conduct`` (the core) says whether to (issue 10): a dry run (``test``) writes and does
+        nothing and reports what would be done; observe mode records what was observed,
+        audits what it would have done, and never acts."""
         fields = dict(decision.observed)
+        how = conduct(decision.action.value, self.settings.mode, test)
+        if not how.act:
+            return self._not_carried_out(record, decision, cause, at, fields, how.result, how.write, test)
         if decision.action is Action.NONE:
             fields.update(decision.outcome)
             result = "recorded" if fields else "nothing to do"
@@ -216,6 +224,24 @@ class HostOperations:
                        (Change(record, after, cause, _audit_action(decision), reason),),
                        retry_in=decision.retry_in)
 
+    def _not_carried_out(self, record: Record, decision: Decision, cause: Cause, at: float,
+                         fields: dict, result: str, write: bool, test: bool) -> Outcome:
+        """A decision not carried out: a dry run's report of what it would write and do, or
+        observe mode's record of the truth and audit entry of what it would have done."""
+        if decision.action is Action.NONE:
+            fields.update(decision.outcome)
+        report = self._report(record.replace(**fields), decision, result)
+        shown = {**fields, **decision.outcome} if test else fields  # a dry run shows it all
+        if shown:
+            report["would_write"] = {key: getattr(value, "value", value) for key, value in shown.items()}
+        if not write:
+            return Outcome(report)
+        reason = observed_reason(decision.action.value, decision.reason)
+        if not fields:
+            return Outcome(report, note=Note(record, cause, OBSERVED, reason), retry_in=decision.retry_in)
+        after = record.updated(at, **fields)
+        return Outcome(report, (Change(record, after, cause, OBSERVED, reason),), retry_in=decision.retry_in)
+
     @staticmethod
     def _report(record: Record, decision: Decision, result: str = "nothing to do") -> dict:
         report = {"uuid": record.uuid, "name": record.name, "action": decision.action.value,
@@ -228,7 +254,7 @@ class HostOperations:
     def _decide_held(self, hv: Hypervisor, uuid: str, cause: Cause, record: Optional[Record],
                      dom: Optional[LiveDomain], boot_id: str,
                      transition: Optional[Transition] = None, event_reason: str = "",
-                     fresh: bool = True) -> Outcome:
+                     fresh: bool = True, test: bool = False) -> Outcome:
         """Decide about one domain and act; the caller holds its instance lock.
 
         ``record`` was read under that lock; ``dom`` is the domain as read just now (``fresh``)
@@ -251,7 +277,8 @@ class HostOperations:
             if why:
                 return Outcome({"uuid": uuid, "name": dom.name, "action": "none", "skipped": True,
                                 "reason": why})
-            record = self._adopt(dom, policy, cause, at, facts)
+            record = (self._adoption(dom, policy, cause, at, facts).after if test  # not written
+                      else self._adopt(dom, policy, cause, at, facts))
         policy, error = self._policy(uuid, dom.name if dom else record.name)
         decision = decide(record, live, self.host, policy, self.settings, at, error, facts)
         if decision.skipped:
@@ -260,14 +287,14 @@ class HostOperations:
             reason = (f"event {transition.value} is stale: the domain is "
                       f"{live.power_state.value} now; nothing done")
             return Outcome({**self._report(record, decision), "action": "dropped", "reason": reason},
-                           note=Note(record, cause, "dropped", reason))
+                           note=None if test else Note(record, cause, "dropped", reason))
         if decision.recheck or (not fresh and decision.action is not Action.NONE):
             found = hv.find(uuid)  # uncached, before acting on what may have changed
             state = found.state if found else GONE
             if state != live or not fresh:
                 facts = self._full_facts(hv, uuid, record, state, base)
                 decision = decide(record, state, self.host, policy, self.settings, now(), error, facts)
-        return self._carry_out(hv, record, decision, cause, at, base)
+        return self._carry_out(hv, record, decision, cause, at, base, test)
 
     def _record(self, outcomes: Sequence[Outcome]) -> None:
         """Commit the outcomes decided under their instance locks, in one transaction."""
@@ -285,31 +312,44 @@ class HostOperations:
 
     # The operations
     def reconcile(self, uuid: str, transition: Optional[Transition] = None,
-                  cause: Cause = Cause.EVENT, reason: str = "") -> dict:
+                  cause: Cause = Cause.EVENT, reason: str = "", test: bool = False) -> dict:
         """Decide about one domain on its live state now; ``transition`` (and ``reason``) are
-        what an event claimed: only hints, checked against the live state."""
+        what an event claimed: only hints, checked against the live state. ``test``: say what
+        would be done, and change nothing (no record, no audit entry)."""
         boot_id = self._boot_id()
         with self.connect() as hv, self.store.lock(uuid):
             outcome = self._decide_held(hv, uuid, cause, self.store.get(uuid), hv.find(uuid),
-                                        boot_id, transition, reason)
-            self._record([outcome])
+                                        boot_id, transition, reason, test=test)
+            if not test:
+                self._record([outcome])
         result = outcome.report
+        if test:
+            result["test"] = True
+        if self.settings.mode != ENFORCE:
+            result["mode"] = self.settings.mode
         if transition is not None:
             result["transition"] = transition.value
         if outcome.retry_in is not None:
             result["retry_at"] = round(now() + outcome.retry_in, 3)
         return result
 
-    def sync(self) -> dict:
+    def sync(self, test: bool = False) -> dict:
         """Check every domain and record of this host against the rules, in bulk.
 
         Decides first without locks; only the VMs whose record must change (or that need an
         action, or facts read one by one) are locked, without waiting, re-read and decided
         again: a VM whose lock another job holds is listed under ``busy``.
+
+        ``test``: a dry run (issue 10): what would be written is under ``would_write`` (first
+        records) and in each entry of ``actions``, with why; nothing changes.
         """
         started = time.monotonic()
         report: Dict[str, object] = {"host": self.host, "checked": 0, "updated": 0,
                                      "actions": [], "skipped": [], "warnings": [], "busy": []}
+        if test:
+            report.update(test=True, would_write=[])
+        if self.settings.mode != ENFORCE:
+            report["mode"] = self.settings.mode
         retries: List[float] = []
         boot_id = self._boot_id()
         with self.store.lock(f"host-{self.host}"), self.connect() as hv:
@@ -359,8 +399,13 @@ class HostOperations:
             report["checked"] = len(live)
             # First records are inserts: one that lost (someone adopted it first) is decided
             # again under its lock with the record that won.
-            lost = self.store.commit(adoptions, at) if adoptions else []
-            report["updated"] = len(adoptions) - len(lost)
+            if test:
+                report["would_write"] = [{"uuid": c.after.uuid, "name": c.after.name, "action": c.action,
+                                          "reason": c.reason} for c in adoptions]
+                lost = []
+            else:
+                lost = self.store.commit(adoptions, at) if adoptions else []
+                report["updated"] = len(adoptions) - len(lost)
             to_lock.extend(change.after.uuid for change in lost if change.after.uuid not in to_lock)
 
             for start in range(0, len(to_lock), LOCK_CHUNK):
@@ -374,11 +419,12 @@ class HostOperations:
                     fresh = self.store.get_many(held) if held else {}
                     outcomes = [self._decide_held(hv, uuid, Cause.SYNC, fresh.get(uuid),
                                                   None if live[uuid].state is GONE else live[uuid],
-                                                  boot_id, fresh=False)
+                                                  boot_id, fresh=False, test=test)
                                 for uuid in held]
-                    self._record(outcomes)
+                    if not test:
+                        self._record(outcomes)
                 for outcome in outcomes:
-                    self._report_outcome(report, outcome)
+                    self._report_outcome(report, outcome, counted=not test)
                     if outcome.retry_in is not None:
                         retries.append(outcome.retry_in)
         if retries:
@@ -391,14 +437,15 @@ class HostOperations:
         log.warning("vmpower: %s: %s", name, reason)
         report["warnings"].append({"uuid": uuid, "name": name, "reason": reason})
 
-    def _report_outcome(self, report: dict, outcome: Outcome) -> None:
+    def _report_outcome(self, report: dict, outcome: Outcome, counted: bool = True) -> None:
         entry = outcome.report
         if entry.get("skipped"):
             report["skipped"].append({"uuid": entry["uuid"], "name": entry.get("name", ""),
                                       "reason": entry["reason"]})
         elif entry.get("action", "none") != "none":
             report["actions"].append(entry)
-        report["updated"] += sum(1 for change in outcome.changes if change.before is not None)
+        if counted:  # a dry run's outcome wrote nothing
+            report["updated"] += sum(1 for change in outcome.changes if change.before is not None)
 
     def stop(self, target: str, timeout: Optional[float] = None, force: bool = False,
              cause: Cause = Cause.API) -> dict:

@@ -79,6 +79,7 @@ class Settings:
     stop_grace: float = DEFAULT_STOP_GRACE
     instances: Mapping[str, InstancePolicy] = dataclasses.field(default_factory=dict)
     instance_errors: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    mode: str = "enforce"  # vmpower:mode: enforce, or observe (record and report, never act)
 
     def policy_for(self, uuid: str, name: str) -> Tuple[InstancePolicy, Optional[str]]:
         """The policy for one domain, looked up by UUID first, then by name.
@@ -243,7 +244,14 @@ def parse_settings(raw: Optional[Mapping]) -> Settings:
         stop_grace=_number(raw, "stop_grace", DEFAULT_STOP_GRACE, float, 0),
         instances=instances,
         instance_errors=errors,
+        mode=_mode(raw.get("mode")),
     )
+
+
+def _mode(raw: Any) -> str:
+    from vmpower.core.conduct import parse_mode  # vmpower:mode (issue 10); conduct imports this module
+
+    return parse_mode(raw)
 
 
 def normalize_uuid(value: Any) -> str:
