@@ -193,14 +193,13 @@ def report_from_store(
     """Every VM the fleet store knows, with its last change and last event, and every host."""
     now = time.time() if now is None else now
     changes, events = fleet.last_changes(), fleet.last_events()
+    everything = filters == core.Filters()
     rows = []
-    for record in fleet.records():
-        row = core.vm_row(
-            record, changes.get(record["uuid"]), events.get(record["uuid"]), now, settings.stuck_after
-        )
-        if core.keep(row, filters):
+    for record in fleet.record_rows():  # in host, name order
+        uuid = record[0]
+        row = core.row_of(record, changes.get(uuid), events.get(uuid), now, settings.stuck_after)
+        if everything or core.keep(row, filters):
             rows.append(row)
-    rows.sort(key=lambda r: (r["host"], r["name"]))
     hosts = _host_rows(fleet.hosts(), fleet.records_per_host(), now, settings, filters)
     return {
         "source": "store",
