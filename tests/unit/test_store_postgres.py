@@ -222,3 +222,9 @@ def test_lock_keys_are_stable_signed_64_bit_numbers():
     keys = {backend.lock_id(name) for name in ("u-1", "u-2", f"host-{A}", f"host-{B}")}
     assert len(keys) == 4 and all(-2 ** 63 <= key < 2 ** 63 for key in keys)
     assert backend.lock_id("u-1") == backend.lock_id("u-1") == 6892071172643459313
+
+
+def test_no_statement_waits_unbounded_in_the_server(postgres_dsn):
+    with open_store(postgres_dsn) as store:
+        assert store._db.execute("SHOW lock_timeout").fetchone()[0] == "30s"
+        assert store._db.execute("SHOW idle_in_transaction_session_timeout").fetchone()[0] == "1min"

@@ -30,6 +30,10 @@ try:
 except ImportError:  # an optional extra: reported when a DSN is used
     psycopg = None
 
+# Bounds on waits inside the server: for a lock another session holds, and for a session that
+# holds a transaction open doing nothing (SQLite's counterpart is its 30 s busy timeout).
+WAIT_LIMIT = "30s"
+IDLE_IN_TRANSACTION_LIMIT = "60s"
 # Unless the DSN says otherwise: an unreachable server is an error within seconds, not minutes.
 CONNECT_DEFAULTS = {"connect_timeout": "10", "application_name": "vmpower"}
 TRIGGERS = {"audit_no_update": "BEFORE UPDATE ON audit FOR EACH ROW",
@@ -119,6 +123,10 @@ class PostgresStore(Store):
         except psycopg.Error as exc:
             raise self._unreadable(exc) from None  # psycopg's own exception may quote the DSN
         try:
+            # No statement waits unbounded for another session's row or table lock (a writer
+            # whose job hung mid-transaction), and such a transaction is ended by the server.
+            self._db.execute(f"SET lock_timeout = '{WAIT_LIMIT}'")
+            self._db.execute(f"SET idle_in_transaction_session_timeout = '{IDLE_IN_TRANSACTION_LIMIT}'")
             self._create_schema()
         except psycopg.Error as exc:
             self._db.close()
