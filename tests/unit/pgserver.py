@@ -68,6 +68,8 @@ def _system_user() -> pwd.struct_passwd:
 class PostgresServer:
     """``start()`` it, ``schema()`` or ``database()`` for a clean store, ``stop()`` at the end."""
 
+    max_connections = 50  # bench/fleet_scale.py's 50 hosts need more
+
     def __init__(self, bindir: str):
         self.bindir = bindir
         self.root = tempfile.mkdtemp(prefix="vmpower-pg-")
@@ -111,7 +113,7 @@ class PostgresServer:
                 [os.path.join(self.bindir, "postgres"), "-D", self.data, "-p", str(self.port),
                  "-k", self.root, "-c", "listen_addresses=127.0.0.1", "-c", "fsync=off",
                  "-c", "synchronous_commit=off", "-c", "full_page_writes=off",
-                 "-c", "max_connections=50"],
+                 "-c", f"max_connections={self.max_connections}"],
                 env=self._env(), cwd=self.root, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                 preexec_fn=_stop_with_parent, **self._as)
         deadline = time.monotonic() + timeout
