@@ -252,6 +252,9 @@ def test_a_note_is_not_the_last_change(store_location):
     with open_store(store_location) as store:
         store.commit([], time.time(), [Note(record, Cause.EVENT, "dropped", "event started is stale"),
                                        Note(record, Cause.SYNC, "none", "paused: log only")])
+        # A write of bookkeeping alone (no field of the record's diff changed) is no change either.
+        later = record.replace(version=2, off_since=5.0)
+        assert store.commit([Change(record, later, Cause.SYNC, "update", "in sync")], time.time()) == []
         assert FleetStore(store).last_changes()[U1]["action"] == "adopt"
         assert FleetStore.last_changes_of(store, [U1])[U1]["reason"] == "first seen shutdown"
-        assert [e["action"] for e in store.history(U1)][-2:] == ["dropped", "none"]  # in the history
+        assert [e["action"] for e in store.history(U1)][-3:] == ["dropped", "none", "update"]  # history

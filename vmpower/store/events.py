@@ -99,10 +99,11 @@ HOST_COLUMNS = (
     "last_resync_at",
     "last_resync_reason",
 )
-# The newest change of every VM (an audit entry of something done or written: an event dropped
-# as stale, or a decision to do nothing, is in the history but is no change) and its newest bus
-# event, one query each: a report of 50,000 VMs must not ask 50,000 times.
-CHANGED = "action NOT IN ('dropped', 'none')"
+# The newest change of every VM (an audit entry that changed a field, or of something done: an
+# event dropped as stale, a decision to do nothing or a write of bookkeeping alone is in the
+# history but is no change) and its newest bus event, one query each: a report of 50,000 VMs
+# must not ask 50,000 times.
+CHANGED = "(new <> '{}' OR action NOT IN ('dropped', 'none', 'update'))"
 SQL_LAST_CHANGES = (
     "SELECT uuid, at, cause, action, reason FROM audit "
     f"WHERE id IN (SELECT max(id) FROM audit WHERE {CHANGED} GROUP BY uuid)"
