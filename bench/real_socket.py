@@ -1,0 +1,118 @@
+"""Part 5: a sync through a real libvirtd's socket, against the Nova-style baseline (issue 10).
+
+Part 1 (``bench/sync_scale.py``) runs libvirt's test driver inside the measuring process, where
+a lookup costs a function call. Here the same scenario, the same implementations and the same
+checks of the work done run against ``test+unix:///default``: the test driver hosted by a real
+libvirtd (started through ``vmpower_lab``, under the machine's libvirtd lock), so every libvirt
+call is a round trip over libvirtd's UNIX socket, as on a real host. vmpower makes one bulk
+listing whatever N is; the Nova-style baseline makes a lookup and an ``info()`` per VM (and a
+commit per row), so the gap widens with the round trips.
+
+Needs root (it starts libvirtd). Run it, as every benchmark that starts libvirtd, under
+``flock /tmp/vmpower-real.lock``.
+"""
+
+from __future__ import annotations
+
+import operator
+import subprocess
+import sys
+from pathlib import Path
+from typing import Dict, List
+
+from bench import harness, sync_scale
+
+PART = 5
+TITLE = "Sync through a real libvirtd socket"
+
+URI = "test+unix:///default"
+SIZES = (1_000, 10_000)
+SMOKE_SIZES = (200,)  # not 100: part 1's smoke table is found by its "| 100 |" rows
+TARGET_N = 10_000
+TARGET_SPEEDUP = 50.0
+IMPLEMENTATIONS = (sync_scale.VMPOWER, sync_scale.NOVA, sync_scale.FLOOR)
+
+
+def measure(implementation: str, n: int, scratch: str) -> dict:
+    """``sync_scale.measure`` with every libvirt call going to libvirtd's socket; run in a
+    fresh process by ``harness.in_subprocess``."""
+    from vmpower.core.settings import parse_settings
+
+    sync_scale.URI = URI
+    sync_scale.SETTINGS = parse_settings({"uri": URI})
+    return sync_scale.measure(implementation, n, scratch)
+
+
+def _answers(uri: str) -> bool:
+    return subprocess.run(["virsh", "-c", uri, "version"], stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL, timeout=60, check=False).returncode == 0
+
+
+def run(smoke: bool, scratch: Path) -> dict:
+    from vmpower_lab import lab
+
+    sizes = SMOKE_SIZES if smoke else SIZES
+    series: Dict[str, List[dict]] = {name: [] for name in IMPLEMENTATIONS}
+    daemon = lab.LibvirtDaemon().start()
+    try:
+        if not _answers(URI):
+            raise RuntimeError(f"libvirtd does not serve {URI} (its test driver)")
+        for n in sizes:
+            for implementation in IMPLEMENTATIONS:
+                print(f"real_socket: {implementation}, N={n:,}", file=sys.stderr, flush=True)
+                measured = harness.in_subprocess(measure, implementation=implementation, n=n,
+                                                 scratch=str(scratch))
+                measured.pop("max_rss_kib")
+                series[implementation].append({"n": n, **measured[implementation]})
+    finally:
+        daemon.stop()
+
+    def seconds(name: str, n: int) -> float:
+        return next(p["seconds"] for p in series[name] if p["n"] == n)
+
+    ratios = [{"n": n, "nova_over_vmpower": seconds(sync_scale.NOVA, n) / seconds(sync_scale.VMPOWER, n),
+               "vmpower_over_floor": seconds(sync_scale.VMPOWER, n) / seconds(sync_scale.FLOOR, n)}
+              for n in sizes]
+    at = next((r for r in ratios if r["n"] == TARGET_N), None)
+    measured = at["nova_over_vmpower"] if at else None
+    targets = [{"target": f"vmpower at least {TARGET_SPEEDUP:g}× faster than nova-style through "
+                          f"libvirtd's socket", "n": TARGET_N, "measured": measured,
+                "met": None if measured is None else operator.ge(measured, TARGET_SPEEDUP)}]
+    return {"uri": URI, "sizes": list(sizes), "series": series, "ratios": ratios, "targets": targets}
+
+
+def markdown(result: dict) -> str:
+    verdict = {True: "**met**", False: "**not met**", None: f"not measured (no N = {TARGET_N:,} in this run)"}
+    rows = []
+    for ratio in result["ratios"]:
+        n = ratio["n"]
+        rows.append([f"{n:,}"] + [harness.seconds(next(p["seconds"] for p in result["series"][name]
+                                                         if p["n"] == n)) for name in IMPLEMENTATIONS]
+                    + [harness.ratio(ratio["nova_over_vmpower"]), harness.ratio(ratio["vmpower_over_floor"])])
+    return "\n\n".join([
+        f"## Part {PART}: {TITLE.lower()}",
+        f"Part 1's scenario (N domains, half running, 2% drifted behind vmpower's back, SQLite WAL "
+        f"+ full fsync) with libvirt's test driver hosted by a real libvirtd, `{result['uri']}`: "
+        f"every libvirt call is a round trip over its UNIX socket. Each implementation in a "
+        f"fresh process, best of up to {sync_scale.REPEATS} runs. See `bench/real_socket.py`.",
+        harness.table(["N", *IMPLEMENTATIONS, "nova-style ÷ vmpower", "vmpower ÷ floor"], rows),
+        f"**Targets** (at N = {TARGET_N:,})",
+        harness.table(["target", "measured", "verdict"],
+                      [[t["target"], "" if t["measured"] is None else harness.ratio(t["measured"]),
+                        verdict[t["met"]]] for t in result["targets"]]),
+    ])
+
+
+def plot(result: dict, figure) -> None:
+    ax = figure.subplots(1, 1)
+    for name, style in zip(IMPLEMENTATIONS, ("o-", "s-", "^-")):
+        points = result["series"][name]
+        ax.plot([p["n"] for p in points], [p["seconds"] for p in points], style, label=name)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xticks(result["sizes"], [f"{n:,}" for n in result["sizes"]])
+    ax.set_xlabel("domains on the host (N)")
+    ax.set_ylabel("seconds per sync (best run)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    figure.suptitle(f"Part {PART}: {TITLE.lower()} ({result['uri']})")
