@@ -22,6 +22,7 @@ import dataclasses
 import json
 import logging
 import os
+import subprocess
 import time
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -83,6 +84,19 @@ def host_boot_id() -> str:
     return hostinfo.boot_id()
 
 
+def host_stopping() -> Optional[bool]:
+    """Whether this host is shutting down (systemd's state ``stopping``); None when it cannot
+    be told (no systemd). Asked only for a VM found off, at most once per operation."""
+    try:
+        state = subprocess.run(["systemctl", "is-system-running"], capture_output=True,
+                               text=True, timeout=2).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if not state or state == "offline":
+        return None
+    return state == "stopping"
+
+
 def process_owner(host: str, boot_id: str) -> str:
     """The ``task_owner`` of a task_state this process sets: who, in which boot, since when."""
     pid = os.getpid()
@@ -102,7 +116,8 @@ class HostOperations:
                  hypervisor: Callable[[str], Hypervisor] = Hypervisor,
                  clock: Callable[[], float] = time.monotonic,
                  boot_id: Callable[[], str] = host_boot_id,
-                 alive: Optional[Callable[[str], Optional[bool]]] = None):
+                 alive: Optional[Callable[[str], Optional[bool]]] = None,
+                 stopping: Callable[[], Optional[bool]] = host_stopping):
         self.settings = settings
         self.host = host
         self.store = store
@@ -110,6 +125,8 @@ class HostOperations:
         self._clock = clock
         self._boot_id = boot_id
         self._alive = alive
+        self._stopping = stopping
+        self._stopping_seen: Optional[Tuple[float, Optional[bool]]] = None
 
     def connect(self) -> Hypervisor:
         return self._hypervisor(self.settings.uri)
@@ -161,6 +178,13 @@ class HostOperations:
             return self._alive(task_owner)
         return hostinfo.owner_alive(task_owner, self.host)
 
+    def _host_stopping(self) -> Optional[bool]:
+        """``stopping()``, asked again at most once a second (a sync may ask for many VMs)."""
+        clock = self._clock()
+        if self._stopping_seen is None or clock - self._stopping_seen[0] >= 1.0:
+            self._stopping_seen = (clock, self._stopping())
+        return self._stopping_seen[1]
+
     def _full_facts(self, hv: Hypervisor, uuid: str, record: Optional[Record], live: LiveState,
                     base: Facts) -> Facts:
         """``base`` with what is read per domain: only what this decision can need."""
@@ -169,7 +193,9 @@ class HostOperations:
             migrating = hv.migration_job(uuid)
         on_crash = hv.on_crash(uuid) if live.is_crash else None
         alive = self._owner_alive(record.task_owner, base.boot_id) if record and record.task_state else None
-        return dataclasses.replace(base, migrating=migrating, on_crash=on_crash, owner_alive=alive)
+        stopping = self._host_stopping() if live.power_state.is_off else None
+        return dataclasses.replace(base, migrating=migrating, on_crash=on_crash, owner_alive=alive,
+                                   host_stopping=stopping)
 
     # Deciding and carrying out, under the instance lock
     def _adoption(self, dom: LiveDomain, policy: InstancePolicy, cause: Cause, at: float,

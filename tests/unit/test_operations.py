@@ -36,9 +36,10 @@ class Clock:
 BOOT = "boot-1"
 
 
-def operations(store, clock=None, boot_id=BOOT, alive=None, **settings):
+def operations(store, clock=None, boot_id=BOOT, alive=None, stopping=False, **settings):
     return HostOperations(parse_settings({"uri": TEST_URI, "stop_timeout": 0, **settings}), HOST,
-                          store, clock=clock or Clock(), boot_id=lambda: boot_id, alive=alive)
+                          store, clock=clock or Clock(), boot_id=lambda: boot_id, alive=alive,
+                          stopping=lambda: stopping)
 
 
 def test_sync_adopts_every_domain_then_finds_nothing_to_do(store, testdriver):

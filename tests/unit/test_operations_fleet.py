@@ -217,6 +217,23 @@ def test_a_host_shutdown_event_follows_on_host_shutdown(store, testdriver):
         "vm_state"] == "stopped"
 
 
+def test_a_pinned_vm_is_not_restarted_while_the_host_shuts_down(store, testdriver):
+    dom = testdriver.define("web")
+    ops = operations(store, stopping=True, instances={dom.name(): {"vm_state": "active"}})
+    ops.sync()
+    dom.shutdown()  # libvirt-guests, while systemd says the host is stopping
+    from vmpower.core.model import Transition
+    result = ops.reconcile(dom.UUIDString(), Transition.STOPPED)  # a guest_shutdown-looking event
+    assert result["action"] == "none" and "on_host_shutdown=ignore" in result["reason"]
+    assert not dom.isActive()
+    assert store.get(dom.UUIDString()).off_reason == "host_shutdown"
+
+
+def test_host_stopping_asks_systemd_and_says_none_without_it():
+    from vmpower.operations import host_stopping
+    assert host_stopping() in (True, False, None)
+
+
 def test_ownership_follows_the_running_domain(path, testdriver):
     dom = testdriver.define("web")
     with open_store(path) as store_a, open_store(path) as store_b:

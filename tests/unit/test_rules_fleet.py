@@ -155,6 +155,7 @@ HOST_SHUTDOWNS = {
     "recorded": (record(power=P.SHUTDOWN, off_reason="host_shutdown", off_since=1.0), SYNC, {}),
     "rebooted": (record(boot_id=OLD_BOOT), SYNC, {}),
     "rebooted, recorded off": (record(power=P.SHUTDOWN, boot_id=OLD_BOOT, off_since=9e9), SYNC, {}),
+    "host stopping": (record(), EVENT, {"host_stopping": True}),  # a guest_shutdown event, even
 }
 
 

@@ -103,6 +103,9 @@ class Facts:
     ``owner_alive``
         whether the process named in the record's ``task_owner`` still runs (False: it is
         dead, or its host rebooted).
+    ``host_stopping``
+        this host is shutting down (systemd says ``stopping``): a VM that goes off now goes
+        off with the host (libvirt-guests), whatever the event said.
     """
 
     clock: float = 0.0
@@ -113,6 +116,7 @@ class Facts:
     migrating: Optional[bool] = None
     on_crash: Optional[str] = None
     owner_alive: Optional[bool] = None
+    host_stopping: Optional[bool] = None
 
 
 NO_FACTS = Facts()
@@ -474,9 +478,10 @@ def _off_spell(record: Record, live: LiveState, facts: Facts, settings: Settings
 
 def _host_shut_down(record: Record, facts: Facts) -> bool:
     """Whether the host, not the guest, shut the domain down: the event says the host asked,
-    an earlier decision said so, or the record was last written in an earlier boot of this
-    host (the host went down with it)."""
+    an earlier decision said so, the host is shutting down now, or the record was last written
+    in an earlier boot of this host (the host went down with it)."""
     return (facts.event_reason == HOST_SHUTDOWN or record.off_reason == HOST_SHUTDOWN
+            or facts.host_stopping is True
             or bool(facts.boot_id and record.boot_id and record.boot_id != facts.boot_id))
 
 
