@@ -185,6 +185,12 @@ class HostOperations:
             self._stopping_seen = (clock, self._stopping())
         return self._stopping_seen[1]
 
+    def _cheap_facts(self, record: Optional[Record], live: LiveState, base: Facts) -> Facts:
+        """``base`` with the facts that need no libvirt call (a task's owner, the host's state)."""
+        alive = self._owner_alive(record.task_owner, base.boot_id) if record and record.task_state else None
+        stopping = self._host_stopping() if live.power_state.is_off else None
+        return dataclasses.replace(base, owner_alive=alive, host_stopping=stopping)
+
     def _full_facts(self, hv: Hypervisor, uuid: str, record: Optional[Record], live: LiveState,
                     base: Facts) -> Facts:
         """``base`` with what is read per domain: only what this decision can need."""
@@ -293,7 +299,10 @@ class HostOperations:
         # hold back (a migration arriving, a host shutdown), never to act.
         base = self._base_facts(boot_id, dom.name if dom else "",
                                 None if stale else transition, event_reason)
-        facts = self._full_facts(hv, uuid, record, live, base)
+        # A sync's listing is decided on the facts that cost no libvirt call; what acts, takes
+        # a domain over or needs more is read again, uncached, with every fact, below.
+        facts = (self._full_facts(hv, uuid, record, live, base) if fresh
+                 else self._cheap_facts(record, live, base))
         if record is None:
             if dom is None:
                 return Outcome({"uuid": uuid, "action": "none", "skipped": True,
@@ -314,7 +323,8 @@ class HostOperations:
                       f"{live.power_state.value} now; nothing done")
             return Outcome({**self._report(record, decision), "action": "dropped", "reason": reason},
                            note=None if test else Note(record, cause, "dropped", reason))
-        if decision.recheck or (not fresh and decision.action is not Action.NONE):
+        if decision.recheck or (not fresh and (decision.action is not Action.NONE
+                                               or "host" in decision.observed)):
             found = hv.find(uuid)  # uncached, before acting on what may have changed
             state = found.state if found else GONE
             if state != live or not fresh:
