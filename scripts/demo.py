@@ -19,8 +19,8 @@ import libvirt
 
 # The lab is a package of the repository, not of the installed vmpower: run from a checkout.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from vmpower_lab import lab  # noqa: E402
-from vmpower_lab.saltlab import REACTOR, MasterBus, SaltLab  # noqa: E402
+from vmpower_lab import lab
+from vmpower_lab.saltlab import REACTOR, MasterBus, SaltLab
 
 URI = lab.DEFAULT_URI
 PREFIX = "vmpower-demo-"

@@ -100,7 +100,7 @@ class LibvirtDaemon:
         self.started_libvirtd = False
         self.started_virtlogd = False
 
-    def __enter__(self) -> LibvirtDaemon:
+    def __enter__(self) -> LibvirtDaemon:  # noqa: PYI034 (typing.Self needs Python 3.11)
         return self.start()
 
     def __exit__(self, *exc_info) -> None:

@@ -13,8 +13,8 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Optional
 
 log = logging.getLogger(__name__)
 
@@ -59,9 +59,9 @@ class SaltLab:
     def start(self, timeout: float = 120) -> None:
         """Start both daemons; return once the minion answers the master."""
         for name in ("salt-master", "salt-minion"):
-            output = open(self.root / f"{name}.out", "ab")
-            self._daemons.append(subprocess.Popen([str(BIN / name), "-c", str(self.conf)],
-                                                  stdout=output, stderr=subprocess.STDOUT))
+            with open(self.root / f"{name}.out", "ab") as output:  # the daemon keeps its own copy
+                self._daemons.append(subprocess.Popen([str(BIN / name), "-c", str(self.conf)],
+                                                      stdout=output, stderr=subprocess.STDOUT))
             if name == "salt-master":
                 time.sleep(2)  # let the master bind before the minion knocks
         deadline = time.monotonic() + timeout
@@ -72,12 +72,12 @@ class SaltLab:
         raise RuntimeError(f"the minion did not answer the master within {timeout:.0f} s; see "
                            f"{self.root}/salt-*.out and {self.root}/var/log/salt/")
 
-    def salt(self, function: str, *args: str, target: Optional[str] = None,
+    def salt(self, function: str, *args: str, target: str | None = None,
              timeout: int = 120) -> dict:
         """``salt <target> <function> <args>`` from the master: ``{minion id: return}``."""
         command = [str(BIN / "salt"), "-c", str(self.conf), "--out=json", "--static",
                    f"-t{timeout}", target or self.minion_id, function, *args]
-        done = subprocess.run(command, capture_output=True, text=True)
+        done = subprocess.run(command, capture_output=True, text=True, check=False)
         try:
             return json.loads(done.stdout or "{}")
         except json.JSONDecodeError:
