@@ -39,6 +39,11 @@ REACTOR = [
 DEFAULT_URI = "qemu:///system"
 TEST_URI = "test:///default"
 
+#: The Salt release under test (3006 LTS and 3008 are both tested; see scripts/setup.sh).
+SALT_MAJOR = int(importlib.metadata.version("salt").split(".")[0])
+#: ``pillar.get``'s ``unmask=True`` (new in 3008; 3006 masks nothing and refuses the keyword).
+UNMASK = {"unmask": True} if SALT_MAJOR >= 3008 else {}
+
 
 # ---------------------------------------------------------------------------------------------
 # Events

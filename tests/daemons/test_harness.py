@@ -11,6 +11,7 @@ import pytest
 from .helpers import (
     REPO_ROOT,
     TEST_URI,
+    UNMASK,
     add_beacon,
     delete_beacon,
     fire_beacon_event,
@@ -61,11 +62,11 @@ def test_pillar_reaches_the_minion(salt_master, pillar_tree, test_minion):
         set_pillar(salt_master, pillar_tree, TEST_MINION,
                    {"vmpower": {"instances": {"test": {"task_state": marker}}}})
         got = salt_cmd(salt_master, TEST_MINION, "pillar.get",
-                       "vmpower:instances:test:task_state", unmask=True)
+                       "vmpower:instances:test:task_state", **UNMASK)
         assert got[TEST_MINION] == marker
     finally:
         set_pillar(salt_master, pillar_tree, TEST_MINION, {})
-    got = salt_cmd(salt_master, TEST_MINION, "pillar.get", "vmpower", unmask=True)
+    got = salt_cmd(salt_master, TEST_MINION, "pillar.get", "vmpower", **UNMASK)
     assert got[TEST_MINION] == ""
 
 
