@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install everything vmpower needs on a fresh Debian machine, as root, with no prompt:
-# Debian packages for libvirt and QEMU, then a virtual environment with Salt, libvirt-python
-# and the test tools. Safe to run again: every step is skipped when already done.
+# Debian packages for libvirt and QEMU, then two virtual environments (Salt 3008 and Salt 3006
+# LTS) with libvirt-python and the test tools. Safe to run again: every step is skipped when
+# already done.
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 venv="${VMPOWER_VENV:-$here/.venv}"
@@ -27,15 +28,27 @@ if [ ${#missing[@]} -gt 0 ]; then
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
-if [ ! -x "$venv/bin/python" ]; then
-  echo "setup: creating virtual environment $venv"
-  python3 -m venv "$venv"
-fi
-stamp="$venv/.vmpower-deps"
-if [ ! -f "$stamp" ] || [ "$here/setup.cfg" -nt "$stamp" ] || [ "$here/requirements-dev.txt" -nt "$stamp" ]; then
-  echo "setup: installing Python packages"
-  "$venv/bin/pip" install -q --upgrade pip
-  "$venv/bin/pip" install -q -r "$here/requirements-dev.txt"
-  "$venv/bin/pip" install -q -e "$here"
-  touch "$stamp"
+# Two virtual environments, one per tested Salt release, each with vmpower installed editable
+# and the same test tools: .venv (Salt 3008, the whole suite) and .venv-3006 (the 3006 LTS:
+# the unit and real-daemon tests). VMPOWER_VENV / VMPOWER_VENV_3006 move them;
+# VMPOWER_SALT=3008 makes only the first.
+make_venv() {  # <venv> <salt requirements file>
+  local venv="$1" salt_req="$here/$2"
+  if [ ! -x "$venv/bin/python" ]; then
+    echo "setup: creating virtual environment $venv"
+    python3 -m venv "$venv"
+  fi
+  local stamp="$venv/.vmpower-deps"
+  if [ ! -f "$stamp" ] || [ "$here/setup.cfg" -nt "$stamp" ] || [ "$here/requirements-dev.txt" -nt "$stamp" ] \
+      || [ "$salt_req" -nt "$stamp" ]; then
+    echo "setup: installing Python packages into $venv ($(grep -m1 '^salt==' "$salt_req"))"
+    "$venv/bin/pip" install -q --upgrade pip
+    "$venv/bin/pip" install -q -r "$here/requirements-dev.txt" -r "$salt_req"
+    "$venv/bin/pip" install -q -e "$here"
+    touch "$stamp"
+  fi
+}
+make_venv "$venv" requirements-salt3008.txt
+if [ "${VMPOWER_SALT:-both}" != 3008 ]; then
+  make_venv "${VMPOWER_VENV_3006:-$here/.venv-3006}" requirements-salt3006.txt
 fi
