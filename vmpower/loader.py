@@ -3,9 +3,14 @@
 An installed wheel carries ``_modules``, ``_beacons`` and ``_states`` inside this package
 (``setup.cfg`` maps them); an editable or source checkout has them beside it. Either way they
 are the same files that a file_roots install syncs with ``saltutil.sync_all``.
+
+``library_versions`` tells a running minion's library from the one on disk after an upgrade.
 """
 
+from __future__ import annotations
+
 import os
+import re
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 KINDS = {"modules": "_modules", "beacons": "_beacons", "states": "_states",
@@ -30,3 +35,49 @@ def reactor_files() -> dict:
     directory = _directory("reactor", "_reactor")
     return {name: os.path.join(directory, name) for name in sorted(os.listdir(directory))
             if name.endswith(".sls")}
+
+
+# An upgrade through file_roots replaces the files under <extension_modules>/utils/vmpower, but
+# a running minion keeps the library it imported in sys.modules (its beacon and event loop use
+# it). Reloading it in place is not safe (libvirt's event loop can be registered only once per
+# process, and the old beacon keeps running old code), so status says plainly when the files
+# on disk are newer than the code that runs.
+_VERSION_LINE = re.compile(r"""^__version__\s*=\s*["']([^"']+)["']""", re.MULTILINE)
+
+
+def _version_in(init_file: str) -> str | None:
+    """The ``__version__`` written in a vmpower ``__init__.py``, read as text (never imported),
+    or None if there is no such file."""
+    try:
+        with open(init_file, encoding="utf-8") as handle:
+            found = _VERSION_LINE.search(handle.read())
+    except OSError:
+        return None
+    return found.group(1) if found else "unknown"
+
+
+def library_versions(extension_modules: str | None) -> dict:
+    """The vmpower library this process runs next to the one synced to this minion.
+
+    ``version`` is the library in ``sys.modules`` (what runs), ``synced_version`` the one in
+    ``<extension_modules>/utils/vmpower`` (what ``saltutil.sync_all`` last brought; None if
+    nothing was synced), ``installed_version`` the one now on disk where the running library
+    was imported from (a pip upgrade changes it). ``restart_needed`` is True when the files on
+    disk hold another version than the one running; ``restart`` then says so in words.
+    """
+    import vmpower  # the one in sys.modules: what this process really runs
+
+    running = vmpower.__version__
+    running_from = os.path.dirname(os.path.abspath(vmpower.__file__))
+    synced_dir = os.path.join(extension_modules, "utils", "vmpower") if extension_modules else None
+    synced = _version_in(os.path.join(synced_dir, "__init__.py")) if synced_dir else None
+    installed = _version_in(os.path.join(running_from, "__init__.py"))
+    result = {"version": running, "running_from": running_from, "synced_version": synced,
+              "installed_version": installed, "restart_needed": False}
+    stale = [f"{what} {version}" for what, version in (("synced", synced), ("installed", installed))
+             if version is not None and version != running]
+    if stale:
+        result["restart_needed"] = True
+        result["restart"] = (f"this minion runs vmpower {running}, but {' and '.join(stale)}: "
+                             f"restart the salt-minion for the new version to take effect")
+    return result
