@@ -74,8 +74,10 @@ def library_versions(extension_modules: str | None) -> dict:
     installed = _version_in(os.path.join(running_from, "__init__.py"))
     result = {"version": running, "running_from": running_from, "synced_version": synced,
               "installed_version": installed, "restart_needed": False}
-    stale = [f"{what} {version}" for what, version in (("synced", synced), ("installed", installed))
-             if version is not None and version != running]
+    on_disk = [("synced", synced)]
+    if synced_dir is None or os.path.abspath(synced_dir) != running_from:
+        on_disk.append(("installed", installed))  # else it is the synced one, said once
+    stale = [f"{what} {version}" for what, version in on_disk if version is not None and version != running]
     if stale:
         result["restart_needed"] = True
         result["restart"] = (f"this minion runs vmpower {running}, but {' and '.join(stale)}: "
