@@ -30,7 +30,7 @@ import logging
 from salt.exceptions import CommandExecutionError
 
 try:
-    from vmpower import minion
+    from vmpower import loader, minion
     from vmpower.core import arguments
     from vmpower.core.settings import ConfigError
     from vmpower.hypervisor import HAS_LIBVIRT
@@ -46,10 +46,22 @@ __virtualname__ = "vmpower"
 
 def __virtual__():
     if IMPORT_ERROR is not None:
-        return False, f"vmpower: the vmpower library cannot be imported: {IMPORT_ERROR}"
+        return False, (f"vmpower: the vmpower library cannot be imported: {IMPORT_ERROR}"
+                       f"{_restart_hint()}")
     if not HAS_LIBVIRT:
         return False, "vmpower: the libvirt Python bindings (libvirt-python) are not installed"
     return __virtualname__
+
+
+def _restart_hint():
+    """Why new module files may not import: the minion still runs an older library."""
+    try:
+        from vmpower import loader as running  # the old library's, if the minion has one
+
+        versions = running.library_versions(__opts__.get("extension_modules"))
+    except (ImportError, AttributeError):  # no library, or an old one without library_versions
+        return ""
+    return f"; {versions['restart']}" if versions.get("restart_needed") else ""
 
 
 def _run(operation, *args, **kwargs):
@@ -291,13 +303,23 @@ def status():
     ``event_loop``, the health of the vmpower beacon's event loop as the minion process last
     wrote it (connected, uri, queue depth, events seen, dropped, reconnects, last resync).
 
+    ``version`` is the vmpower library this minion runs, ``synced_version`` the one
+    ``saltutil.sync_all`` last brought (``installed_version``: the one on disk where the
+    running one came from). A running minion keeps the library it imported, so after an
+    upgrade ``restart_needed`` is True, and ``restart`` says so, until the minion restarts.
+
     CLI Example:
 
     .. code-block:: bash
 
         salt '*' vmpower.status
     """
-    return _run("status", minion.event_loop_status_path(__opts__))
+    result = _run("status", minion.event_loop_status_path(__opts__))
+    versions = loader.library_versions(__opts__.get("extension_modules"))
+    if versions["restart_needed"]:
+        log.warning("vmpower: %s", versions["restart"])
+    result.update(versions)
+    return result
 
 
 # vmpower.records and vmpower.metrics: issue 10 (helper i10); the work is in vmpower/fleet.py.
