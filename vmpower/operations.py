@@ -508,6 +508,27 @@ class HostOperations:
         hv.power_off(uuid)
         return f"still running after {timeout:g}s: powered off"
 
+    def _refusal(self, name: str, record: Optional[Record], policy: InstancePolicy,
+                 error: Optional[str], vm_state: VmState, live: LiveState, facts: Facts) -> Optional[str]:
+        """Why a power operation making ``name`` ``vm_state`` must not be done now, or None."""
+        refusal = refuse_power(name, record, policy, error, vm_state, facts.owner_alive, live, self.host)
+        if refusal is None and facts.migrating:
+            refusal = f"{name} is in the middle of a migration: vmpower leaves it alone until it ends"
+        return refusal
+
+    def power_refusal(self, target: str, vm_state: VmState) -> Optional[str]:
+        """Why ``stop`` (``vm_state`` stopped) or ``start`` (active) of ``target`` would be
+        refused if asked now, or None: the same reads and checks, nothing locked or written.
+        For a dry run (the states' test=True)."""
+        with self.connect() as hv:
+            dom = hv.lookup(target)
+            uuid, name = dom.UUIDString(), dom.name()
+            policy, error = self._policy(uuid, name)
+            live = hv.state(uuid)
+            record = self.store.get(uuid)
+            facts = self._full_facts(hv, uuid, record, live, self._base_facts(self._boot_id(), name))
+            return self._refusal(name, record, policy, error, vm_state, live, facts)
+
     def _power(self, target: str, cause: Cause, task: str, vm_state: VmState,
                operate: Callable[[Hypervisor, str], str]) -> dict:
         """Run one power operation under the instance lock with ``task_state`` set meanwhile.
@@ -529,13 +550,9 @@ class HostOperations:
                 live = hv.state(uuid)
                 record = self.store.get(uuid)
                 facts = self._full_facts(hv, uuid, record, live, self._base_facts(boot_id, name))
-                refusal = refuse_power(name, record, policy, error, vm_state, facts.owner_alive,
-                                       live, self.host)
+                refusal = self._refusal(name, record, policy, error, vm_state, live, facts)
                 if refusal:
                     raise OperationError(refusal)
-                if facts.migrating:
-                    raise OperationError(f"{name} is in the middle of a migration: vmpower leaves "
-                                         f"it alone until it ends")
                 if record is None:
                     record = self._adopt(LiveDomain(uuid, name, live), policy, cause, at, facts)
                 why = f"{task} requested ({cause.value})"
