@@ -44,7 +44,7 @@ run_part() {  # <label> <venv> <pytest arguments...>
   local rc=${PIPESTATUS[0]}
   # pytest's own last line ("=== 1840 passed, 3 skipped in 37.8s ===", without the "=" under -q).
   local last
-  last="$(grep -E '(passed|failed|errors?|skipped|deselected|no tests ran)( .*)? in [0-9.]+s' "$log" \
+  last="$(grep -E '(passed|failed|errors?|skipped|deselected|no tests ran).* in [0-9.]+s' "$log" \
           | tail -1 | sed -E 's/^=+ //; s/ =+$//')"
   summary+=("$label: $(meaning "$rc") after $((SECONDS - began)) s: ${last:-no pytest summary line}")
   [ "$rc" -eq 0 ] || status=1
