@@ -315,7 +315,12 @@ def status():
         salt '*' vmpower.status
     """
     result = _run("status", minion.event_loop_status_path(__opts__))
-    versions = loader.library_versions(__opts__.get("extension_modules"))
+    if hasattr(loader, "library_versions"):
+        versions = loader.library_versions(__opts__.get("extension_modules"))
+    else:  # the running library is older than this module, which was synced after it
+        versions = {"restart_needed": True,
+                    "restart": "this minion runs a vmpower library older than its modules: "
+                               "restart the salt-minion for the new version to take effect"}
     if versions["restart_needed"]:
         log.warning("vmpower: %s", versions["restart"])
     result.update(versions)

@@ -78,3 +78,20 @@ def test_running_from_the_synced_files_names_them_once(tmp_path, monkeypatch):
     monkeypatch.setattr(vmpower, "__file__", str(tmp_path / "utils" / "vmpower" / "__init__.py"))
     got = loader.library_versions(str(tmp_path))
     assert "but synced 99.2: restart" in got["restart"] and "installed" not in got["restart"]
+
+
+def test_status_shows_the_versions(load_minion):
+    from .conftest import TEST_URI
+
+    status = load_minion(TEST_URI).functions["vmpower.status"]()
+    assert status["version"] == vmpower.__version__ and status["restart_needed"] is False
+    assert "synced_version" in status and status["connected"] is True
+
+
+def test_status_under_a_library_older_than_its_module_says_restart(load_minion, monkeypatch):
+    """A module synced after the library was imported, which has no library_versions yet."""
+    from .conftest import TEST_URI
+
+    monkeypatch.delattr(loader, "library_versions")
+    status = load_minion(TEST_URI).functions["vmpower.status"]()
+    assert status["restart_needed"] is True and "restart the salt-minion" in status["restart"]
