@@ -13,8 +13,8 @@ import xml.etree.ElementTree as ET
 
 import pytest
 
-from vmpower_lab import lab
 from vmpower_lab import hosts as labhosts
+from vmpower_lab import lab
 
 from .conftest import LifecycleRecorder
 
@@ -260,3 +260,47 @@ def test_killed_qemu_of_a_lab_host_is_shutoff_crashed(lab_hosts, host_conns, mak
     os.kill(lab_hosts["hostb"].qemu_pid(guest.name), signal.SIGKILL)
     assert lab.wait_for_state(dom, libvirt.VIR_DOMAIN_SHUTOFF) == libvirt.VIR_DOMAIN_SHUTOFF_CRASHED
     events["hostb"].wait_for(guest.name, "STOPPED", "FAILED")
+
+
+# ---------------------------------------------------------------------------------------------
+# The subreaper itself, with plain processes
+# ---------------------------------------------------------------------------------------------
+def _start_reaper(*args):
+    import subprocess
+    import sys
+
+    from vmpower_lab import reaper
+
+    proc = subprocess.Popen([sys.executable, reaper.SCRIPT, *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    return proc, proc.stdout.readline().strip()
+
+
+def test_reaper_adopts_what_its_commands_leave_behind_and_stops_it():
+    from vmpower_lab import reaper
+
+    proc, status = _start_reaper("--grace", "5", "--", "sh", "-c", "sleep 600 & echo $! >&2")
+    try:
+        assert status == reaper.STARTED
+        orphan = int(proc.stderr.readline())
+        assert _parent(orphan) == proc.pid  # adopted: the shell that started it has exited
+        assert proc.poll() is None  # it runs as long as a child of its own does
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    assert not _exists(orphan)
+    assert proc.returncode == 0
+
+
+def test_reaper_exits_when_its_last_child_is_gone():
+    from vmpower_lab import reaper
+
+    proc, status = _start_reaper("--", "sh", "-c", "sleep 0.2 &")
+    assert status == reaper.STARTED
+    assert proc.wait(30) == 0
+
+
+def test_reaper_says_when_a_command_fails():
+    proc, status = _start_reaper("--", "sh", "-c", "exit 3", "--", "sh", "-c", "sleep 600 &")
+    assert status == "reaper: failed: sh -c exit 3 exited 3"
+    assert proc.wait(30) == 1  # the commands after it were not run
