@@ -42,13 +42,14 @@ __virtualname__ = "vmpower"
 
 # The library is imported by __virtual__, not at the top of this file: while Salt executes this
 # file its own directory is on sys.path, and there ``import vmpower`` finds this very file.
-eventloop = minion = settings = None
+eventloop = minion = config = settings = None
 
 
 def _import_library():
-    global eventloop, minion, settings
+    global eventloop, minion, config, settings
     from vmpower import eventloop, minion
     from vmpower.core import settings
+    from vmpower.eventloop import config
 
 
 def __virtual__():
@@ -69,30 +70,39 @@ def __virtual__():
     return __virtualname__
 
 
-def validate(config):
+def validate(config_):
     """
     Check the beacon's configuration; the message names the key that is wrong.
     """
     try:
-        settings.parse_beacon_config(config)
+        config.parse(config_)
     except settings.ConfigError as exc:
         return False, str(exc)
     return True, "Valid beacon configuration"
 
 
-def beacon(config):
-    """
-    Return the lifecycle and resync events that happened since the last call.
+_connections_seen = {}  # beacon name -> the watcher's connection count last time
 
-    Never raises: Salt would turn an exception into an error event on every loop.
+
+def beacon(config_):
+    """
+    Return the events the immediate path could not deliver since the last call.
+
+    Only looks up and swaps: connecting and everything else that can block runs on vmpower's
+    own threads. Never raises: Salt would turn an exception into an error event on every loop.
     """
     try:
-        events = eventloop.event_loop().drain(settings.parse_beacon_config(config),
-                                              minion.event_loop_status_path(__opts__))
+        current = config.parse(config_)
+        grace = (config.stop_grace_default(__opts__) if current.stop_grace is None
+                 else current.stop_grace)
+        loop = eventloop.event_loop()
+        events = loop.drain(current, minion.event_loop_status_path(__opts__), __opts__, grace)
+        watcher = loop.watcher(current, grace, __opts__)
     except Exception:  # pylint: disable=broad-except
         log.exception("vmpower beacon: no events this time")
         return []
-    if any(event["tag"] == "resync" and event["reason"] != "overflow" for event in events):
+    if _connections_seen.get(current.name) != watcher.generation:
+        _connections_seen[current.name] = watcher.generation
         _schedule_sync()
     return events
 
@@ -105,13 +115,13 @@ def _schedule_sync():
         log.error("vmpower beacon: cannot schedule the periodic sync: %s", exc)
 
 
-def close(config):
+def close(config_):
     """
-    Disconnect from libvirt when Salt closes the beacon; the event thread stays for the next
-    run, which reconnects and fires a ``restarted`` resync.
+    Salt closes the beacon: vmpower's thread disconnects from libvirt; the next run connects
+    again and fires a ``restarted`` resync.
     """
     try:
-        eventloop.event_loop().close(settings.parse_beacon_config(config).name,
+        eventloop.event_loop().close(config.parse(config_).name,
                                      minion.event_loop_status_path(__opts__))
     except Exception:  # pylint: disable=broad-except
         log.exception("vmpower beacon: closing failed")

@@ -1,15 +1,20 @@
-"""The beacon's configuration, validated by the pure core (``parse_beacon_config``)."""
+"""The beacon's configuration: Salt's list of mappings merged by Salt's own helper in the shell
+(``vmpower.eventloop.config``), then validated by the pure core (``parse_beacon_config``)."""
 
 import pytest
 
-from vmpower.core.settings import BeaconSettings, ConfigError, parse_beacon_config
+from vmpower.core.settings import DEFAULT_STOP_GRACE, BeaconSettings, ConfigError
+from vmpower.eventloop.config import parse as parse_beacon_config
 
 
 def test_everything_is_optional():
     assert parse_beacon_config([]) == BeaconSettings()
     assert parse_beacon_config(None) == BeaconSettings()
     defaults = BeaconSettings()
-    assert (defaults.uri, defaults.stop_grace, defaults.queue_size) == ("qemu:///system", 15.0, 10000)
+    assert (defaults.uri, defaults.stop_grace, defaults.queue_size) == ("qemu:///system", None, 10000)
+    assert defaults.grace() == DEFAULT_STOP_GRACE == 15.0  # none of its own: vmpower:stop_grace
+    assert defaults.grace(4) == 4 and BeaconSettings(stop_grace=0).grace(4) == 0
+    assert (defaults.immediate, defaults.burst_limit) == (True, 40)
     assert (defaults.keepalive_interval, defaults.keepalive_count) == (5, 3)
 
 
@@ -40,6 +45,12 @@ def test_salts_own_keys_are_left_to_salt_and_the_beacon_name_is_kept():
                                     {"enabled": True}, {"run_once": False},
                                     {"beacon_module": "vmpower"}, {"_beacon_name": "vmpower_lab"}])
     assert settings.name == "vmpower_lab"
+    assert settings.interval == 5  # Salt's seconds between runs: the watcher's idle check uses it
+
+
+def test_the_immediate_path_and_the_burst_limit_can_be_set():
+    settings = parse_beacon_config([{"immediate": False}, {"burst_limit": 0}])
+    assert (settings.immediate, settings.burst_limit) == (False, 0)
 
 
 @pytest.mark.parametrize("config,message", [
@@ -60,6 +71,9 @@ def test_salts_own_keys_are_left_to_salt_and_the_beacon_name_is_kept():
     ([{"keepalive": {"count": "3"}}], "beacons:vmpower:keepalive:count must be a number"),
     ([{"keepalive": {"timeout": 3}}], "beacons:vmpower:keepalive: unknown key(s) timeout"),
     ([{"_beacon_name": "lab"}, {"queue_size": -5}], "beacons:lab:queue_size must be at least 1"),
+    ([{"immediate": "yes"}], "beacons:vmpower:immediate must be true or false"),
+    ([{"burst_limit": -1}], "beacons:vmpower:burst_limit must be at least 0"),
+    ([{"burst_limit": 1.5}], "beacons:vmpower:burst_limit must be a whole number"),
 ])
 def test_bad_configuration_is_refused_naming_the_key(config, message):
     with pytest.raises(ConfigError) as caught:

@@ -1,7 +1,10 @@
 """The beacon and its event loop on libvirt's test driver, in this process, partly through Salt.
 
 The test driver delivers its events through libvirt's default event loop like a real libvirtd,
-so the native thread, the callbacks, the queue and the translation here are the real ones.
+so the native thread, the watchers' threads, the callbacks, the queue and the translation here
+are the real ones. ``Watcher.settle()`` waits (bounded) until a watcher's thread has handled
+what was queued; the tests then look at what ``drain()`` returns, the tick path (these
+watchers have no minion bus, so no immediate path).
 Events the test driver cannot produce (crashes, PM suspend, guest or host shutdown, failures,
 reboots) are fed to the registered callback functions with libvirt's own numbers, as libvirt
 would call them. Every wait is a bounded polling loop; no assertion depends on timing.
@@ -70,6 +73,7 @@ class Collector:
         self.fired = []
 
     def drain(self):
+        assert self.watcher.settle(), "the watcher's thread did not settle"
         new = self.watcher.drain()
         self.fired.extend(new)
         return new
@@ -101,12 +105,12 @@ def watch():
         clocks = {} if clock is None else {"clock": clock.time, "monotonic": clock.monotonic}
         collector = Collector(eventloop.Watcher(BeaconSettings(uri=TEST_URI, **settings), **clocks))
         made.append(collector.watcher)
-        collector.drain()
+        wait_until(lambda: collector.drain() is not None and collector.resyncs(), "connected")
         return collector
 
     yield make
     for watcher in made:
-        watcher.close()
+        watcher.retire()
 
 
 class SaltBeacons:
@@ -128,8 +132,15 @@ class SaltBeacons:
     def module(self):
         return self.beacons.beacons
 
+    def settle(self):
+        watcher = eventloop.event_loop()._watchers.get(self.name)
+        if watcher is not None:
+            assert watcher.settle(), "the watcher's thread did not settle"
+
     def process(self):
-        """One beacon run; returns ``(tag tail, data)`` pairs."""
+        """One beacon run (once the watcher's thread has handled what was queued); returns
+        ``(tag tail, data)`` pairs."""
+        self.settle()
         fired = self.beacons.process(self.opts["beacons"], grains={})
         assert all(item["tag"].startswith(self.prefix) for item in fired)
         return [(item["tag"][len(self.prefix):], item["data"]) for item in fired]
@@ -339,14 +350,19 @@ def test_overflow_keeps_the_newest_and_resyncs_with_what_was_lost(watch, testdri
 def test_a_smaller_queue_size_drops_like_an_overflow(testdriver):
     # Never connected, so only the events fed to it are queued.
     watcher = eventloop.Watcher(BeaconSettings(uri=NO_DAEMON_URI, stop_grace=0, queue_size=10))
-    dom = testdriver.define("shrink", start=False)
-    for _ in range(5):
-        watcher.lifecycle_callback(None, dom, L.VIR_DOMAIN_EVENT_STARTED,
-                                   L.VIR_DOMAIN_EVENT_STARTED_BOOTED, None)
-    watcher.configure(dataclasses.replace(watcher.settings, queue_size=2))
-    fired = watcher.drain()
-    assert fired[0] == {"tag": "resync", "reason": "overflow", "lost": 3}
-    assert [event["transition"] for event in fired[1:]] == ["started", "started"]
+    try:
+        dom = testdriver.define("shrink", start=False)
+        for _ in range(5):
+            watcher.lifecycle_callback(None, dom, L.VIR_DOMAIN_EVENT_STARTED,
+                                       L.VIR_DOMAIN_EVENT_STARTED_BOOTED, None)
+        assert watcher.settle()
+        watcher.configure(dataclasses.replace(watcher.settings, queue_size=2))
+        assert watcher.settle()
+        fired = watcher.drain()
+        assert fired[0] == {"tag": "resync", "reason": "overflow", "lost": 3}
+        assert [event["transition"] for event in fired[1:]] == ["started", "started"]
+    finally:
+        watcher.retire()
 
 
 # The connection.
@@ -379,11 +395,14 @@ def test_a_close_callback_about_an_old_connection_is_ignored(watch):
 
 def test_no_daemon_means_capped_backoff_and_one_warning(caplog):
     clock = FakeClock()
-    watcher = eventloop.Watcher(BeaconSettings(uri=NO_DAEMON_URI), clock.time, clock.monotonic)
+    watcher = eventloop.Watcher(BeaconSettings(uri=NO_DAEMON_URI), clock=clock.time,
+                                monotonic=clock.monotonic)
     with caplog.at_level(logging.DEBUG, logger="vmpower.eventloop"):
         for _ in range(200):
+            assert watcher.settle()
             assert watcher.drain() == []
             clock.advance(1)
+    watcher.retire()
     # Attempts at 0, 1, 3, 7, 15, 31, 63 s, then every 60 s: 123, 183.
     assert watcher.health()["failed_attempts"] == 9
     assert not watcher.connected and "cannot connect" in watcher.health()["last_error"]
@@ -394,23 +413,27 @@ def test_no_daemon_means_capped_backoff_and_one_warning(caplog):
 def test_libvirtd_coming_up_later_resyncs_connected(tmp_path, caplog):
     clock = FakeClock()
     node = tmp_path / "node.xml"
-    watcher = eventloop.Watcher(BeaconSettings(uri=f"test://{node}"), clock.time, clock.monotonic)
+    watcher = eventloop.Watcher(BeaconSettings(uri=f"test://{node}"), clock=clock.time,
+                                monotonic=clock.monotonic)
     try:
+        assert watcher.settle()
         assert watcher.drain() == []
         node.write_text("<node><domain type='test'><name>late</name><memory>8192</memory>"
                         "<os><type>hvm</type></os></domain></node>")
         clock.advance(1)
         with caplog.at_level(logging.INFO, logger="vmpower.eventloop"):
+            assert watcher.settle()
             assert watcher.drain() == [{"tag": "resync", "reason": "connected", "lost": 0}]
         assert "after 1 failed attempt" in caplog.text
     finally:
-        watcher.close()
+        watcher.retire()
 
 
 # Salt's side: the beacon loaded by Salt's loader, closed and rebuilt by Salt's Beacon class.
 def test_salt_fires_lifecycle_events_under_the_beacons_tag(salt_beacons, testdriver):
     beacons = salt_beacons({"uri": TEST_URI}, {"stop_grace": 0})
-    assert beacons.process() == [("resync", {"reason": "connected", "lost": 0, "id": "loader-minion"})]
+    assert beacons.process_until(lambda fired: fired, "the first connection") == [
+        ("resync", {"reason": "connected", "lost": 0, "id": "loader-minion"})]
     dom = testdriver.define("tagged")
     fired = beacons.process_until(
         lambda fired: any(data.get("uuid") == dom.UUIDString() for _, data in fired), "the start")
@@ -422,11 +445,12 @@ def test_salt_fires_lifecycle_events_under_the_beacons_tag(salt_beacons, testdri
 
 def test_fifty_close_and_rebuild_cycles_leave_one_thread(salt_beacons, testdriver):
     beacons = salt_beacons({"uri": TEST_URI}, {"stop_grace": 0})
-    beacons.process()
+    beacons.process_until(lambda fired: fired, "the first connection")
     threads = threading.active_count()
     for _ in range(50):
         beacons.beacons.close_beacons()
         beacons.rebuild()
+        beacons.process()  # runs again: the watcher's thread reconnects
         assert ("resync", {"reason": "restarted", "lost": 0, "id": "loader-minion"}) in beacons.process()
     assert threading.active_count() == threads
     assert len(event_threads()) == 1
@@ -438,7 +462,7 @@ def test_fifty_close_and_rebuild_cycles_leave_one_thread(salt_beacons, testdrive
 def test_fifty_reimports_without_close_reuse_the_loop(salt_beacons, testdriver):
     # A beacon configured in pillar is re-imported on every refresh and never closed.
     beacons = salt_beacons({"uri": TEST_URI}, {"stop_grace": 0})
-    beacons.process()
+    beacons.process_until(lambda fired: fired, "the first connection")
     threads = threading.active_count()
     dom = testdriver.define("pillar", start=False)
     functions = []  # kept, so that no id() is reused
@@ -469,6 +493,8 @@ def test_the_beacon_never_raises(salt_beacons, caplog):
     with caplog.at_level(logging.DEBUG):
         for _ in range(5):
             assert beacons.process() == []
+        wait_until(lambda: eventloop.event_loop()._watchers[beacons.name].failures.counts(),
+                   "a failed attempt")
     warnings = [r for r in caplog.records
                 if r.levelno >= logging.WARNING and "cannot connect to libvirt" in r.getMessage()]
     assert len(warnings) == 1
@@ -483,12 +509,17 @@ def test_a_new_uri_for_the_same_beacon_means_a_new_connection(tmp_path):
     node.write_text("<node/>")
     loop, path = eventloop.event_loop(), str(tmp_path / "eventloop.json")
     first = BeaconSettings(name="vmpower_moving", uri=TEST_URI)
-    assert loop.drain(first, path)[0]["reason"] == "connected"
     old = loop.watcher(first)
+    assert old.settle()
+    assert loop.drain(first, path)[0]["reason"] == "connected"
     moved = dataclasses.replace(first, uri=f"test://{node}")
+    new = loop.watcher(moved)
+    assert new is not old and new.settle()
     assert loop.drain(moved, path) == [{"tag": "resync", "reason": "connected", "lost": 0}]
-    assert not old.connected
-    assert eventloop.read_status(path)["watchers"]["vmpower_moving"]["uri"] == moved.uri
+    old.thread.join(10)
+    assert not old.connected and old.state == "retired" and not old.thread.is_alive()
+    wait_until(lambda: eventloop.read_status(path).get("watchers", {}).get(
+        "vmpower_moving", {}).get("uri") == moved.uri, "the status file")
     loop.close("vmpower_moving", path)
 
 
@@ -502,7 +533,14 @@ except ImportError:
 opts = salt.config.minion_config(None)
 opts.update(id="file-roots", file_client="local", cachedir={cachedir!r}, extension_modules={extmods!r})
 beacons = salt.loader.beacons(opts, {{}})
-print(beacons["vmpower.beacon"]([{{"uri": "test:///default"}}]))
+import time
+deadline = time.monotonic() + 60
+while time.monotonic() < deadline:
+    fired = beacons["vmpower.beacon"]([{{"uri": "test:///default"}}])
+    if fired:
+        break
+    time.sleep(0.05)
+print(fired)
 """
 
 
@@ -511,7 +549,7 @@ def test_a_file_roots_install_finds_the_library_in_extension_modules(tmp_path):
     # <extmods>/utils, which Salt puts on sys.path for execution modules but not for beacons.
     # A separate interpreter without site's .pth files, so this checkout is not importable.
     extmods = tmp_path / "extmods"
-    shutil.copytree(os.path.dirname(eventloop.__file__), extmods / "utils" / "vmpower")
+    shutil.copytree(os.path.dirname(os.path.dirname(eventloop.__file__)), extmods / "utils" / "vmpower")
     (extmods / "beacons").mkdir()
     shutil.copy(os.path.join(os.path.dirname(__file__), "..", "..", "_beacons", "vmpower.py"),
                 extmods / "beacons")
@@ -527,29 +565,34 @@ def test_a_file_roots_install_finds_the_library_in_extension_modules(tmp_path):
 def test_the_status_file_is_rewritten_only_when_something_changed(salt_beacons, testdriver,
                                                                    monkeypatch):
     writes = []
-    write_json = eventloop._write_json
-    monkeypatch.setattr(eventloop, "_write_json", lambda *args: writes.append(1) or write_json(*args))
+    write_json = eventloop.write_json
+    monkeypatch.setattr(eventloop, "write_json", lambda *args: writes.append(1) or write_json(*args))
     beacons = salt_beacons({"uri": TEST_URI}, {"stop_grace": 0})
-    beacons.process()
+    beacons.process_until(lambda fired: fired, "the first connection")
+    wait_until(lambda: writes and eventloop.read_status(beacons.status_path).get(
+        "watchers", {}).get(beacons.name, {}).get("connected"), "the status file")
     status = eventloop.read_status(beacons.status_path)
     health = status["watchers"][beacons.name]
     assert status["thread_alive"] and status["pid"] == os.getpid()
     assert health["connected"] and health["uri"] == TEST_URI
     assert health["last_resync"]["reason"] == "connected"
     assert {"queue_depth", "events_seen", "dropped", "reconnects"} <= set(health)
-    assert len(writes) == 1
-    for _ in range(5):
-        beacons.process()
-    assert len(writes) == 1  # nothing changed, nothing written
+    loop = eventloop.event_loop()
+    loop.write_status(beacons.status_path)
+    written = len(writes)
+    loop.write_status(beacons.status_path)
+    assert len(writes) == written  # nothing changed, nothing written
     testdriver.define("counted")
     beacons.process_until(lambda fired: fired, "the start")
-    assert len(writes) > 1
-    assert eventloop.read_status(beacons.status_path)["watchers"][beacons.name]["events_seen"] >= 1
+    wait_until(lambda: eventloop.read_status(beacons.status_path)["watchers"][beacons.name][
+        "events_seen"] >= 1, "the status file to count the event")
+    assert len(writes) > written
 
 
 def test_vmpower_status_reports_the_event_loop(salt_beacons, load_minion):
     beacons = salt_beacons({"uri": TEST_URI})
-    beacons.process()
+    beacons.process_until(lambda fired: fired, "the first connection")
+    wait_until(lambda: eventloop.read_status(beacons.status_path).get("watchers"), "the status file")
     status = load_minion(TEST_URI).functions["vmpower.status"]()
     assert status["event_loop"] == eventloop.read_status(beacons.status_path)
     assert status["event_loop"]["watchers"][beacons.name]["connected"] is True
@@ -563,3 +606,136 @@ def test_vmpower_status_without_a_beacon_says_so(load_minion):
 def test_the_event_thread_is_started_once():
     assert eventloop.ensure_running() is eventloop.ensure_running()
     assert len(event_threads()) == 1
+
+
+# Storms (issue 9): more than burst_limit events in a second become one resync.
+def test_a_storm_becomes_one_burst_resync_counting_what_it_swallowed(watch, testdriver):
+    collector = watch(stop_grace=0, burst_limit=10)
+    doms = [testdriver.define(f"storm{number}", start=False) for number in range(40)]
+    for dom in doms:
+        dom.create()  # 40 STARTED within well under a second on the test driver
+    wait_until(lambda: collector.drain() is not None and ("burst", 30) in collector.resyncs(),
+               "the burst's resync")
+    started = [event for event in collector.fired if event.get("transition") == "started"]
+    assert len(started) == 10  # the first ten, one by one; the rest are the resync's
+    assert collector.resyncs() == [("connected", 0), ("burst", 30)]
+    assert collector.watcher.health()["coalesced"] == 30
+    doms[0].suspend()  # after the storm, events are fired one by one again
+    assert collector.wait_for(doms[0], 2)[-1]["transition"] == "paused"
+
+
+def test_a_storm_takes_the_held_stops_with_it(watch, testdriver):
+    collector = watch(stop_grace=30, burst_limit=5)
+    doms = [testdriver.define(f"calm{number}") for number in range(3)]
+    for dom in doms:
+        collector.wait_for(dom, 1)
+    doms[0].destroy()
+    collector.wait_held(1)
+    for number in range(10):
+        testdriver.define(f"burst{number}")
+    wait_until(lambda: collector.drain() is not None and any(
+        reason == "burst" for reason, _ in collector.resyncs()), "the burst's resync")
+    assert collector.watcher.health()["held"] == 0  # the resync's sync covers the held stop
+    (lost,) = [lost for reason, lost in collector.resyncs() if reason == "burst"]
+    # What was not fired one by one: the starts past the limit and the held stop.
+    fired = [e for e in collector.fired if e["tag"] != "resync" and e["name"].startswith(
+        testdriver.prefix + "burst")]
+    assert lost == 10 - len(fired) + 1 and len(fired) <= 5
+
+
+# The immediate path: events go to ``deliver`` as they happen, and only there.
+class Bus:
+    """Stands in for the minion's bus (the real one is in tests/daemons): takes or refuses."""
+
+    def __init__(self):
+        self.taking = True
+        self.got = []
+
+    def __call__(self, items):
+        if self.taking:
+            self.got.extend(items)
+        return self.taking
+
+
+def test_immediate_delivery_and_the_tick_as_fallback_each_event_once(testdriver):
+    bus = Bus()
+    watcher = eventloop.Watcher(BeaconSettings(uri=TEST_URI, stop_grace=0), deliver=bus)
+    try:
+        wait_until(lambda: bus.got, "the connected resync on the bus")
+        assert bus.got == [{"tag": "resync", "reason": "connected", "lost": 0}]
+        dom = testdriver.define("fast")
+        wait_until(lambda: any(item.get("uuid") == dom.UUIDString() for item in bus.got), "the start")
+        assert watcher.settle() and watcher.drain() == []  # nothing left for the tick
+        bus.taking = False  # the bus refuses: the same events go through the tick
+        dom.suspend()
+        dom.resume()
+        assert watcher.settle()
+        fired = watcher.drain()
+        assert [event["transition"] for event in fired] == ["paused", "resumed"]
+        bus.taking = True
+        dom.suspend()
+        wait_until(lambda: bus.got[-1].get("transition") == "paused", "the pause on the bus")
+        transitions = [item.get("transition") for item in bus.got if item.get("uuid") == dom.UUIDString()]
+        assert transitions == ["started", "paused"]  # each event one way only
+        health = watcher.health()
+        assert (health["delivered_immediately"], health["delivered_by_tick"]) == (2, 2)
+        assert health["failures"] == {"deliver": 1}
+    finally:
+        watcher.retire()
+
+
+def test_immediate_off_means_only_the_tick(testdriver):
+    bus = Bus()
+    watcher = eventloop.Watcher(BeaconSettings(uri=TEST_URI, stop_grace=0, immediate=False),
+                                deliver=bus)
+    try:
+        wait_until(lambda: watcher.settle() and watcher.connected, "connected")
+        testdriver.define("slow")
+        wait_until(lambda: watcher.settle() and len(watcher.drain()) > 0 or None, "events by tick")
+        assert bus.got == []
+    finally:
+        watcher.retire()
+
+
+def test_a_held_stop_fires_when_its_grace_ends_not_at_a_tick(testdriver):
+    bus = Bus()
+    watcher = eventloop.Watcher(BeaconSettings(uri=TEST_URI, stop_grace=0.2), deliver=bus)
+    try:
+        wait_until(lambda: bus.got, "connected")
+        dom = testdriver.define("timely")
+        wait_until(lambda: any(item.get("transition") == "started" for item in bus.got), "the start")
+        dom.destroy()
+        # Nobody drains: the watcher's own timer releases the stop once its grace is over.
+        wait_until(lambda: any(item.get("transition") == "stopped" for item in bus.got), "the stop")
+    finally:
+        watcher.retire()
+
+
+def test_the_master_coming_back_means_a_master_reconnected_resync(testdriver):
+    bus = Bus()
+    watcher = eventloop.Watcher(BeaconSettings(uri=TEST_URI), deliver=bus)
+    try:
+        wait_until(lambda: bus.got, "connected")
+        watcher.master_reconnected()
+        wait_until(lambda: bus.got[-1] == {"tag": "resync", "reason": "master_reconnected", "lost": 0},
+                   "the master_reconnected resync")
+    finally:
+        watcher.retire()
+
+
+def test_a_watcher_whose_beacon_stopped_running_is_closed(tmp_path):
+    loop = eventloop.EventLoop()
+    path = str(tmp_path / "eventloop.json")
+    settings = BeaconSettings(name="vmpower_removed", uri=TEST_URI)
+    watcher = loop.watcher(settings)
+    loop.drain(settings, path, {"loop_interval": 0.1})
+    wait_until(lambda: watcher.settle() and watcher.connected, "connected")
+    # Salt stops calling beacon() (removed from config or pillar): one tick and the slack later
+    # the supervisor closes the watcher.
+    wait_until(lambda: (loop.close_idle(), watcher.settle(), watcher.state == "closed")[-1],
+               "the watcher to be closed")
+    assert not watcher.connected
+    loop.drain(settings, path, {"loop_interval": 0.1})  # back in the config: connected again
+    wait_until(lambda: watcher.settle() and watcher.connected, "connected again")
+    assert watcher.drain()[-1] == {"tag": "resync", "reason": "restarted", "lost": 0}
+    watcher.retire()

@@ -262,12 +262,16 @@ def normalize_uuid(value: Any) -> str:
     return f"{digits[:8]}-{digits[8:12]}-{digits[12:16]}-{digits[16:20]}-{digits[20:]}"
 
 
-# The beacon's configuration (``beacons:vmpower``), as Salt passes it to validate() and beacon().
-# (DEFAULT_STOP_GRACE, at the top, is the beacon's default too.)
+# The beacon's configuration (``beacons:vmpower``), as Salt passes it to validate() and beacon()
+# once the beacon's shell has turned Salt's list of one-key mappings into one mapping.
+# (DEFAULT_STOP_GRACE, at the top, is the beacon's default too: vmpower:stop_grace.)
 DEFAULT_QUEUE_SIZE = 10000
 DEFAULT_KEEPALIVE_INTERVAL = 5
 DEFAULT_KEEPALIVE_COUNT = 3
-BEACON_KEYS = ("uri", "stop_grace", "queue_size", "keepalive")
+# More lifecycle events than this within one second are a storm: one resync (reason burst)
+# answers them instead of one job each. A host booting 20 VMs at once still gets per-VM events.
+DEFAULT_BURST_LIMIT = 40
+BEACON_KEYS = ("uri", "stop_grace", "queue_size", "keepalive", "immediate", "burst_limit")
 KEEPALIVE_KEYS = ("interval", "count")
 # Keys Salt itself reads from, or adds to, every beacon's configuration.
 SALT_BEACON_KEYS = ("enabled", "interval", "disable_during_state_run", "run_once", "beacon_module",
@@ -276,25 +280,31 @@ SALT_BEACON_KEYS = ("enabled", "interval", "disable_during_state_run", "run_once
 
 @dataclasses.dataclass(frozen=True)
 class BeaconSettings:
-    """The ``vmpower`` beacon's configuration; ``name`` is the beacon's name in Salt's config."""
+    """The ``vmpower`` beacon's configuration; ``name`` is the beacon's name in Salt's config.
+
+    ``stop_grace`` None means the beacon has none of its own: ``vmpower:stop_grace`` applies.
+    ``immediate``: fire events through the minion's event bus as they happen (False: only
+    through ``beacon()``'s tick). ``interval`` is Salt's own key (seconds between runs).
+    """
 
     name: str = "vmpower"
     uri: str = DEFAULT_URI
-    stop_grace: float = DEFAULT_STOP_GRACE
+    stop_grace: Optional[float] = None
     queue_size: int = DEFAULT_QUEUE_SIZE
     keepalive_interval: int = DEFAULT_KEEPALIVE_INTERVAL
     keepalive_count: int = DEFAULT_KEEPALIVE_COUNT
+    immediate: bool = True
+    burst_limit: int = DEFAULT_BURST_LIMIT
+    interval: float = 0.0
+
+    def grace(self, default: float = DEFAULT_STOP_GRACE) -> float:
+        """The STOPPED grace in effect: the beacon's own, else ``default`` (vmpower:stop_grace)."""
+        return default if self.stop_grace is None else self.stop_grace
 
 
-def _merged(raw: Any, where: str, expected: str) -> Mapping:
-    """A mapping, or Salt's list of one-key mappings merged into one (later keys win, as in Salt)."""
+def _mapping(raw: Any, where: str, expected: str) -> Mapping:
     if isinstance(raw, Mapping):
         return raw
-    if isinstance(raw, (list, tuple)) and all(isinstance(item, Mapping) for item in raw):
-        merged: Dict[Any, Any] = {}
-        for item in raw:
-            merged.update(item)
-        return merged
     raise ConfigError(f"{where} must be {expected}, not {raw!r}")
 
 
@@ -311,30 +321,45 @@ def _keepalive(value: Any, where: str) -> Tuple[int, int]:
     if isinstance(value, (list, tuple)) and len(value) == 2 \
             and not any(isinstance(item, Mapping) for item in value):
         value = dict(zip(KEEPALIVE_KEYS, value))  # the [interval, count] pair
-    raw = _merged(value, where, "a mapping of interval and count, or a list [interval, count]")
+    raw = _mapping(value, where, "a mapping of interval and count, or a list [interval, count]")
     _known_keys(raw, KEEPALIVE_KEYS, where)
     return (_number(raw, "interval", DEFAULT_KEEPALIVE_INTERVAL, int, 1, where),
             _number(raw, "count", DEFAULT_KEEPALIVE_COUNT, int, 0, where))
 
 
-def parse_beacon_config(config: Any) -> BeaconSettings:
+def _flag(raw: Mapping, key: str, default: bool, where: str) -> bool:
+    value = raw.get(key, default)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise ConfigError(f"{where}:{key} must be true or false, not {value!r}")
+    return value
+
+
+def parse_beacon_config(raw: Any) -> BeaconSettings:
     """Validate the ``vmpower`` beacon's configuration; raise ConfigError naming the bad key.
 
-    ``config`` is what Salt passes: a list of one-key mappings (a plain mapping is accepted
-    too). Salt's own keys (``interval``, ``disable_during_state_run``...) are allowed and left
-    to Salt.
+    ``raw`` is one mapping (the beacon's shell merges Salt's list of one-key mappings with
+    Salt's own helper first). Salt's own keys (``interval``, ``disable_during_state_run``...)
+    are allowed and left to Salt.
     """
-    raw = _merged([] if config is None else config, "beacons:vmpower",
-                  "a list of mappings (uri, stop_grace, queue_size, keepalive)")
+    raw = _mapping({} if raw is None else raw, "beacons:vmpower",
+                   "a list of mappings (" + ", ".join(BEACON_KEYS) + ")")
     name = str(raw.get("_beacon_name") or "vmpower")
     where = f"beacons:{name}"
     _known_keys(raw, BEACON_KEYS, where, SALT_BEACON_KEYS)
     interval, count = _keepalive(raw.get("keepalive"), where)
+    stop_grace = None if raw.get("stop_grace") is None else _number(
+        raw, "stop_grace", DEFAULT_STOP_GRACE, float, 0, where)
     return BeaconSettings(
         name=name,
         uri=_string(raw, "uri", DEFAULT_URI, where),
-        stop_grace=_number(raw, "stop_grace", DEFAULT_STOP_GRACE, float, 0, where),
+        stop_grace=stop_grace,
         queue_size=_number(raw, "queue_size", DEFAULT_QUEUE_SIZE, int, 1, where),
         keepalive_interval=interval,
         keepalive_count=count,
+        immediate=_flag(raw, "immediate", True, where),
+        burst_limit=_number(raw, "burst_limit", DEFAULT_BURST_LIMIT, int, 0, where),
+        # Salt's key: the beacon runs at most every interval seconds; it paces the idle check.
+        interval=_number(raw, "interval", 0, float, 0, where),
     )

@@ -1,0 +1,168 @@
+"""libvirt's event loop in a Salt minion: one native thread per process, one watcher per beacon.
+
+The ``vmpower`` beacon is a thin shell over this package. Salt re-imports the beacon's file on
+every beacons refresh, closes and rebuilds the beacon around state runs, and never closes a
+beacon configured in pillar. This package is imported the ordinary way, so its globals (the
+event thread, the watchers, the sequence counter) live as long as the process, and every
+rebuild of the beacon finds them again.
+
+The parts, each readable alone:
+
+- ``native``: libvirt's default event implementation and its one thread;
+- ``watcher``: one connection's state machine on a thread of its own (connect, register,
+  keepalive, reconnect with back-off, deregister, close: everything that can block), the
+  translation of its events, the STOPPED grace (``vmpower.core.grace``) and storms
+  (``vmpower.core.burst``);
+- ``delivery``: the immediate path through the minion's bus, and the master link's news;
+- ``status``: the status file that ``vmpower.status`` reads in job processes;
+- ``config``: Salt's beacon configuration into the core's settings;
+- this module: the process's watchers, one per beacon, and the thread that writes the status
+  file and closes the watchers of beacons Salt no longer runs.
+
+``drain()`` and ``close()`` run on the minion's loop and only look up, swap and flag.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from typing import Dict, List, Mapping, Optional
+
+from vmpower.core.settings import DEFAULT_STOP_GRACE, BeaconSettings
+from vmpower.eventloop import native
+from vmpower.eventloop.delivery import MasterLink, MinionBus, masterless
+from vmpower.eventloop.failures import Failures
+from vmpower.eventloop.native import HAS_LIBVIRT, THREAD_NAME, ensure_running  # noqa: F401
+from vmpower.eventloop.status import read_status, write_json
+from vmpower.eventloop.watcher import Watcher, lifecycle_data, resync_data  # noqa: F401
+
+log = logging.getLogger(__name__)
+
+SUPERVISOR_EVERY = 1.0  # seconds between two status writes / idle checks
+MIN_IDLE_SLACK = 2.0  # seconds a beacon run may be late before its watcher counts as dropped
+
+
+class EventLoop:
+    """The process's watchers, one per configured beacon, and the status file they share."""
+
+    def __init__(self, monotonic=time.monotonic):
+        self._monotonic = monotonic
+        self._lock = threading.Lock()
+        self._watchers: Dict[str, Watcher] = {}
+        self._ticks: Dict[str, float] = {}  # beacon name -> seconds between two of its runs
+        self._status_path: Optional[str] = None
+        self._opts: Optional[Mapping] = None
+        self._supervisor: Optional[threading.Thread] = None
+        self._master_link: Optional[MasterLink] = None
+        self._written: Optional[dict] = None
+        self.failures = Failures()
+
+    def watcher(self, settings: BeaconSettings, stop_grace: float = DEFAULT_STOP_GRACE,
+                opts: Optional[Mapping] = None) -> Watcher:
+        """The watcher of the beacon ``settings.name``, created or reconfigured as needed."""
+        with self._lock:
+            current = self._watchers.get(settings.name)
+            if current is not None and current.uri != settings.uri:
+                current.retire()  # the beacon now watches another host: its queue belongs to the old one
+                current = None
+            if current is None:
+                current = self._watchers[settings.name] = Watcher(
+                    settings, stop_grace, deliver=self._delivery(settings, opts))
+            else:
+                current.configure(settings, stop_grace)
+            return current
+
+    def _delivery(self, settings: BeaconSettings, opts: Optional[Mapping]):
+        if opts is None or masterless(opts) or "id" not in opts:
+            return None  # no master to deliver to: the tick is the only path (tests, salt-call --local)
+        self._ensure_master_link(opts)
+        return MinionBus(opts, settings.name)
+
+    def drain(self, settings: BeaconSettings, status_path: str, opts: Optional[Mapping] = None,
+              stop_grace: float = DEFAULT_STOP_GRACE) -> List[dict]:
+        """What the beacon fires now (only what the immediate path could not deliver)."""
+        watcher = self.watcher(settings, stop_grace, opts)
+        loop_interval = float((opts or {}).get("loop_interval") or 1)
+        self._ticks[settings.name] = max(loop_interval, settings.interval)
+        self._status_path = status_path
+        self._ensure_supervisor()
+        return watcher.drain()
+
+    def close(self, name: str, status_path: str) -> None:
+        """Salt closes the beacon ``name``: its watcher disconnects until the next drain."""
+        self._status_path = status_path
+        watcher = self._watchers.get(name)
+        if watcher is not None:
+            watcher.close()
+
+    # vmpower's threads besides the watchers'.
+    def _ensure_supervisor(self) -> None:
+        with self._lock:
+            if self._supervisor is None or not self._supervisor.is_alive():
+                self._supervisor = threading.Thread(target=self._supervise, daemon=True,
+                                                    name="vmpower-status")
+                self._supervisor.start()
+
+    def _ensure_master_link(self, opts: Mapping) -> None:
+        if self._master_link is None or not self._master_link.is_alive():
+            self._master_link = MasterLink(opts, self._master_reconnected, self.failures)
+            self._master_link.start()
+
+    def _master_reconnected(self) -> None:
+        for watcher in list(self._watchers.values()):
+            watcher.master_reconnected()
+
+    def _supervise(self) -> None:
+        while True:
+            time.sleep(SUPERVISOR_EVERY)
+            try:
+                self.close_idle()
+                if self._status_path:
+                    self.write_status(self._status_path)
+            except Exception as exc:  # pylint: disable=broad-except
+                self.failures.note("status", "the event loop's status thread failed: %s", exc)
+
+    def close_idle(self) -> None:
+        """Close the watchers whose beacon Salt stopped running (removed from config or pillar,
+        or disabled): a beacon runs every tick, so one missed tick and some slack says so."""
+        now = self._monotonic()
+        for name, watcher in list(self._watchers.items()):
+            tick = self._ticks.get(name, 1.0)
+            if watcher.state != "closed" and now - watcher.last_drain > tick + max(tick, MIN_IDLE_SLACK):
+                log.info("vmpower: the beacon %s no longer runs; closing its libvirt connection", name)
+                watcher.close()
+
+    # Health.
+    def status(self) -> dict:
+        """The health of the event thread, of every watcher and of the master link."""
+        link = self._master_link
+        return {"pid": os.getpid(), "thread_alive": native.thread_alive(),
+                "loop_errors": native.loop_errors, "failures": self.failures.counts(),
+                "master": link.health() if link is not None else None,
+                "stuck": any(w.health()["stuck"] for w in self._watchers.values()),
+                "watchers": {name: watcher.health() for name, watcher in self._watchers.items()}}
+
+    def write_status(self, path: str) -> None:
+        """Write ``status()`` to ``path`` (atomically) if it changed since the last write."""
+        snapshot = self.status()
+        if snapshot == self._written:
+            return
+        try:
+            write_json(path, {**snapshot, "updated_at": time.time()})
+        except OSError as exc:  # health reporting must not stop the events
+            self.failures.note("status", "cannot write the event loop status to %s: %s", path, exc)
+            return
+        self.failures.forget("status")
+        self._written = snapshot
+
+
+__all__ = ["EventLoop", "Watcher", "event_loop", "read_status", "ensure_running", "HAS_LIBVIRT"]
+
+_event_loop = EventLoop()
+
+
+def event_loop() -> EventLoop:
+    """This process's EventLoop (a module global, so it outlives re-imports of the beacon)."""
+    return _event_loop

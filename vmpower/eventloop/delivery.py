@@ -1,0 +1,136 @@
+"""The minion's own event bus: the immediate path to the master, and news of the master link.
+
+Immediate path: an event is fired on the minion's local bus with the tag ``fire_master``, the
+way ``event.send`` does it; the minion forwards it to its master at once, as it forwards the
+events ``beacon()`` returns, under the same tags (``salt/beacon/<id>/<beacon>/<tail>``) and
+with the same data (``id`` added), so that nothing on the master can tell the two paths apart.
+
+Master link: the minion announces on its own bus when it loses its master and when it has it
+back (``__master_disconnected`` / ``__master_connected``, fired by ``status.master`` every
+``master_alive_interval`` seconds; Salt 3006 and 3008 alike). While the link is down the
+minion drops every event it would forward, beacon events included; so when it comes back every
+watcher fires a ``master_reconnected`` resync, and the reactor's sync catches up.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Callable, List, Mapping, Optional
+
+from vmpower.eventloop.failures import Failures
+
+log = logging.getLogger("vmpower.eventloop")
+
+MASTER_CONNECTED = "__master_connected"
+MASTER_DISCONNECTED = "__master_disconnected"
+LISTEN_WAIT = 1.0  # seconds a read of the bus waits
+# A link that flaps (a wrong publish_port makes status.master report the master gone every
+# master_alive_interval) would otherwise cost a full sync each time: at most one per this.
+RESYNC_SPACING = 10.0
+
+
+def masterless(opts: Mapping) -> bool:
+    """True when this minion has no master to fire events to (as ``event.fire_master`` says)."""
+    return bool((opts.get("local") or opts.get("file_client") == "local")
+                and not opts.get("use_master_when_local"))
+
+
+def beacon_events(opts: Mapping, beacon_name: str, items: List[dict]) -> List[dict]:
+    """Beacon data as Salt's beacon runner makes it: the full tag, and the minion's id added."""
+    out = []
+    for item in items:
+        data = dict(item)
+        tag = f"salt/beacon/{opts['id']}/{beacon_name}/{data.pop('tag', '')}"
+        data.setdefault("id", opts["id"])
+        out.append({"tag": tag, "data": data})
+    return out
+
+
+class MinionBus:
+    """Fires one beacon's events at the master through the minion's bus (one per thread)."""
+
+    def __init__(self, opts: Mapping, beacon_name: str):
+        self._opts = opts
+        self._beacon_name = beacon_name
+        self._event = None
+
+    def __call__(self, items: List[dict]) -> bool:
+        import salt.utils.event
+
+        if self._event is None:
+            self._event = salt.utils.event.get_event("minion", opts=dict(self._opts), listen=False)
+        events = beacon_events(self._opts, self._beacon_name, items)
+        sent = self._event.fire_event({"data": None, "tag": None, "events": events, "pretag": None},
+                                      "fire_master")
+        if not sent:
+            self.close()  # connect again next time
+        return bool(sent)
+
+    def close(self) -> None:
+        event, self._event = self._event, None
+        if event is not None:
+            try:
+                event.destroy()
+            except Exception:  # pylint: disable=broad-except
+                pass
+
+
+class MasterLink(threading.Thread):
+    """Listens on the minion's bus for the master link's news; ``on_back()`` when it is back."""
+
+    def __init__(self, opts: Mapping, on_back: Callable[[], None], failures: Failures):
+        super().__init__(name="vmpower-master-link", daemon=True)
+        self._opts = dict(opts)
+        self._on_back = on_back
+        self._failures = failures
+        self.connected: Optional[bool] = None  # None: nothing heard yet (the minion says nothing
+        self.changed_at: Optional[float] = None  # while all is well)
+        self.reconnections = 0
+        self._last_back: Optional[float] = None  # monotonic time on_back() was last called
+        self._back_pending = False
+
+    def run(self) -> None:
+        import time
+
+        import salt.utils.event
+
+        while True:
+            try:
+                with salt.utils.event.get_event("minion", opts=self._opts, listen=True) as bus:
+                    while True:
+                        event = bus.get_event(wait=LISTEN_WAIT, full=True)
+                        if event:
+                            self._heard(event.get("tag", ""), time.time())
+                        self._announce(time.monotonic())
+            except Exception as exc:  # pylint: disable=broad-except
+                self._failures.note("master_link", "cannot listen on the minion's bus for the "
+                                    "master's comings and goings: %s", exc)
+                time.sleep(5)
+
+    def _heard(self, tag: str, at: float) -> None:
+        if tag.startswith(MASTER_DISCONNECTED):
+            if self.connected is not False:
+                log.info("vmpower: the minion lost its master; events fired meanwhile are "
+                         "dropped by Salt, a resync follows its return")
+                self.connected, self.changed_at = False, at
+        elif tag.startswith(MASTER_CONNECTED):
+            if self.connected is False:
+                self.connected, self.changed_at = True, at
+                self.reconnections += 1
+                self._back_pending = True
+            else:
+                self.connected = True
+
+    def _announce(self, now: float) -> None:
+        if not self._back_pending or self.connected is not True:
+            return
+        if self._last_back is not None and now - self._last_back < RESYNC_SPACING:
+            return
+        self._back_pending = False
+        self._last_back = now
+        self._on_back()
+
+    def health(self) -> dict:
+        return {"connected": self.connected, "since": self.changed_at,
+                "reconnections": self.reconnections, "listening": self.is_alive()}

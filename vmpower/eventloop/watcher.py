@@ -1,0 +1,531 @@
+"""One libvirt connection's state machine, on a thread of its own.
+
+A ``Watcher`` is one beacon's connection to libvirt. Everything that can block (opening the
+connection, registering callbacks, keepalive, deregistering, closing) runs on the watcher's own
+thread, never on the minion's loop: against a libvirtd that accepts connections and never
+answers, ``libvirt.openReadOnly`` does not return, and the minion must go on answering jobs.
+Salt's side (``drain()``, ``close()``, ``configure()``) only swaps lists and sets flags under a
+lock that is never held for longer than that.
+
+States: ``connecting`` (an attempt is under way; a hung libvirtd keeps it there, and
+``health()`` says since when), ``connected``, ``backoff`` (waiting before the next attempt,
+capped exponential), ``closed`` (Salt closed the beacon, or it stopped running it), ``retired``
+(replaced by a watcher of another URI; the thread has ended).
+
+Threads: libvirt calls ``*_callback`` from its event thread (``vmpower.eventloop.native``);
+they append a raw tuple to a bounded queue and wake the watcher's thread, nothing else. The
+watcher's thread translates (``vmpower.core.mapping``), holds STOPPED back
+(``vmpower.core.grace``), coalesces storms (``vmpower.core.burst``) and delivers: through
+``deliver`` (the minion's event bus, as ``event.send`` does) as soon as an event is known, or,
+when that is off or fails, into the outbox that ``beacon()`` returns at its next tick. Each
+event goes one way or the other, never both.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import logging
+import threading
+import time
+from typing import Callable, Deque, List, Optional, Tuple
+
+from vmpower.core.burst import BurstGuard
+from vmpower.core.grace import StopGrace
+from vmpower.core.mapping import LifecycleTranslator, translate_reboot
+from vmpower.core.model import LifecycleEvent
+from vmpower.core.settings import DEFAULT_STOP_GRACE, BeaconSettings
+from vmpower.eventloop import native
+from vmpower.eventloop.failures import Failures
+
+libvirt = native.libvirt
+log = logging.getLogger("vmpower.eventloop")
+
+RECONNECT_FIRST = 1.0  # seconds before the second attempt of an outage; doubled after each failure
+RECONNECT_MAX = 60.0
+CHECK_EVERY = 1.0  # seconds between two looks at a connection's health (isAlive is local)
+STUCK_AFTER = 10.0  # a blocking libvirt call running this long means libvirtd is not answering
+# The raw queue's "event" for a VIR_DOMAIN_EVENT_ID_REBOOT callback (lifecycle events are ints).
+REBOOT = None
+
+RawEvent = Tuple[float, float, str, str, Optional[int], int]  # (time, monotonic, uuid, name, event, detail)
+Deliver = Callable[[List[dict]], bool]
+
+# seq of the published lifecycle events: increasing across every watcher of the process.
+_sequence = itertools.count(1)
+
+
+def lifecycle_data(event: LifecycleEvent, seq: int, uri: str) -> dict:
+    """A lifecycle event as the beacon fires it (Salt turns ``tag`` into the tag's tail)."""
+    return {"tag": f"lifecycle/{event.transition.value}", "uuid": event.uuid, "name": event.name,
+            "transition": event.transition.value, "reason": event.reason,
+            "libvirt": {"event": event.libvirt_event, "detail": event.libvirt_detail},
+            "timestamp": event.timestamp, "seq": seq, "uri": uri}
+
+
+def resync_data(reason: str, lost: int) -> dict:
+    """A resync as the beacon fires it: events may have been missed, a full sync is due.
+
+    ``lost`` counts the events that were not fired one by one (dropped by an overflowing queue,
+    or coalesced by a burst); a gap in a connection cannot be counted, so it is 0 for
+    ``connected``, ``reconnected``, ``restarted`` and ``master_reconnected``.
+    """
+    return {"tag": "resync", "reason": reason, "lost": lost}
+
+
+def _close_reason(reason: int) -> str:
+    return {
+        libvirt.VIR_CONNECT_CLOSE_REASON_ERROR: "I/O error",
+        libvirt.VIR_CONNECT_CLOSE_REASON_EOF: "libvirtd closed the connection",
+        libvirt.VIR_CONNECT_CLOSE_REASON_KEEPALIVE: "keepalive timeout",
+        libvirt.VIR_CONNECT_CLOSE_REASON_CLIENT: "closed by the client",
+    }.get(reason, f"closed (reason {reason})")
+
+
+class Watcher:
+    """One libvirt connection whose lifecycle and reboot events become beacon events.
+
+    ``stop_grace`` is the grace in effect when the beacon has none of its own
+    (``vmpower:stop_grace``). ``clock`` stamps the events (epoch seconds); ``monotonic`` runs
+    the grace, the burst guard and the back-off; tests pass their own. ``deliver`` is the
+    immediate path (None: only ``drain()``).
+    """
+
+    def __init__(self, settings: BeaconSettings, stop_grace: float = DEFAULT_STOP_GRACE,
+                 clock: Callable[[], float] = time.time,
+                 monotonic: Callable[[], float] = time.monotonic,
+                 deliver: Optional[Deliver] = None):
+        self.settings = settings
+        self._clock = clock
+        self._monotonic = monotonic
+        self._deliver = deliver
+        self._cond = threading.Condition(threading.Lock())
+        # Shared with the event thread and Salt's side, under _cond:
+        self._raw: Deque[RawEvent] = collections.deque()
+        self._unreported_drops = 0
+        self._outbox: List[dict] = []
+        self._poked = False
+        self._wanted = True  # False once Salt closed the beacon, until its next drain()
+        self._close_requested = False  # sticky until the thread has disconnected
+        self._rounds = 0  # rounds of the thread so far (settle() waits for one more)
+        self._retired = False
+        self._pending_settings: Optional[Tuple[BeaconSettings, float]] = None
+        self._master_reconnected = False
+        self.last_drain = monotonic()
+        # The watcher's thread only:
+        self._conn = None
+        self._callback_ids: List[int] = []
+        self._lost: Optional[int] = None  # the close callback's reason, set from the event thread
+        self._resync_reason = "connected"  # what the next successful connection announces
+        self._next_attempt = 0.0
+        self._next_check = 0.0
+        self._failures = 0  # consecutive failed connection attempts
+        self._translator = LifecycleTranslator()
+        self._grace: StopGrace[LifecycleEvent] = StopGrace(settings.grace(stop_grace), monotonic)
+        self._burst = BurstGuard(settings.burst_limit)
+        self._pending: List[dict] = []
+        # Read by health() from any thread (plain attributes, each written by one thread).
+        self.state = "connecting"
+        self.state_since = clock()
+        self.blocked: Optional[Tuple[str, float, float]] = None  # (call, since, since monotonic)
+        self.failures = Failures()
+        self.events_seen = 0
+        self.dropped = 0
+        self.reconnects = 0
+        self.coalesced = 0
+        self.delivered_immediately = 0
+        self.delivered_by_tick = 0
+        self.queue_depth = 0
+        self.generation = 0  # successful connections so far
+        self.last_resync: Optional[dict] = None
+        self.last_error: Optional[str] = None
+        self._thread = threading.Thread(target=self._run, daemon=True,
+                                        name=f"vmpower-watch-{settings.name}")
+        self._thread.start()
+
+    @property
+    def uri(self) -> str:
+        return self.settings.uri
+
+    @property
+    def connected(self) -> bool:
+        return self.state == "connected" and self._lost is None
+
+    @property
+    def thread(self) -> threading.Thread:
+        return self._thread
+
+    # libvirt's callbacks, on the event thread: enqueue, wake the watcher, nothing else.
+    def lifecycle_callback(self, _conn, dom, event: int, detail: int, _opaque) -> None:
+        """``VIR_DOMAIN_EVENT_ID_LIFECYCLE``."""
+        self._enqueue((self._clock(), self._monotonic(), dom.UUIDString(), dom.name(), event, detail))
+
+    def reboot_callback(self, _conn, dom, _opaque) -> None:
+        """``VIR_DOMAIN_EVENT_ID_REBOOT``."""
+        self._enqueue((self._clock(), self._monotonic(), dom.UUIDString(), dom.name(), REBOOT, 0))
+
+    def close_callback(self, conn, reason: int, _opaque) -> None:
+        """The connection is gone (libvirtd died, socket closed, keepalive timeout)."""
+        if conn is self._conn:  # not a late word about a connection already replaced
+            self._lost = reason
+            self._poke()
+
+    def _enqueue(self, item: RawEvent) -> None:
+        with self._cond:
+            self.events_seen += 1
+            if len(self._raw) >= self.settings.queue_size:
+                self._raw.popleft()
+                self.dropped += 1
+                self._unreported_drops += 1
+            self._raw.append(item)
+            self._poked = True
+            self._cond.notify()
+
+    def _poke(self) -> None:
+        with self._cond:
+            self._poked = True
+            self._cond.notify()
+
+    # Salt's side, on the minion's loop: flags and swaps only.
+    def drain(self) -> List[dict]:
+        """What the immediate path did not deliver, in order; the beacon fires it.
+
+        Also tells the watcher its beacon still runs: a watcher Salt closed connects again
+        (its thread does) and announces the gap with a ``restarted`` resync.
+        """
+        with self._cond:
+            out, self._outbox = self._outbox, []
+            self.last_drain = self._monotonic()
+            if not self._wanted or not out:
+                self._wanted = True
+                self._poked = True  # a fake clock in tests moves between drains: look again
+                self._cond.notify()
+        self.delivered_by_tick += sum(1 for item in out if item["tag"] != "resync")
+        return out
+
+    def close(self) -> None:
+        """Salt closes the beacon (or stopped running it): the thread disconnects.
+
+        The next ``drain()`` connects again and fires a ``restarted`` resync, because events in
+        between are missed. Closing a closed watcher changes nothing.
+        """
+        with self._cond:
+            self._wanted = False
+            self._close_requested = self._poked = True
+            self._cond.notify()
+
+    def retire(self) -> None:
+        """The watcher is replaced: its thread disconnects and ends."""
+        with self._cond:
+            self._retired = self._poked = True
+            self._wanted = False
+            self._cond.notify()
+
+    def configure(self, settings: BeaconSettings, stop_grace: Optional[float] = None) -> None:
+        """A changed configuration of the same beacon and URI, applied by the thread."""
+        stop_grace = self._grace.seconds if stop_grace is None else stop_grace
+        if (settings, settings.grace(stop_grace)) == (self.settings, self._grace.seconds):
+            return
+        with self._cond:
+            self._pending_settings = (settings, stop_grace)
+            self._poked = True
+            self._cond.notify()
+
+    def set_delivery(self, deliver: Optional[Deliver]) -> None:
+        self._deliver = deliver
+
+    def master_reconnected(self) -> None:
+        """The minion's link to its master came back: Salt dropped what was fired meanwhile."""
+        with self._cond:
+            self._master_reconnected = self._poked = True
+            self._cond.notify()
+
+    def settle(self, timeout: float = 10.0) -> bool:
+        """Wait until the thread has handled everything queued so far (tests, benchmarks);
+        False if it did not within ``timeout`` (it is blocked in libvirt)."""
+        with self._cond:
+            target = self._rounds + 1
+            self._poked = True
+            self._cond.notify_all()
+            return self._cond.wait_for(lambda: self._rounds >= target and not self._raw
+                                       and not self._poked, timeout)
+
+    def health(self) -> dict:
+        """The watcher's state and counters, as ``vmpower.status`` reports them."""
+        blocked = self.blocked
+        stuck = blocked is not None and self._monotonic() - blocked[2] >= STUCK_AFTER
+        return {"uri": self.uri, "connected": self.connected, "state": self.state,
+                "state_since": self.state_since, "stuck": stuck,
+                "blocked_in": blocked[0] if blocked else None,
+                "blocked_since": blocked[1] if blocked else None,
+                "queue_depth": self.queue_depth, "queue_size": self.settings.queue_size,
+                "held": len(self._grace), "events_seen": self.events_seen, "dropped": self.dropped,
+                "coalesced": self.coalesced, "reconnects": self.reconnects,
+                "immediate": self._deliver is not None and self.settings.immediate,
+                "delivered_immediately": self.delivered_immediately,
+                "delivered_by_tick": self.delivered_by_tick,
+                "last_resync": self.last_resync, "failed_attempts": self._failures,
+                "failures": self.failures.counts(), "last_error": self.last_error}
+
+    # The thread.
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                if not self._poked:
+                    self._cond.wait(self._wait_time())
+                self._poked = False
+                raw, self._raw = self._raw, collections.deque()
+                lost, self._unreported_drops = self._unreported_drops, 0
+                wanted, retired = self._wanted, self._retired
+                close, self._close_requested = self._close_requested, False
+                pending, self._pending_settings = self._pending_settings, None
+                master_back, self._master_reconnected = self._master_reconnected, False
+            try:
+                if retired:
+                    self._disconnect()
+                    self._set_state("retired")
+                    return
+                if pending is not None:
+                    self._apply(*pending)
+                self._step(raw, lost, wanted, close, master_back)
+            except Exception as exc:  # pylint: disable=broad-except
+                # The thread must outlive anything; a bug here is counted and shown, once.
+                self.failures.note("watcher", "the event watcher of %s failed: %s", self.uri, exc)
+                log.debug("vmpower: watcher failure", exc_info=True)
+            self._flush()
+            with self._cond:
+                self._rounds += 1
+                self._cond.notify_all()
+
+    def _wait_time(self) -> float:
+        now = self._monotonic()
+        dues = [due for due in (self._grace.next_due(), self._burst.next_due()) if due is not None]
+        if self.state == "backoff":
+            dues.append(self._next_attempt)
+        elif self.state == "connected":
+            dues.append(self._next_check)
+        return max(0.0, min([now + CHECK_EVERY * 5, *dues]) - now)
+
+    def _step(self, raw: Deque[RawEvent], lost: int, wanted: bool, close: bool,
+              master_back: bool) -> None:
+        # A close is carried out even when the beacon ran again since: the gap was real.
+        if close and (self._conn is not None or self.state != "closed"):
+            self._disconnect()
+            self._resync_reason = "restarted"
+            self._next_attempt = 0.0
+            self._set_state("closed")
+        if wanted:
+            self._check_connection()
+        self.queue_depth = len(raw)
+        if lost:
+            self._resync("overflow", lost)
+        for item in raw:
+            self._translate(item)
+        self._release_due(self._monotonic())
+        if master_back and wanted:
+            self._resync("master_reconnected", 0)
+
+    def _apply(self, settings: BeaconSettings, stop_grace: float) -> None:
+        keepalive_changed = (settings.keepalive_interval, settings.keepalive_count) != (
+            self.settings.keepalive_interval, self.settings.keepalive_count)
+        with self._cond:
+            self.settings = settings
+            while len(self._raw) > settings.queue_size:  # a smaller queue: drop as on overflow
+                self._raw.popleft()
+                self.dropped += 1
+                self._unreported_drops += 1
+        self._trim_outbox()
+        self._grace.change(settings.grace(stop_grace))
+        self._burst.limit = settings.burst_limit
+        if keepalive_changed and self._conn is not None:
+            self._keep_alive(self._conn)
+
+    def _set_state(self, state: str) -> None:
+        if state != self.state:
+            self.state, self.state_since = state, self._clock()
+
+    # The connection.
+    def _check_connection(self) -> None:
+        now = self._monotonic()
+        if self._conn is not None:
+            if self._lost is None and now < self._next_check:
+                return
+            self._next_check = now + CHECK_EVERY
+            problem = self._problem()
+            if problem is None:
+                return
+            log.warning("vmpower: lost the libvirt connection to %s (%s); reconnecting", self.uri, problem)
+            self.last_error = problem
+            self._disconnect()
+            self._resync_reason = "reconnected"
+            self._next_attempt = 0.0  # at once: back-off is only between failed attempts
+        if now < self._next_attempt:
+            return
+        self._set_state("connecting")
+        try:
+            self._connect()
+        except libvirt.libvirtError as exc:
+            self._failed(exc)
+            return
+        if self._failures:
+            log.info("vmpower: connected to libvirt at %s after %d failed attempt(s)",
+                     self.uri, self._failures)
+            self.failures.forget("connect")
+        self._failures = 0
+        self.last_error = None
+        self.generation += 1
+        self._next_check = self._monotonic() + CHECK_EVERY
+        self._set_state("connected")
+        if self._resync_reason == "reconnected":
+            self.reconnects += 1
+        self._resync(self._resync_reason, 0)
+
+    def _problem(self) -> Optional[str]:
+        """Why the connection is unusable, or None; isAlive() is local, not a round trip."""
+        if self._lost is not None:
+            return _close_reason(self._lost)
+        try:
+            alive = self._conn.isAlive()
+        except libvirt.libvirtError as exc:
+            return str(exc)
+        return None if alive else "the connection is no longer alive"
+
+    def _blocking(self, what: str, call: Callable, *args):
+        """Run one libvirt call that may not return for a long time, saying so meanwhile."""
+        self.blocked = (what, self._clock(), self._monotonic())
+        try:
+            return call(*args)
+        finally:
+            self.blocked = None
+
+    def _connect(self) -> None:
+        native.ensure_running()  # the event implementation must exist before the connection
+        # Read-only: the beacon only listens; a forged event can never make it change anything.
+        conn = self._blocking("connect", libvirt.openReadOnly, self.uri)
+        self._conn, self._callback_ids, self._lost = conn, [], None
+        try:
+            for event_id, callback in ((libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self.lifecycle_callback),
+                                       (libvirt.VIR_DOMAIN_EVENT_ID_REBOOT, self.reboot_callback)):
+                self._callback_ids.append(self._blocking(
+                    "register", conn.domainEventRegisterAny, None, event_id, callback, None))
+        except libvirt.libvirtError:
+            self._disconnect()
+            raise
+        try:
+            conn.registerCloseCallback(self.close_callback, None)
+        except libvirt.libvirtError as exc:  # a driver without a peer to lose
+            log.debug("vmpower: %s has no close callback: %s", self.uri, exc)
+        self._keep_alive(conn)
+
+    def _keep_alive(self, conn) -> None:
+        try:
+            self._blocking("keepalive", conn.setKeepAlive, self.settings.keepalive_interval,
+                           self.settings.keepalive_count)
+        except libvirt.libvirtError as exc:  # drivers inside the client (test:///) have no peer to ping
+            log.debug("vmpower: %s has no keepalive: %s", self.uri, exc)
+
+    def _disconnect(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is None:
+            return
+        for callback_id in self._callback_ids:
+            self._quietly("deregister", conn.domainEventDeregisterAny, callback_id)
+        self._callback_ids = []
+        self._quietly("unregister", conn.unregisterCloseCallback)
+        self._quietly("close", conn.close)
+
+    def _quietly(self, what: str, call: Callable, *args) -> None:
+        """One step of tearing down a connection that may be dead already."""
+        try:
+            self._blocking(what, call, *args)
+        except libvirt.libvirtError as exc:
+            log.debug("vmpower: %s failed: %s", what, exc)
+
+    def _failed(self, exc: Exception) -> None:
+        self._failures += 1
+        delay = min(RECONNECT_FIRST * 2 ** min(self._failures - 1, 16), RECONNECT_MAX)
+        self._next_attempt = self._monotonic() + delay
+        self.last_error = f"cannot connect: {exc}"
+        self._set_state("backoff")
+        # libvirtd not up yet, or a wrong URI: one warning per outage, not an error storm.
+        self.failures.note("connect", "cannot connect to libvirt at %s: %s; retrying with back-off "
+                           "(up to %gs)", self.uri, exc, RECONNECT_MAX)
+
+    # The events.
+    def _translate(self, item: RawEvent) -> None:
+        timestamp, at, uuid, name, event, detail = item
+        translation = (translate_reboot() if event is REBOOT
+                       else self._translator.lifecycle(uuid, event, detail))
+        if translation.transition is None:
+            self._release_due(at)
+            return  # DEFINED, UNDEFINED, SHUTDOWN: no power change of their own
+        if not self._burst.admit(at):
+            if self._burst.swallowed == 1:  # the burst begins: its resync covers the held stops too
+                dropped = self._grace.drop()
+                self._burst.swallowed += len(dropped)
+            return
+        lifecycle = LifecycleEvent(timestamp, uuid, name, translation.transition, translation.reason,
+                                   translation.libvirt_event, translation.libvirt_detail)
+        for ready in self._grace.offer(uuid, translation.transition, lifecycle, at):
+            self._emit(lifecycle_data(ready, next(_sequence), self.uri))
+
+    def _release_due(self, now: float) -> None:
+        for ready in self._grace.due(now):
+            self._emit(lifecycle_data(ready, next(_sequence), self.uri))
+        swallowed = self._burst.due(now)
+        if swallowed is not None:
+            self.coalesced += swallowed
+            self._resync("burst", swallowed)
+
+    def _resync(self, reason: str, lost: int) -> None:
+        self.last_resync = {"reason": reason, "lost": lost, "at": self._clock()}
+        self._emit(resync_data(reason, lost))
+
+    def _emit(self, data: dict) -> None:
+        self._pending.append(data)
+
+    def _flush(self) -> None:
+        """Deliver what is pending: at once if possible, else through the next tick."""
+        if not self._pending:
+            return
+        pending, self._pending = self._pending, []
+        deliver = self._deliver if self.settings.immediate else None
+        with self._cond:
+            queued = bool(self._outbox)
+        # While older events wait for the tick, newer ones wait behind them: order is kept.
+        if deliver is not None and not queued:
+            try:
+                sent = deliver(pending)
+            except Exception as exc:  # pylint: disable=broad-except
+                self.failures.note("deliver", "cannot fire events on the minion's bus: %s; "
+                                   "they go through the beacon's tick", exc)
+                sent = False
+            if sent:
+                self.delivered_immediately += sum(1 for item in pending if item["tag"] != "resync")
+                return
+            self.failures.note("deliver", "the minion's bus did not take %d event(s); they go "
+                               "through the beacon's tick", len(pending))
+        # Waiting for the tick, every overflow so far is one resync at the head of the outbox.
+        lost = sum(item["lost"] for item in pending if _is_overflow(item))
+        with self._cond:
+            self._outbox.extend(item for item in pending if not _is_overflow(item))
+        self._trim_outbox(lost)
+
+    def _trim_outbox(self, lost: int = 0) -> None:
+        """beacon() has not run for a long while: keep the newest ``queue_size`` events, and
+        one ``overflow`` resync at the head that counts the others (and ``lost`` more)."""
+        with self._cond:
+            head = self._outbox[0] if self._outbox and _is_overflow(self._outbox[0]) else None
+            body = self._outbox[1:] if head else self._outbox
+            excess = max(0, len(body) - self.settings.queue_size)
+            if excess + lost == 0:
+                return
+            del body[:excess]
+            self.dropped += excess
+            lost += excess + (head["lost"] if head else 0)
+            self._outbox = [resync_data("overflow", lost), *body]
+        self.last_resync = {"reason": "overflow", "lost": lost, "at": self._clock()}
+
+
+def _is_overflow(item: dict) -> bool:
+    return item["tag"] == "resync" and item["reason"] == "overflow"
