@@ -23,7 +23,8 @@ BIN = Path(sys.executable).parent
 SALT_DIRECTORIES = ("_modules", "_beacons", "_states", "_utils", "_reactor")
 # The reactor as the README tells operators to configure it.
 REACTOR = [{"salt/beacon/*/vmpower/lifecycle/*": ["salt://_reactor/lifecycle.sls"]},
-           {"salt/beacon/*/vmpower/resync": ["salt://_reactor/resync.sls"]}]
+           {"salt/beacon/*/vmpower/resync": ["salt://_reactor/resync.sls"]},
+           {"salt/minion/*/start": ["salt://_reactor/start.sls"]}]
 
 
 class SaltLab:

@@ -34,6 +34,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 REACTOR = [
     {"salt/beacon/*/vmpower/lifecycle/*": ["salt://_reactor/lifecycle.sls"]},
     {"salt/beacon/*/vmpower/resync": ["salt://_reactor/resync.sls"]},
+    {"salt/minion/*/start": ["salt://_reactor/start.sls"]},
 ]
 
 DEFAULT_URI = "qemu:///system"
