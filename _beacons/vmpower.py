@@ -1,8 +1,10 @@
 """
-Fire libvirt's lifecycle events onto the Salt bus within about a second.
+Fire libvirt's lifecycle events onto the Salt bus as they happen.
 
 The beacon runs libvirt's event loop in the minion (one thread per process, whatever Salt does
-to the beacon) and fires, for every power change of every domain:
+to the beacon, and one thread per beacon for its connection: nothing that can block runs on
+the minion's loop) and fires, for every power change of every domain, through the minion's
+event bus as soon as libvirt calls back (``beacon()``'s tick is the fallback):
 
 - ``salt/beacon/<minion id>/vmpower/lifecycle/<transition>`` with ``uuid, name, transition,
   reason, libvirt: {event, detail}, timestamp, seq, uri``; ``transition`` is one of started,
@@ -11,7 +13,9 @@ to the beacon) and fires, for every power change of every domain:
 - ``salt/beacon/<minion id>/vmpower/resync`` with ``reason, lost`` after any gap in which events
   could have been missed: ``connected`` (first connection), ``reconnected`` (libvirtd came
   back), ``restarted`` (Salt closed and rebuilt the beacon), ``overflow`` (the queue dropped
-  ``lost`` events). The shipped reactor answers it with ``vmpower.sync``.
+  ``lost`` events), ``master_reconnected`` (the minion's link to its master came back),
+  ``burst`` (a storm of more than ``burst_limit`` events in a second: ``lost`` of them were
+  not fired one by one). The shipped reactor answers it with ``vmpower.sync``.
 
 Everything is optional:
 
@@ -20,11 +24,13 @@ Everything is optional:
     beacons:
       vmpower:
         - uri: qemu:///system     # libvirt URI
-        - stop_grace: 15          # seconds a STOPPED is held back (Nova hard-codes 15)
+        - stop_grace: 15          # seconds a STOPPED is held back (default: vmpower:stop_grace)
         - queue_size: 10000       # events kept between two beacon runs; the oldest go first
         - keepalive:              # libvirt keepalive: a ping every interval seconds,
             interval: 5           # the connection is dead after count unanswered pings
             count: 3
+        - immediate: true         # false: events only at the beacon's tick
+        - burst_limit: 40         # events per second before a storm becomes one resync
 
 The loop's health (connected, queue depth, events seen, dropped, reconnects, last resync) is
 reported by ``vmpower.status``. Whenever it (re)connects, the beacon also keeps a Salt scheduler
