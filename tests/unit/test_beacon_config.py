@@ -79,3 +79,13 @@ def test_bad_configuration_is_refused_naming_the_key(config, message):
     with pytest.raises(ConfigError) as caught:
         parse_beacon_config(config)
     assert message in str(caught.value)
+
+
+def test_without_a_stop_grace_of_its_own_the_beacon_uses_vmpowers():
+    from vmpower.eventloop.config import stop_grace_default
+
+    assert stop_grace_default(None) == DEFAULT_STOP_GRACE
+    assert stop_grace_default({"vmpower": {"stop_grace": 4}}) == 4.0
+    assert stop_grace_default({"vmpower": {"stop_grace": 4}, "pillar": {"vmpower": {"stop_grace": 7}}}) == 7.0
+    with pytest.raises(ConfigError, match="vmpower:stop_grace must be at least 0"):
+        stop_grace_default({"vmpower": {"stop_grace": -1}})

@@ -1,0 +1,58 @@
+"""The immediate path's shapes and the master link's bookkeeping (the real minion bus is in
+tests/daemons/test_event_path.py and test_master_away.py)."""
+
+from vmpower.eventloop import delivery
+from vmpower.eventloop.failures import Failures
+
+OPTS = {"id": "host1"}
+
+
+def test_events_look_exactly_like_the_beacons():
+    items = [{"tag": "lifecycle/stopped", "uuid": "u", "transition": "stopped"},
+             {"tag": "resync", "reason": "burst", "lost": 3}]
+    assert delivery.beacon_events(OPTS, "vmpower", items) == [
+        {"tag": "salt/beacon/host1/vmpower/lifecycle/stopped",
+         "data": {"uuid": "u", "transition": "stopped", "id": "host1"}},
+        {"tag": "salt/beacon/host1/vmpower/resync",
+         "data": {"reason": "burst", "lost": 3, "id": "host1"}}]
+    assert items[0]["tag"] == "lifecycle/stopped"  # the watcher's own data is left alone
+
+
+def test_a_masterless_minion_has_no_immediate_path():
+    assert delivery.masterless({"file_client": "local"})
+    assert delivery.masterless({"local": True})
+    assert not delivery.masterless({"file_client": "local", "use_master_when_local": True})
+    assert not delivery.masterless({"file_client": "remote"})
+
+
+def link():
+    backs = []
+    return delivery.MasterLink(OPTS, lambda: backs.append(1), Failures()), backs
+
+
+def test_the_master_coming_back_is_announced_once():
+    master, backs = link()
+    master._heard("__master_connected", 1.0)  # all is well: nothing to announce
+    master._announce(100.0)
+    assert backs == [] and master.connected is True
+    master._heard("__master_disconnected", 2.0)
+    master._heard("__master_disconnected", 4.0)  # status.master repeats it while away
+    master._announce(101.0)
+    assert backs == [] and master.connected is False and master.changed_at == 2.0
+    master._heard("__master_connected", 30.0)
+    master._announce(130.0)
+    master._announce(131.0)
+    assert backs == [1] and master.reconnections == 1
+
+
+def test_a_flapping_link_costs_one_resync_per_spacing():
+    master, backs = link()
+    now = 1000.0
+    for _ in range(10):  # down and up every second
+        master._heard("__master_disconnected", now)
+        master._heard("__master_connected", now + 0.5)
+        master._announce(now + 0.5)
+        now += 1
+    assert len(backs) == 1
+    master._announce(now + delivery.RESYNC_SPACING)  # the last return is announced, late
+    assert len(backs) == 2
