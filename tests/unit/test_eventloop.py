@@ -739,3 +739,13 @@ def test_a_watcher_whose_beacon_stopped_running_is_closed(tmp_path):
     wait_until(lambda: watcher.settle() and watcher.connected, "connected again")
     assert watcher.drain()[-1] == {"tag": "resync", "reason": "restarted", "lost": 0}
     watcher.retire()
+
+
+def test_a_bus_that_says_not_now_keeps_the_events_for_the_tick_without_a_failure(testdriver):
+    watcher = eventloop.Watcher(BeaconSettings(uri=TEST_URI, stop_grace=0), deliver=lambda items: None)
+    try:
+        wait_until(lambda: watcher.settle() and watcher.connected, "connected")
+        assert watcher.drain() == [{"tag": "resync", "reason": "connected", "lost": 0}]
+        assert watcher.health()["failures"] == {}
+    finally:
+        watcher.retire()

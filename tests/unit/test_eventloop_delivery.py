@@ -56,3 +56,18 @@ def test_a_flapping_link_costs_one_resync_per_spacing():
     assert len(backs) == 1
     master._announce(now + delivery.RESYNC_SPACING)  # the last return is announced, late
     assert len(backs) == 2
+
+
+def test_a_disabled_or_deleted_beacon_is_not_live():
+    live = {"beacons": {"vmpower": [{"uri": "qemu:///system"}]}}
+    assert delivery.beacon_live(live, "vmpower")
+    assert not delivery.beacon_live({"beacons": {"vmpower": [{"uri": "x"}, {"enabled": False}]}},
+                                    "vmpower")  # beacons.disable_beacon
+    assert not delivery.beacon_live({"beacons": {"enabled": False, "vmpower": []}}, "vmpower")
+    assert not delivery.beacon_live({"beacons": {}}, "vmpower")  # beacons.delete
+    assert delivery.beacon_live({"beacons": {}, "pillar": {"beacons": {"vmpower": []}}}, "vmpower")
+
+
+def test_the_bus_says_not_now_for_a_disabled_beacon():
+    bus = delivery.MinionBus({"id": "h", "beacons": {"vmpower": [{"enabled": False}]}}, "vmpower")
+    assert bus([{"tag": "resync", "reason": "connected", "lost": 0}]) is None

@@ -84,6 +84,8 @@ class EventLoop:
               stop_grace: float = DEFAULT_STOP_GRACE) -> List[dict]:
         """What the beacon fires now (only what the immediate path could not deliver)."""
         watcher = self.watcher(settings, stop_grace, opts)
+        if opts is not None and isinstance(watcher.deliver, MinionBus):
+            watcher.deliver.opts = opts  # a beacons or pillar refresh gives the beacon new opts
         loop_interval = float((opts or {}).get("loop_interval") or 1)
         self._ticks[settings.name] = max(loop_interval, settings.interval)
         self._status_path = status_path

@@ -47,20 +47,42 @@ def beacon_events(opts: Mapping, beacon_name: str, items: List[dict]) -> List[di
     return out
 
 
+def beacon_live(opts: Mapping, name: str) -> bool:
+    """False once Salt was told to stop running the beacon ``name`` (``beacons.disable``,
+    ``beacons.disable_beacon``, ``beacons.delete``): Salt changes the minion's ``beacons``
+    setting in place, and the loader's ``__opts__`` shares it. A beacon configured in pillar
+    is not in that setting at all; for it (and for a pillar that no longer names it) the
+    idle check is what notices."""
+    beacons = opts.get("beacons")
+    if not isinstance(beacons, Mapping):
+        return True
+    if beacons.get("enabled") is False:
+        return False
+    config = beacons.get(name)
+    if config is None:
+        pillar = (opts.get("pillar") or {}).get("beacons") or {}
+        return name in pillar  # neither in config nor in pillar: deleted
+    items = config if isinstance(config, (list, tuple)) else [config]
+    return not any(isinstance(item, Mapping) and item.get("enabled") is False for item in items)
+
+
 class MinionBus:
     """Fires one beacon's events at the master through the minion's bus (one per thread)."""
 
     def __init__(self, opts: Mapping, beacon_name: str):
-        self._opts = opts
+        self.opts = opts  # the beacon's latest __opts__ (EventLoop.drain keeps it current)
         self._beacon_name = beacon_name
         self._event = None
 
-    def __call__(self, items: List[dict]) -> bool:
+    def __call__(self, items: List[dict]) -> Optional[bool]:
+        """True: fired; False: the bus refused; None: not now (the beacon is disabled)."""
         import salt.utils.event
 
+        if not beacon_live(self.opts, self._beacon_name):
+            return None  # Salt no longer runs the beacon: its events wait for its next run
         if self._event is None:
-            self._event = salt.utils.event.get_event("minion", opts=dict(self._opts), listen=False)
-        events = beacon_events(self._opts, self._beacon_name, items)
+            self._event = salt.utils.event.get_event("minion", opts=dict(self.opts), listen=False)
+        events = beacon_events(self.opts, self._beacon_name, items)
         sent = self._event.fire_event({"data": None, "tag": None, "events": events, "pretag": None},
                                       "fire_master")
         if not sent:

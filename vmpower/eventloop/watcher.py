@@ -49,7 +49,7 @@ STUCK_AFTER = 10.0  # a blocking libvirt call running this long means libvirtd i
 REBOOT = None
 
 RawEvent = Tuple[float, float, str, str, Optional[int], int]  # (time, monotonic, uuid, name, event, detail)
-Deliver = Callable[[List[dict]], bool]
+Deliver = Callable[[List[dict]], Optional[bool]]  # True sent, False refused, None not now
 
 # seq of the published lifecycle events: increasing across every watcher of the process.
 _sequence = itertools.count(1)
@@ -231,8 +231,9 @@ class Watcher:
             self._poked = True
             self._cond.notify()
 
-    def set_delivery(self, deliver: Optional[Deliver]) -> None:
-        self._deliver = deliver
+    @property
+    def deliver(self) -> Optional[Deliver]:
+        return self._deliver
 
     def master_reconnected(self) -> None:
         """The minion's link to its master came back: Salt dropped what was fired meanwhile."""
@@ -503,8 +504,11 @@ class Watcher:
             if sent:
                 self.delivered_immediately += sum(1 for item in pending if item["tag"] != "resync")
                 return
-            self.failures.note("deliver", "the minion's bus did not take %d event(s); they go "
-                               "through the beacon's tick", len(pending))
+            if sent is None:
+                pass  # not now (Salt does not run the beacon): they wait for its next run
+            else:
+                self.failures.note("deliver", "the minion's bus did not take %d event(s); they "
+                                   "go through the beacon's tick", len(pending))
         # Waiting for the tick, every overflow so far is one resync at the head of the outbox.
         lost = sum(item["lost"] for item in pending if _is_overflow(item))
         with self._cond:
