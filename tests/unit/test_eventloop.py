@@ -749,3 +749,20 @@ def test_a_bus_that_says_not_now_keeps_the_events_for_the_tick_without_a_failure
         assert watcher.health()["failures"] == {}
     finally:
         watcher.retire()
+
+
+def test_a_watcher_whose_beacon_salt_disabled_is_closed_at_once(tmp_path):
+    loop = eventloop.EventLoop()
+    path = str(tmp_path / "eventloop.json")
+    settings = BeaconSettings(name="vmpower_disabled", uri=TEST_URI)
+    opts = {"id": "h", "file_client": "local", "loop_interval": 3600,
+            "beacons": {"vmpower_disabled": [{"uri": TEST_URI}]}}
+    loop.drain(settings, path, opts)
+    watcher = loop.watcher(settings)
+    wait_until(lambda: watcher.settle() and watcher.connected, "connected")
+    loop.close_idle()
+    assert watcher.settle() and watcher.connected  # a tick of an hour has not passed
+    opts["beacons"]["vmpower_disabled"].append({"enabled": False})  # beacons.disable_beacon
+    loop.close_idle()
+    assert watcher.settle() and watcher.state == "closed"
+    watcher.retire()

@@ -32,7 +32,7 @@ from typing import Dict, List, Mapping, Optional
 
 from vmpower.core.settings import DEFAULT_STOP_GRACE, BeaconSettings
 from vmpower.eventloop import native
-from vmpower.eventloop.delivery import MasterLink, MinionBus, masterless
+from vmpower.eventloop.delivery import MasterLink, MinionBus, beacon_live, masterless
 from vmpower.eventloop.failures import Failures
 from vmpower.eventloop.native import HAS_LIBVIRT, THREAD_NAME, ensure_running  # noqa: F401
 from vmpower.eventloop.status import read_status, write_json
@@ -52,6 +52,7 @@ class EventLoop:
         self._lock = threading.Lock()
         self._watchers: Dict[str, Watcher] = {}
         self._ticks: Dict[str, float] = {}  # beacon name -> seconds between two of its runs
+        self._opts_by_name: Dict[str, Mapping] = {}  # beacon name -> its latest __opts__
         self._status_path: Optional[str] = None
         self._opts: Optional[Mapping] = None
         self._supervisor: Optional[threading.Thread] = None
@@ -75,7 +76,7 @@ class EventLoop:
             return current
 
     def _delivery(self, settings: BeaconSettings, opts: Optional[Mapping]):
-        if opts is None or masterless(opts) or "id" not in opts:
+        if opts is None or masterless(opts) or "id" not in opts or "sock_dir" not in opts:
             return None  # no master to deliver to: the tick is the only path (tests, salt-call --local)
         self._ensure_master_link(opts)
         return MinionBus(opts, settings.name)
@@ -84,8 +85,10 @@ class EventLoop:
               stop_grace: float = DEFAULT_STOP_GRACE) -> List[dict]:
         """What the beacon fires now (only what the immediate path could not deliver)."""
         watcher = self.watcher(settings, stop_grace, opts)
-        if opts is not None and isinstance(watcher.deliver, MinionBus):
-            watcher.deliver.opts = opts  # a beacons or pillar refresh gives the beacon new opts
+        if opts is not None:
+            self._opts_by_name[settings.name] = opts
+            if isinstance(watcher.deliver, MinionBus):
+                watcher.deliver.opts = opts  # a beacons or pillar refresh gives the beacon new opts
         loop_interval = float((opts or {}).get("loop_interval") or 1)
         self._ticks[settings.name] = max(loop_interval, settings.interval)
         self._status_path = status_path
@@ -131,8 +134,13 @@ class EventLoop:
         or disabled): a beacon runs every tick, so one missed tick and some slack says so."""
         now = self._monotonic()
         for name, watcher in list(self._watchers.items()):
+            if watcher.state == "closed":
+                continue
             tick = self._ticks.get(name, 1.0)
-            if watcher.state != "closed" and now - watcher.last_drain > tick + max(tick, MIN_IDLE_SLACK):
+            opts = self._opts_by_name.get(name)
+            # Disabled or deleted through Salt: seen at once in the minion's own settings.
+            gone = opts is not None and not beacon_live(opts, name)
+            if gone or now - watcher.last_drain > tick + max(tick, MIN_IDLE_SLACK):
                 log.info("vmpower: the beacon %s no longer runs; closing its libvirt connection", name)
                 watcher.close()
 
