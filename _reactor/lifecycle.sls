@@ -22,4 +22,5 @@ vmpower reconcile {{ data.get('uuid', '') | string | yaml_encode }}:
     - kwarg:
         uuid: {{ data.get('uuid', '') | string | yaml_dquote }}
         transition: {{ data.get('transition', '') | string | yaml_dquote }}
+        reason: {{ data.get('reason', '') | string | yaml_dquote }}
 {%- endif %}
