@@ -29,7 +29,8 @@ from vmpower.core.settings import BeaconSettings
 
 from .conftest import TEST_URI
 
-WAIT = 10.0  # seconds; test-driver events arrive in well under a millisecond
+WAIT = 30.0  # seconds; test-driver events arrive in well under a millisecond, but a loaded
+# machine (other suites on the same cores) has stalled libvirt's loop for seconds
 NO_DAEMON_URI = "qemu+unix:///system?socket=/nonexistent/libvirt-sock"
 _names = itertools.count()
 
@@ -73,7 +74,7 @@ class Collector:
         self.fired = []
 
     def drain(self):
-        assert self.watcher.settle(), "the watcher's thread did not settle"
+        assert self.watcher.settle(WAIT), "the watcher's thread did not settle"
         new = self.watcher.drain()
         self.fired.extend(new)
         return new
@@ -121,6 +122,9 @@ class SaltBeacons:
         self.functions = minion.functions
         self.name = f"vmpower_test{next(_names)}"
         self.opts["beacons"] = {self.name: [{"beacon_module": "vmpower"}, *config]}
+        # The beacon's tick, as the watcher's idle check sees it: long, so that a stalled test
+        # machine never has the watcher closed between two process() calls.
+        self.opts["loop_interval"] = 30
         self.prefix = f"salt/beacon/{self.opts['id']}/{self.name}/"
         self.rebuild()
 
@@ -135,7 +139,7 @@ class SaltBeacons:
     def settle(self):
         watcher = eventloop.event_loop()._watchers.get(self.name)
         if watcher is not None:
-            assert watcher.settle(), "the watcher's thread did not settle"
+            assert watcher.settle(WAIT), "the watcher's thread did not settle"
 
     def process(self):
         """One beacon run (once the watcher's thread has handled what was queued); returns

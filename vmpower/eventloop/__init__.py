@@ -140,8 +140,11 @@ class EventLoop:
             opts = self._opts_by_name.get(name)
             # Disabled or deleted through Salt: seen at once in the minion's own settings.
             gone = opts is not None and not beacon_live(opts, name)
-            if gone or now - watcher.last_drain > tick + max(tick, MIN_IDLE_SLACK):
-                log.info("vmpower: the beacon %s no longer runs; closing its libvirt connection", name)
+            idle = now - watcher.last_drain
+            if gone or idle > tick + max(tick, MIN_IDLE_SLACK):
+                log.info("vmpower: the beacon %s no longer runs (%s); closing its libvirt "
+                         "connection", name, "disabled or deleted" if gone else
+                         f"not run for {idle:.1f} s, every {tick:g} s before")
                 watcher.close()
 
     # Health.

@@ -241,7 +241,7 @@ class Watcher:
             self._master_reconnected = self._poked = True
             self._cond.notify()
 
-    def settle(self, timeout: float = 10.0) -> bool:
+    def settle(self, timeout: float = 30.0) -> bool:
         """Wait until the thread has handled everything queued so far (tests, benchmarks);
         False if it did not within ``timeout`` (it is blocked in libvirt)."""
         with self._cond:
