@@ -19,6 +19,7 @@ from .helpers import (
     DEFAULT_URI,
     beacon_config,
     salt_call,
+    salt_cmd,
     vm_record,
     wait_for_event,
     wait_for_job_return,
@@ -71,3 +72,17 @@ def test_a_guest_that_stops_while_the_master_is_away_is_recorded_once_it_is_back
         assert record["power_state"] == "shutdown"
         status = salt_call(minion, "vmpower.status")["event_loop"]
         assert status["master"]["reconnections"] >= 1 and status["master"]["connected"] is True
+        everyone_answers(salt_master)
+
+
+def everyone_answers(salt_master):
+    """The session's other minions noticed nothing (no master_alive_interval): wait until each
+    answers the restarted master again, so that later tests find them as they were."""
+    keys = salt_master.salt_key_cli().run("-L", "--out=json").data or {}
+    expected = set(keys.get("minions", []))
+
+    def answered():
+        returns = salt_cmd(salt_master, "*", "test.ping", check=False, cli_timeout=10)
+        return expected <= {mid for mid, ret in returns.items() if ret is True}
+    wait_until(answered, 180, f"every minion ({sorted(expected)}) to answer the master again",
+               interval=2)
