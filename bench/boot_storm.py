@@ -1,4 +1,4 @@
-"""Part 5: a boot storm, and what it costs the master in jobs.
+"""Part 6: a boot storm, and what it costs the master in jobs.
 
 A host boots 200 domains at once (libvirt's test driver, in this process: the watcher, its
 thread, the translation and the storm guard are the real ones). Every lifecycle event the
@@ -15,7 +15,7 @@ from pathlib import Path
 
 from bench import harness
 
-PART = 5
+PART = 6
 TITLE = "Boot storm"
 DOMAINS = 200
 SMOKE_DOMAINS = 60
