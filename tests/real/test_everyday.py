@@ -317,3 +317,46 @@ def test_crash_loop_of_a_vm_pinned_active_honours_its_back_offs(load_minion, lib
     report = vmpower["vmpower.sync"]()
     assert about(report, guest.uuid)["actions"] == [], report
     assert read_record(store, guest.uuid)["restart_count"] == limit
+
+
+# ---------------------------------------------------------------------------------------------
+def test_host_shutdown_of_every_guest_then_all_started_powers_none_off(load_minion, libvirt_daemon,
+                                                                         make_guest, store):
+    """The host shuts every guest down (SIGTERM to each QEMU, as a host's shutdown does: libvirt
+    reports SHUTDOWN "on host request" and the beacon's ``stopped`` says ``host_shutdown``),
+    each event is reconciled with that reason (as the reactor passes it), a sync follows;
+    then every guest is started again, as libvirt-guests or autostart does at boot. Under the
+    default ``on_host_shutdown: ignore`` none is recorded stopped and none is powered off."""
+    guests = [make_guest("acpi", f"-{number}") for number in range(3)]
+    vmpower = load_minion(URI, store=store, stop_grace=0).functions
+    for _, dom in guests:
+        lab.wait_guest_ready(dom)
+    vmpower["vmpower.sync"]()
+    audit = {guest.uuid: len(vmpower["vmpower.history"](guest.uuid)) for guest, _ in guests}
+
+    for guest, _ in guests:
+        os.kill(lab.qemu_pid(guest.name), signal.SIGTERM)
+    for guest, dom in guests:
+        assert lab.wait_for_state(dom, SHUTOFF) == libvirt.VIR_DOMAIN_SHUTOFF_SHUTDOWN
+        ret = vmpower["vmpower.reconcile"](guest.uuid, "stopped", reason="host_shutdown")
+        assert ret["action"] == "none", ret
+        assert "on_host_shutdown=ignore" in ret["reason"], ret
+    down = vmpower["vmpower.sync"]()
+    for guest, _ in guests:
+        assert about(down, guest.uuid)["actions"] == [], down
+        record = read_record(store, guest.uuid)
+        assert (record["vm_state"], record["power_state"]) == ("active", "shutdown"), record
+
+    for _, dom in guests:
+        dom.create()  # libvirt-guests / autostart at boot
+    for guest, _ in guests:
+        assert vmpower["vmpower.reconcile"](guest.uuid, "started")["action"] == "none"
+    up = vmpower["vmpower.sync"]()
+    for guest, dom in guests:
+        assert about(up, guest.uuid)["actions"] == [], up
+        assert dom.state()[0] == RUNNING, guest.name
+        record = read_record(store, guest.uuid)
+        assert (record["vm_state"], record["power_state"]) == ("active", "running"), record
+        entries = vmpower["vmpower.history"](guest.uuid)[audit[guest.uuid]:]
+        assert acting(entries) == [], entries
+        assert [e for e in entries if e["new"].get("vm_state")] == [], entries
