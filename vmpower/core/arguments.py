@@ -7,7 +7,7 @@ Salt passes CLI arguments through YAML, so ``force=yes`` arrives as True and ``t
 from __future__ import annotations
 
 import math
-from typing import Any, Optional
+from typing import Any
 
 from vmpower.core.model import Transition, VmState, parse_enum
 from vmpower.core.settings import ConfigError, normalize_uuid
@@ -24,7 +24,7 @@ def uuid(value: Any) -> str:
     return normalize_uuid(value)
 
 
-def seconds(value: Any, what: str) -> Optional[float]:
+def seconds(value: Any, what: str) -> float | None:
     """A non-negative number of seconds, or None for the default."""
     if value is None:
         return None
@@ -40,7 +40,7 @@ def flag(value: Any, what: str) -> bool:
     return value
 
 
-def count(value: Any, what: str) -> Optional[int]:
+def count(value: Any, what: str) -> int | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -48,7 +48,7 @@ def count(value: Any, what: str) -> Optional[int]:
     return value
 
 
-def transition(value: Any) -> Optional[Transition]:
+def transition(value: Any) -> Transition | None:
     if value is None or value == "":
         return None
     try:
@@ -57,7 +57,7 @@ def transition(value: Any) -> Optional[Transition]:
         raise ConfigError(str(exc)) from None
 
 
-def vm_state(value: Any) -> Optional[VmState]:
+def vm_state(value: Any) -> VmState | None:
     if value is None or value == "":
         return None
     try:

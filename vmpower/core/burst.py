@@ -13,7 +13,6 @@ unbounded. Pure: the monotonic clock is passed in.
 from __future__ import annotations
 
 import collections
-from typing import Deque, Optional
 
 WINDOW = 1.0  # seconds over which events are counted
 QUIET = 1.0  # seconds without an event that end a burst
@@ -32,8 +31,8 @@ class BurstGuard:
         self.limit = limit
         self.quiet = quiet
         self.longest = longest
-        self._recent: Deque[float] = collections.deque()
-        self._started: Optional[float] = None  # while in a burst: when it began
+        self._recent: collections.deque[float] = collections.deque()
+        self._started: float | None = None  # while in a burst: when it began
         self._last = 0.0
         self.swallowed = 0  # events of the current burst
         self.bursts = 0  # bursts so far
@@ -60,7 +59,7 @@ class BurstGuard:
         self.bursts += 1
         return False
 
-    def due(self, now: float) -> Optional[int]:
+    def due(self, now: float) -> int | None:
         """If the burst is over by ``now``: how many events it swallowed (its resync is due)."""
         if self._started is None:
             return None
@@ -71,7 +70,7 @@ class BurstGuard:
         self._recent.clear()
         return swallowed
 
-    def next_due(self) -> Optional[float]:
+    def next_due(self) -> float | None:
         """When the current burst's resync falls due if nothing else arrives, or None."""
         if self._started is None:
             return None

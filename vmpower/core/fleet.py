@@ -25,7 +25,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 from vmpower.core.model import Transition
 from vmpower.core.settings import UUID_RE, ConfigError
@@ -82,7 +83,7 @@ def _text(data: Mapping, key: str, what: str, required: bool = True) -> str:
     return value
 
 
-def _sender(tag_minion: str, data: Mapping) -> Tuple[str, bool, Mapping, bool]:
+def _sender(tag_minion: str, data: Mapping) -> tuple[str, bool, Mapping, bool]:
     """``(minion, authenticated, payload, forged)`` of a beacon-tag event in either shape."""
     inner = data.get("data")
     if data.get("cmd") == "_minion_event" and isinstance(inner, Mapping) and isinstance(data.get("id"), str):
@@ -93,7 +94,7 @@ def _sender(tag_minion: str, data: Mapping) -> Tuple[str, bool, Mapping, bool]:
     return tag_minion, False, data, claimed != tag_minion
 
 
-def classify(tag: Any, data: Any, received_at: float) -> Optional[FleetEvent]:
+def classify(tag: Any, data: Any, received_at: float) -> FleetEvent | None:
     """The fleet store's entry for one bus event; None if it is not vmpower's.
 
     Raises Malformed for a vmpower tag whose data is unusable (the returner skips and counts it).
@@ -197,7 +198,7 @@ def job_return(tag: str, minion: str, data: Mapping, received_at: float) -> Flee
     return FleetEvent(received_at, minion, JOB, tag, True, reason=fun, data=kept)
 
 
-def sync_summary(ret: Any) -> Dict[str, Any]:
+def sync_summary(ret: Any) -> dict[str, Any]:
     """What the fleet keeps of a sync's return: counts, how long it took, and its actions
     (each with its reason), never the whole listing of skipped VMs."""
     if not isinstance(ret, Mapping):
@@ -270,7 +271,7 @@ def stuck(task_state: str, updated_at: float, now: float, stuck_after: float) ->
 class Filters:
     """What a report is narrowed to; empty means everything."""
 
-    hosts: Tuple[str, ...] = ()
+    hosts: tuple[str, ...] = ()
     state: str = ""
     disagreement: bool = False
     error: bool = False
@@ -290,7 +291,7 @@ def parse_filters(
 ) -> Filters:
     """The report's filters from the command line, each checked, with a message naming it."""
     if host in (None, ""):
-        hosts: Tuple[str, ...] = ()
+        hosts: tuple[str, ...] = ()
     elif isinstance(host, str):
         hosts = tuple(h.strip() for h in host.split(",") if h.strip())
     elif isinstance(host, (list, tuple)) and all(isinstance(h, str) for h in host):
@@ -310,11 +311,11 @@ def parse_filters(
 
 def vm_row(
     record: Mapping,
-    last_change: Optional[Mapping],
-    last_event: Optional[Mapping],
+    last_change: Mapping | None,
+    last_event: Mapping | None,
     now: float,
     stuck_after: float,
-) -> Dict[str, Any]:
+) -> dict[str, Any]:
     """One VM of the report: the record, the last change and why, what is wrong with it."""
     return row_of(
         tuple(record.get(key) for key in RECORD_FIELDS), last_change, last_event, now, stuck_after
@@ -322,14 +323,14 @@ def vm_row(
 
 
 RECORD_FIELDS = ("uuid", "name", "host", "vm_state", "power_state", "task_state", "updated_at")
-_DISAGREEMENTS: Dict[Tuple[Any, Any], str] = {}  # a handful of state pairs, decided once each
+_DISAGREEMENTS: dict[tuple[Any, Any], str] = {}  # a handful of state pairs, decided once each
 _NONE: Mapping = {}
 
 
 def row_of(
-    record: Sequence, last_change: Optional[Mapping], last_event: Optional[Mapping], now: float,
+    record: Sequence, last_change: Mapping | None, last_event: Mapping | None, now: float,
     stuck_after: float,
-) -> Dict[str, Any]:
+) -> dict[str, Any]:
     """``vm_row`` of a record given as a tuple in ``RECORD_FIELDS`` order: a report of the
     whole fleet builds 50,000 of them, so the work per row is kept to the least."""
     uuid, name, host, vm_state, power_state, task_state, updated_at = record
@@ -356,14 +357,12 @@ def keep(row: Mapping, filters: Filters) -> bool:
         return False
     if filters.error and not row["error"]:
         return False
-    if filters.stuck and not row["stuck"]:
-        return False
-    return True
+    return not (filters.stuck and not row["stuck"])
 
 
 def host_row(
     minion: str, seen: Mapping, records: int, now: float, sync_interval: float, sync_known: bool = True
-) -> Dict[str, Any]:
+) -> dict[str, Any]:
     """One host of the report: when it last synced, whether that is too long ago
     (2 x ``sync_interval``), and whether its event loop is connected, as far as anyone knows.
 
@@ -403,9 +402,9 @@ def host_row(
     return row
 
 
-def summary(rows: Iterable[Mapping], hosts: Sequence[Mapping]) -> Dict[str, Any]:
+def summary(rows: Iterable[Mapping], hosts: Sequence[Mapping]) -> dict[str, Any]:
     """Counts for the top of a report."""
-    pairs: Dict[Tuple[Any, Any], int] = {}
+    pairs: dict[tuple[Any, Any], int] = {}
     total = disagreeing = errors = stuck_ = 0
     for row in rows:
         total += 1
@@ -413,8 +412,8 @@ def summary(rows: Iterable[Mapping], hosts: Sequence[Mapping]) -> Dict[str, Any]
         pairs[pair] = pairs.get(pair, 0) + 1
         if row["stuck"]:
             stuck_ += 1
-    by_vm_state: Dict[Any, int] = {}
-    by_power_state: Dict[Any, int] = {}
+    by_vm_state: dict[Any, int] = {}
+    by_power_state: dict[Any, int] = {}
     for (vm_state, power_state), count in pairs.items():
         by_vm_state[vm_state] = by_vm_state.get(vm_state, 0) + count
         by_power_state[power_state] = by_power_state.get(power_state, 0) + count
@@ -512,11 +511,11 @@ def metrics_file(raw: Any) -> str:
     return raw
 
 
-def split_batch(events: Sequence[Any], received_at: float) -> Tuple[List[FleetEvent], List[str]]:
+def split_batch(events: Sequence[Any], received_at: float) -> tuple[list[FleetEvent], list[str]]:
     """A batch of ``{tag, data}`` from the master's event_return: the vmpower events to keep,
     and why each malformed one was skipped. Nothing malformed stops the rest."""
-    kept: List[FleetEvent] = []
-    skipped: List[str] = []
+    kept: list[FleetEvent] = []
+    skipped: list[str] = []
     for item in events or ():
         if not isinstance(item, Mapping):
             skipped.append(f"an event must be a mapping of tag and data, not {type(item).__name__}")
@@ -539,7 +538,7 @@ def split_batch(events: Sequence[Any], received_at: float) -> Tuple[List[FleetEv
     return kept, skipped
 
 
-def loop_summary(status: Any) -> Dict[str, Any]:
+def loop_summary(status: Any) -> dict[str, Any]:
     """The event loop's health in one line per host, from the status file the minion process
     writes (``vmpower.eventloop``): connected only if every watcher is, summed counters.
     ``connected`` is None when nobody knows (no beacon in that minion, an unreadable file)."""

@@ -13,7 +13,8 @@ finds a VM off for less than it waits too), see ``vmpower.core.rules``.
 
 from __future__ import annotations
 
-from typing import Callable, Dict, Generic, Iterator, List, Optional, Tuple, TypeVar
+from collections.abc import Iterator
+from typing import Callable, Generic, TypeVar
 
 from vmpower.core.model import Transition
 
@@ -34,13 +35,13 @@ class StopGrace(Generic[E]):
         self._clock = clock
         # uuid -> (when the grace ends, event), in the order the stops happened. The grace is
         # the same for every event, so that order is also the order in which they fall due.
-        self._held: Dict[str, Tuple[float, E]] = {}
+        self._held: dict[str, tuple[float, E]] = {}
 
     def __len__(self) -> int:
         return len(self._held)
 
     def offer(self, uuid: str, transition: Transition, event: E,
-              at: Optional[float] = None) -> List[E]:
+              at: float | None = None) -> list[E]:
         """An event of domain ``uuid`` that happened at ``at`` (default: now).
 
         Returns what may be fired now, in order: the held stops that fell due before ``at``,
@@ -56,10 +57,10 @@ class StopGrace(Generic[E]):
             out.append(event)
         return out
 
-    def due(self, now: Optional[float] = None) -> List[E]:
+    def due(self, now: float | None = None) -> list[E]:
         """The held stops whose grace is over by ``now`` (default: the clock), oldest first."""
         now = self._clock() if now is None else now
-        out: List[E] = []
+        out: list[E] = []
         while self._held:
             uuid, (ends, event) = next(iter(self._held.items()))
             if ends > now:
@@ -68,13 +69,13 @@ class StopGrace(Generic[E]):
             out.append(event)
         return out
 
-    def next_due(self) -> Optional[float]:
+    def next_due(self) -> float | None:
         """When the next held stop falls due (on the clock), or None if nothing is held."""
         for ends, _event in self._held.values():
             return ends
         return None
 
-    def drop(self) -> List[E]:
+    def drop(self) -> list[E]:
         """Forget every held stop (a full sync replaces them); returns what was held."""
         dropped = [event for _ends, event in self._held.values()]
         self._held.clear()

@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Dict, Optional, Tuple
 
 from vmpower.core.model import OFF_OR_GONE, LiveState, PowerState, Transition
 
 # virDomainEventType -> (libvirt's name, transition or None, {detail: (detail name, reason)}).
 # A None transition is an event that changes no power state (DEFINED, UNDEFINED) or only
 # announces one (SHUTDOWN comes before STOPPED and only colours its reason).
-LIFECYCLE_EVENTS: Dict[int, Tuple[str, Optional[Transition], Dict[int, Tuple[str, str]]]] = {
+LIFECYCLE_EVENTS: dict[int, tuple[str, Transition | None, dict[int, tuple[str, str]]]] = {
     0: ("DEFINED", None, {0: ("ADDED", "added"), 1: ("UPDATED", "updated"),
                           2: ("RENAMED", "renamed"), 3: ("FROM_SNAPSHOT", "from_snapshot")}),
     1: ("UNDEFINED", None, {0: ("REMOVED", "removed"), 1: ("RENAMED", "renamed")}),
@@ -48,7 +47,7 @@ DETAIL_STOPPED_SHUTDOWN = 0
 DETAIL_SHUTDOWN_HOST = 2
 
 # virDomainState -> (power state, {state reason: reason word}).
-DOMAIN_STATES: Dict[int, Tuple[PowerState, Dict[int, str]]] = {
+DOMAIN_STATES: dict[int, tuple[PowerState, dict[int, str]]] = {
     0: (PowerState.NOSTATE, {0: "unknown"}),
     1: (PowerState.RUNNING, {
         0: "unknown", 1: "booted", 2: "migrated", 3: "restored", 4: "from_snapshot",
@@ -69,7 +68,7 @@ DOMAIN_STATES: Dict[int, Tuple[PowerState, Dict[int, str]]] = {
 
 # The power states a domain may be in right after each transition; an event whose domain is
 # no longer in one of them is stale.
-EXPECTED_POWER: Dict[Transition, frozenset] = {
+EXPECTED_POWER: dict[Transition, frozenset] = {
     Transition.STARTED: frozenset({PowerState.RUNNING}),
     Transition.RESUMED: frozenset({PowerState.RUNNING}),
     Transition.PAUSED: frozenset({PowerState.PAUSED}),
@@ -83,13 +82,13 @@ EXPECTED_POWER: Dict[Transition, frozenset] = {
 class Translation:
     """One libvirt callback in vmpower's words; ``transition`` is None when it is not one."""
 
-    transition: Optional[Transition]
+    transition: Transition | None
     reason: str
     libvirt_event: str
     libvirt_detail: str
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def live_state(state: int, reason: int) -> LiveState:
     """Map libvirt's ``(state, reason)`` pair, as ``virDomainGetState`` gives it.
 
@@ -99,7 +98,7 @@ def live_state(state: int, reason: int) -> LiveState:
     return LiveState(power, reasons.get(reason, "unknown"))
 
 
-def translate_lifecycle(event: int, detail: int, shutdown_detail: Optional[int] = None) -> Translation:
+def translate_lifecycle(event: int, detail: int, shutdown_detail: int | None = None) -> Translation:
     """Translate one ``VIR_DOMAIN_EVENT_ID_LIFECYCLE`` callback.
 
     ``shutdown_detail`` is the detail of the SHUTDOWN event libvirt sent just before a
@@ -126,7 +125,7 @@ class LifecycleTranslator:
     """
 
     def __init__(self) -> None:
-        self._shutdown_detail: Dict[str, int] = {}
+        self._shutdown_detail: dict[str, int] = {}
 
     def lifecycle(self, uuid: str, event: int, detail: int) -> Translation:
         if event == EVENT_SHUTDOWN:

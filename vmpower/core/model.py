@@ -151,10 +151,10 @@ class Record(NamedTuple):
     task_owner: str = ""
     off_reason: str = ""
 
-    def replace(self, **changes) -> "Record":
+    def replace(self, **changes) -> Record:
         return self._replace(**changes)
 
-    def updated(self, at: float, **changes) -> "Record":
+    def updated(self, at: float, **changes) -> Record:
         """The next version of this record, written at ``at``: the one place a version is bumped."""
         return self._replace(**changes, version=self.version + 1, updated_at=at)
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import json
-from typing import Mapping, Optional
+from collections.abc import Mapping
 
 from vmpower.core.model import (
     OFF,
@@ -111,12 +111,12 @@ class Facts:
     clock: float = 0.0
     boot_id: str = ""
     name: str = ""
-    event: Optional[Transition] = None
+    event: Transition | None = None
     event_reason: str = ""
-    migrating: Optional[bool] = None
-    on_crash: Optional[str] = None
-    owner_alive: Optional[bool] = None
-    host_stopping: Optional[bool] = None
+    migrating: bool | None = None
+    on_crash: str | None = None
+    owner_alive: bool | None = None
+    host_stopping: bool | None = None
 
 
 NO_FACTS = Facts()
@@ -141,7 +141,7 @@ class Decision:
     recheck: bool = False
     skipped: bool = False
     warning: bool = False
-    retry_in: Optional[float] = None
+    retry_in: float | None = None
 
 
 def _skip(reason: str) -> Decision:
@@ -159,7 +159,7 @@ def owner_text(task_owner: str) -> str:
     return f"pid {owner.get('pid', '?')} on {owner.get('host') or 'an unknown host'}"
 
 
-def mid_migration(live: LiveState, facts: Facts) -> Optional[str]:
+def mid_migration(live: LiveState, facts: Facts) -> str | None:
     """Why the domain is in the middle of a migration, incoming or outgoing, or None."""
     if facts.migrating:
         return "libvirt reports a migration job running"
@@ -176,8 +176,8 @@ def lives_elsewhere(live: LiveState) -> bool:
     return live.power_state in OFF and live.reason in LIVES_ELSEWHERE
 
 
-def not_to_record(live: LiveState, policy: InstancePolicy, pillar_error: Optional[str],
-                  facts: Facts = NO_FACTS) -> Optional[str]:
+def not_to_record(live: LiveState, policy: InstancePolicy, pillar_error: str | None,
+                  facts: Facts = NO_FACTS) -> str | None:
     """Why a domain seen for the first time must not even be recorded, or None.
 
     Bad pillar; a pillar lock (rule 1: nothing at all); a migration in progress (the domain
@@ -202,9 +202,7 @@ def adopt(uuid: str, name: str, host: str, live: LiveState, policy: InstancePoli
     ``active`` (it runs there, so it is not powered off when it returns), and one migrated
     away is owned by no host (``host`` ""). Its off-spell bookkeeping starts now.
     """
-    if live.power_state is PowerState.PAUSED and live.reason == STARTING_UP:
-        adopted = VmState.ACTIVE
-    elif lives_elsewhere(live):
+    if live.power_state is PowerState.PAUSED and live.reason == STARTING_UP or lives_elsewhere(live):
         adopted = VmState.ACTIVE
     else:
         adopted = ADOPTED_VM_STATE[live.power_state]
@@ -225,10 +223,10 @@ def adoption_reason(record: Record, live: LiveState, policy: InstancePolicy) -> 
     return reason
 
 
-def refuse_power(name: str, record: Optional[Record], policy: InstancePolicy,
-                 pillar_error: Optional[str], wanted: VmState,
-                 owner_alive: Optional[bool] = None, live: Optional[LiveState] = None,
-                 host: str = "") -> Optional[str]:
+def refuse_power(name: str, record: Record | None, policy: InstancePolicy,
+                 pillar_error: str | None, wanted: VmState,
+                 owner_alive: bool | None = None, live: LiveState | None = None,
+                 host: str = "") -> str | None:
     """Why a stop (``wanted`` stopped) or a start (active) must not be done, or None.
 
     A task_state whose owner is known to be gone does not refuse: the operation takes over,
@@ -270,7 +268,7 @@ class Reset:
 
 
 def reset(record: Record, live: LiveState, policy: InstancePolicy,
-          vm_state: Optional[VmState] = None) -> Reset:
+          vm_state: VmState | None = None) -> Reset:
     """The operator's way out, as Nova's reset-state: clear a task_state vmpower set (whether
     its owner is gone or not: the operator says so), and leave ``error``.
 
@@ -305,7 +303,7 @@ def reset(record: Record, live: LiveState, policy: InstancePolicy,
     return Reset(fields, "reset by the operator: " + "; ".join(notes))
 
 
-def autostart_warning(policy: InstancePolicy, autostart: Optional[bool]) -> Optional[str]:
+def autostart_warning(policy: InstancePolicy, autostart: bool | None) -> str | None:
     """A warning when libvirt's autostart contradicts the pinned vm_state, or None."""
     if autostart is None or policy.vm_state is None:
         return None
@@ -319,7 +317,7 @@ def autostart_warning(policy: InstancePolicy, autostart: Optional[bool]) -> Opti
 
 
 def decide(record: Record, live: LiveState, host: str, policy: InstancePolicy,
-           settings: Settings, at: float, pillar_error: Optional[str] = None,
+           settings: Settings, at: float, pillar_error: str | None = None,
            facts: Facts = NO_FACTS) -> Decision:
     """Decide what to do about one VM, given its record and its live state read just now.
 
@@ -486,7 +484,7 @@ def _host_shut_down(record: Record, facts: Facts) -> bool:
 
 
 def _held(what: str, live: LiveState, facts: Facts, host_shutdown: bool,
-          policy: InstancePolicy, off_for: float, settings: Settings, result) -> Optional[Decision]:
+          policy: InstancePolicy, off_for: float, settings: Settings, result) -> Decision | None:
     """The reasons not to act (yet) on a VM that went off, in order, or None to go on."""
     if host_shutdown and policy.on_host_shutdown is OnHostShutdown.IGNORE:
         return result(why=f"{what}, shut down by the host (a host shutdown or reboot, "

@@ -10,7 +10,8 @@ import dataclasses
 import enum
 import math
 import re
-from typing import Any, Dict, Mapping, Optional, Tuple
+from collections.abc import Mapping
+from typing import Any
 
 from vmpower.core.model import VmState, parse_enum
 
@@ -57,7 +58,7 @@ class OnHostShutdown(str, enum.Enum):
 class InstancePolicy:
     """Pillar ``vmpower:instances:<name or uuid>``: the operator's word on one VM."""
 
-    vm_state: Optional[VmState] = None
+    vm_state: VmState | None = None
     task_state: str = ""
     managed: bool = True
     on_guest_shutdown: OnGuestShutdown = OnGuestShutdown.STOP
@@ -81,7 +82,7 @@ class Settings:
     instance_errors: Mapping[str, str] = dataclasses.field(default_factory=dict)
     mode: str = "enforce"  # vmpower:mode: enforce, or observe (record and report, never act)
 
-    def policy_for(self, uuid: str, name: str) -> Tuple[InstancePolicy, Optional[str]]:
+    def policy_for(self, uuid: str, name: str) -> tuple[InstancePolicy, str | None]:
         """The policy for one domain, looked up by UUID first, then by name.
 
         Returns ``(policy, error)``; when ``error`` is set the pillar for this VM is bad and
@@ -130,7 +131,7 @@ _SCHEME_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 _KEYWORD_DSN_RE = re.compile(r"^\s*(host|hostaddr|dbname|user|port|service)\s*=")
 
 
-def store_scheme(store: str) -> Optional[str]:
+def store_scheme(store: str) -> str | None:
     """The scheme of a DSN (``postgresql`` for ``postgresql://...``), lowercased; None for a path."""
     match = _SCHEME_RE.match(store)
     return match.group(1).lower() if match else None
@@ -216,7 +217,7 @@ def merge(*layers: Any) -> Any:
     return merged
 
 
-def parse_settings(raw: Optional[Mapping]) -> Settings:
+def parse_settings(raw: Mapping | None) -> Settings:
     """Validate the merged ``vmpower:`` settings; raise ConfigError on a bad global key."""
     if raw is None:
         raw = {}
@@ -226,8 +227,8 @@ def parse_settings(raw: Optional[Mapping]) -> Settings:
     if not isinstance(instances_raw, Mapping):
         raise ConfigError(f"vmpower:instances must be a mapping of VM name or UUID to settings, "
                           f"not {type(instances_raw).__name__}")
-    instances: Dict[str, InstancePolicy] = {}
-    errors: Dict[str, str] = {}
+    instances: dict[str, InstancePolicy] = {}
+    errors: dict[str, str] = {}
     for key, value in instances_raw.items():
         key = str(key)
         try:
@@ -289,7 +290,7 @@ class BeaconSettings:
 
     name: str = "vmpower"
     uri: str = DEFAULT_URI
-    stop_grace: Optional[float] = None
+    stop_grace: float | None = None
     queue_size: int = DEFAULT_QUEUE_SIZE
     keepalive_interval: int = DEFAULT_KEEPALIVE_INTERVAL
     keepalive_count: int = DEFAULT_KEEPALIVE_COUNT
@@ -308,13 +309,13 @@ def _mapping(raw: Any, where: str, expected: str) -> Mapping:
     raise ConfigError(f"{where} must be {expected}, not {raw!r}")
 
 
-def _known_keys(raw: Mapping, known: Tuple[str, ...], where: str, allowed: Tuple[str, ...] = ()) -> None:
+def _known_keys(raw: Mapping, known: tuple[str, ...], where: str, allowed: tuple[str, ...] = ()) -> None:
     unknown = sorted(str(key) for key in raw if key not in known and key not in allowed)
     if unknown:
         raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; known: {', '.join(known)}")
 
 
-def _keepalive(value: Any, where: str) -> Tuple[int, int]:
+def _keepalive(value: Any, where: str) -> tuple[int, int]:
     where = f"{where}:keepalive"
     if value is None:
         return DEFAULT_KEEPALIVE_INTERVAL, DEFAULT_KEEPALIVE_COUNT
