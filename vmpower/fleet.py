@@ -13,7 +13,8 @@ import logging
 import os
 import threading
 import time
-from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any, Callable
 
 from vmpower.core import fleet as core
 from vmpower.core.settings import ConfigError
@@ -24,9 +25,9 @@ log = logging.getLogger(__name__)
 
 PRUNE_EVERY = 3600.0  # seconds between two retention passes of one master process
 
-_open: Dict[str, FleetStore] = {}  # location -> the fleet store this process keeps open
+_open: dict[str, FleetStore] = {}  # location -> the fleet store this process keeps open
 _open_lock = threading.Lock()
-_last_prune: Dict[str, float] = {}
+_last_prune: dict[str, float] = {}
 
 
 def fleet_settings(opts: Mapping) -> core.FleetSettings:
@@ -51,14 +52,14 @@ def forget(location: str) -> None:
     if fleet is not None:
         try:
             fleet.store.close()
-        except Exception:  # it failed already; closing is only tidying up
+        except Exception:  # noqa: S110 (it failed already; closing is only tidying up)
             pass
 
 
 # ---------------------------------------------------------------------------------------------
 # The returner
 # ---------------------------------------------------------------------------------------------
-def keep_events(opts: Mapping, events: Sequence[Any]) -> Dict[str, Any]:
+def keep_events(opts: Mapping, events: Sequence[Any]) -> dict[str, Any]:
     """``event_return``: keep every vmpower event of the batch in the fleet store.
 
     A malformed event is skipped, logged and counted; the rest are kept. An unreachable store
@@ -99,8 +100,8 @@ def keep_events(opts: Mapping, events: Sequence[Any]) -> Dict[str, Any]:
 
 
 def keep_job_return(
-    opts: Mapping, ret: Mapping, store_location: str, loop_status: Optional[Mapping] = None
-) -> Dict[str, Any]:
+    opts: Mapping, ret: Mapping, store_location: str, loop_status: Mapping | None = None
+) -> dict[str, Any]:
     """The job returner (``--return vmpower``, or ``returner: vmpower`` of the periodic sync),
     on the minion: keep the job's result, for a sync its summary and this host's event loop
     health, in the minion's store (the fleet's, when the minions share one)."""
@@ -128,7 +129,7 @@ def fleet_at(location: str) -> Iterator[FleetStore]:
 # ---------------------------------------------------------------------------------------------
 # The minion's records beside the live state
 # ---------------------------------------------------------------------------------------------
-def host_records(store: Store, hypervisor, host: str, target: Optional[str] = None) -> List[Dict[str, Any]]:
+def host_records(store: Store, hypervisor, host: str, target: str | None = None) -> list[dict[str, Any]]:
     """Each domain of this host (and each record this host owns) with its record beside its
     live state: recorded vm_state, power_state, task_state, owner, the last change and why.
 
@@ -152,7 +153,7 @@ def host_records(store: Store, hypervisor, host: str, target: Optional[str] = No
     for uuid in uuids:
         dom, record = live.get(uuid), records.get(uuid)
         live_power = dom.state.power_state.value if dom else "nostate"
-        row: Dict[str, Any] = {
+        row: dict[str, Any] = {
             "uuid": uuid,
             "name": dom.name if dom else record.name,
             "defined": dom is not None,
@@ -188,8 +189,8 @@ def has_store(settings: core.FleetSettings) -> bool:
 
 
 def report_from_store(
-    fleet: FleetStore, filters: core.Filters, settings: core.FleetSettings, now: Optional[float] = None
-) -> Dict[str, Any]:
+    fleet: FleetStore, filters: core.Filters, settings: core.FleetSettings, now: float | None = None
+) -> dict[str, Any]:
     """Every VM the fleet store knows, with its last change and last event, and every host."""
     now = time.time() if now is None else now
     changes, events = fleet.last_changes(), fleet.last_events()
@@ -218,7 +219,7 @@ def _host_rows(
     settings: core.FleetSettings,
     filters: core.Filters,
     sync_known: bool = True,
-) -> List[Dict[str, Any]]:
+) -> list[dict[str, Any]]:
     names = sorted((set(seen) | set(counts)) - {""})
     if filters.hosts:
         names = [n for n in names if n in filters.hosts]
@@ -232,8 +233,8 @@ def report_from_minions(
     answers: Mapping[str, Mapping],
     filters: core.Filters,
     settings: core.FleetSettings,
-    now: Optional[float] = None,
-) -> Dict[str, Any]:
+    now: float | None = None,
+) -> dict[str, Any]:
     """The report from what the minions answered: ``answers[minion]`` is
     ``{"vmpower.records": [...], "vmpower.status": {...}}`` (Salt's multi-function return), or
     an error text for a minion that failed."""
@@ -277,7 +278,7 @@ def report_from_minions(
     }
 
 
-def history_from_store(fleet: FleetStore, name: str, host: Optional[str], limit: int) -> Dict[str, Any]:
+def history_from_store(fleet: FleetStore, name: str, host: str | None, limit: int) -> dict[str, Any]:
     """The audit entries and the bus events of one VM (by name or UUID; a name that several
     hosts use gives each), merged oldest first."""
     uuids = fleet.find_uuids(name, host)
@@ -318,8 +319,8 @@ def history_from_store(fleet: FleetStore, name: str, host: Optional[str], limit:
 
 
 def hosts_from_store(
-    fleet: FleetStore, settings: core.FleetSettings, filters: core.Filters, now: Optional[float] = None
-) -> Dict[str, Any]:
+    fleet: FleetStore, settings: core.FleetSettings, filters: core.Filters, now: float | None = None
+) -> dict[str, Any]:
     now = time.time() if now is None else now
     hosts = _host_rows(fleet.hosts(), fleet.records_per_host(), now, settings, filters)
     return {"store": fleet.path, "hosts": {h["host"]: h for h in hosts}, "counters": fleet.counters()}
@@ -339,7 +340,7 @@ def progress(every: int, total: int, say: Callable[[str], None]) -> Callable[[in
 # ---------------------------------------------------------------------------------------------
 # The minion's side: the job returner and the metrics file
 # ---------------------------------------------------------------------------------------------
-def minion_extras(opts: Mapping, pillar: Optional[Mapping] = None) -> Dict[str, Any]:
+def minion_extras(opts: Mapping, pillar: Mapping | None = None) -> dict[str, Any]:
     """The minion's ``vmpower:metrics_file`` and ``vmpower:sync_splay`` (minion config and
     pillar merged, pillar winning, as for every vmpower setting)."""
     from vmpower import minion
@@ -358,7 +359,7 @@ def minion_extras(opts: Mapping, pillar: Optional[Mapping] = None) -> Dict[str, 
     }
 
 
-def minion_job_return(opts: Mapping, ret: Mapping) -> Dict[str, Any]:
+def minion_job_return(opts: Mapping, ret: Mapping) -> dict[str, Any]:
     """The ``vmpower`` returner on a minion: keep the job's result in the minion's store and,
     after a sync, write the metrics file if ``vmpower:metrics_file`` is set."""
     from vmpower.eventloop import read_status
@@ -379,9 +380,9 @@ def write_minion_metrics(
     opts: Mapping,
     extras: Mapping,
     loop: Any = None,
-    last_sync: Optional[Mapping] = None,
-    path: Optional[str] = None,
-) -> Dict[str, Any]:
+    last_sync: Mapping | None = None,
+    path: str | None = None,
+) -> dict[str, Any]:
     """Write this minion's metrics file (``path``, or ``vmpower:metrics_file``)."""
     from vmpower import metrics
     from vmpower.eventloop import read_status
@@ -402,7 +403,7 @@ def write_minion_metrics(
         return metrics.write_for_host(path, fleet.store, opts["id"], loop, last_sync)
 
 
-def master_config(reactor_files: Mapping[str, str]) -> Dict[str, Any]:
+def master_config(reactor_files: Mapping[str, str]) -> dict[str, Any]:
     """The master's configuration for vmpower, with the shipped reactor SLS files by path."""
     return {
         "reactor": [

@@ -21,7 +21,6 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from typing import Optional
 
 try:
     import libvirt
@@ -37,8 +36,8 @@ FORK_WAIT = 10.0
 _cond = threading.Condition()
 _forks_pending = 0  # forks waiting for, or being made while, the loop thread stays out
 _in_libvirt = False  # the loop thread is inside virEventRunDefaultImpl
-_loop_ident: Optional[int] = None  # the loop thread's ident, once it has run an iteration
-_wake_timer: Optional[int] = None  # a libvirt timer, disabled except to wake the loop for a fork
+_loop_ident: int | None = None  # the loop thread's ident, once it has run an iteration
+_wake_timer: int | None = None  # a libvirt timer, disabled except to wake the loop for a fork
 
 
 def _rest(timer: int, _opaque) -> None:

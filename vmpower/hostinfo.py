@@ -16,7 +16,6 @@ import json
 import logging
 import os
 import time
-from typing import Optional
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +50,7 @@ def process_start_time(pid: int) -> str:
     return fields[19]
 
 
-def process_owner(host: str, pid: Optional[int] = None, since: Optional[float] = None) -> str:
+def process_owner(host: str, pid: int | None = None, since: float | None = None) -> str:
     """The ``task_owner`` JSON text naming this process (or ``pid``) on the minion ``host``."""
     pid = os.getpid() if pid is None else int(pid)
     return json.dumps({"host": host, "boot_id": boot_id(), "pid": pid,
@@ -59,7 +58,7 @@ def process_owner(host: str, pid: Optional[int] = None, since: Optional[float] =
                        "since": time.time() if since is None else since}, sort_keys=True)
 
 
-def owner_alive(task_owner: str, host: Optional[str] = None) -> Optional[bool]:
+def owner_alive(task_owner: str, host: str | None = None) -> bool | None:
     """Whether the process that ``task_owner`` names still runs.
 
     True: it runs (same boot, the pid alive with the same start time). False: it is gone (the

@@ -24,8 +24,10 @@ import logging
 import queue
 import threading
 import time
-from typing import Callable, Dict, NamedTuple, Optional, Set
+from typing import Callable, NamedTuple
 from xml.etree import ElementTree
+
+from typing_extensions import Self
 
 from vmpower.core.mapping import live_state
 from vmpower.core.model import GONE, LiveState
@@ -110,7 +112,7 @@ class _Caller:
             function, args, outcome, done = job
             try:
                 outcome.append((True, function(*args)))
-            except BaseException as exc:  # noqa: BLE001 - handed to the caller as it is
+            except BaseException as exc:
                 outcome.append((False, exc))
             done.set()
 
@@ -149,13 +151,13 @@ class Hypervisor:
         self.uri = uri
         self.call_timeout = call_timeout
         self._conn = None
-        self._handles: Dict[str, object] = {}  # uuid -> virDomain, from the last listing
-        self._caller: Optional[_Caller] = None
-        self._stuck: Optional[str] = None  # the call that never returned, if one did not
+        self._handles: dict[str, object] = {}  # uuid -> virDomain, from the last listing
+        self._caller: _Caller | None = None
+        self._stuck: str | None = None  # the call that never returned, if one did not
         self._own_loop = False
         self._last_call = 0.0
 
-    def __enter__(self) -> "Hypervisor":
+    def __enter__(self) -> Self:
         if not HAS_LIBVIRT:
             raise HypervisorError("the libvirt Python bindings (libvirt-python) are not installed")
         # Before the connection is opened: a connection opened without an event loop never
@@ -237,7 +239,7 @@ class Hypervisor:
 
     # Reading
     @_bounded('list the domains')
-    def list_all(self) -> Dict[str, LiveDomain]:
+    def list_all(self) -> dict[str, LiveDomain]:
         """Every domain on the host with its state, from one bulk call."""
         try:
             stats = self._conn.getAllDomainStats(libvirt.VIR_DOMAIN_STATS_STATE)
@@ -295,7 +297,7 @@ class Hypervisor:
             raise HypervisorError(f"cannot list domains at {self.uri}: {_error(exc)}") from exc
 
     @_bounded('read the state of {0}')
-    def find(self, uuid: str) -> Optional[LiveDomain]:
+    def find(self, uuid: str) -> LiveDomain | None:
         """The domain with that UUID and its state read now, uncached; None if it is gone."""
         try:
             dom = self.lookup(uuid)
@@ -343,7 +345,7 @@ class Hypervisor:
         return (found.text or "").strip() if found is not None else "destroy"
 
     @_bounded('read the job of {0}')
-    def migration_job(self, uuid: str) -> Optional[bool]:
+    def migration_job(self, uuid: str) -> bool | None:
         """Whether libvirt runs a migration of the domain now, incoming or outgoing (its
         current job's operation); False when it has no job (or the driver has no jobs, as the
         test driver); None when it cannot be told."""
@@ -367,7 +369,7 @@ class Hypervisor:
                              libvirt.VIR_DOMAIN_JOB_OPERATION_MIGRATION_OUT)
 
     @_bounded('list the autostarted domains')
-    def autostart_set(self) -> Optional[Set[str]]:
+    def autostart_set(self) -> set[str] | None:
         """The UUIDs of the domains libvirt starts when it starts, in one bulk call; None when
         libvirt cannot list them."""
         try:

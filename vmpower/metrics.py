@@ -26,7 +26,8 @@ from __future__ import annotations
 import logging
 import os
 import time
-from typing import Any, Dict, Iterable, Mapping, Optional
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 from vmpower.core import fleet as core
 from vmpower.store import Store, StoreError
@@ -53,14 +54,14 @@ def gather(
     store: Store,
     host: str,
     loop_status: Any,
-    last_sync: Optional[Mapping],
-    now: Optional[float] = None,
+    last_sync: Mapping | None,
+    now: float | None = None,
     stuck_after: float = core.DEFAULT_STUCK_AFTER,
-) -> Dict[str, Any]:
+) -> dict[str, Any]:
     """The numbers behind the metrics, from the store, the event loop's status file and the
     last sync (``{"at", "took"}`` or None)."""
     now = time.time() if now is None else now
-    by_state: Dict[tuple, int] = {}
+    by_state: dict[tuple, int] = {}
     errors = stuck = disagreeing = 0
     for record in store.for_host(host).values():
         key = (record.vm_state.value, record.power_state.value)
@@ -72,7 +73,7 @@ def gather(
         store._run(SQL_AUDIT_INDEX)
     except store._errors as exc:  # only an index: counting works without it, slower
         log.debug("vmpower: no audit index for the metrics in %s: %s", store.path, exc)
-    actions: Dict[str, int] = {}
+    actions: dict[str, int] = {}
     restarts = 0
     for action, cause, count in store._query(SQL_ACTIONS, (host,)):
         actions[action] = actions.get(action, 0) + int(count)
@@ -185,8 +186,8 @@ def write(path: str, numbers: Mapping[str, Any]) -> str:
 
 
 def write_for_host(
-    path: str, store: Store, host: str, loop_status: Any, last_sync: Optional[Mapping]
-) -> Dict[str, Any]:
+    path: str, store: Store, host: str, loop_status: Any, last_sync: Mapping | None
+) -> dict[str, Any]:
     """Gather this host's numbers and write them to ``path``; what was written."""
     try:
         numbers = gather(store, host, loop_status, last_sync)

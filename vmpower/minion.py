@@ -14,7 +14,8 @@ import math
 import os
 import sqlite3
 import time
-from typing import Callable, Iterator, Mapping, Optional
+from collections.abc import Iterator, Mapping
+from typing import Callable
 
 from vmpower.core.settings import ConfigError, Settings, merge, parse_settings
 from vmpower.hypervisor import HypervisorError
@@ -29,7 +30,7 @@ SYNC_JOB = "vmpower-sync"
 ERRORS = (ConfigError, StoreError, HypervisorError, OperationError)
 
 
-def settings(opts: Mapping, pillar: Optional[Mapping] = None) -> Settings:
+def settings(opts: Mapping, pillar: Mapping | None = None) -> Settings:
     """``vmpower:`` from minion config and pillar, merged key by key; pillar wins.
 
     (Salt's ``config.get`` with ``merge`` lets the minion config win, the other way round.)
@@ -153,7 +154,7 @@ def sync_schedule(current: Settings, splay: int = 0) -> dict:
     return {"func": "add", "schedule": {SYNC_JOB: job}, "persist": False}
 
 
-_scheduled_interval: Optional[tuple] = None  # what this process last asked the scheduler for
+_scheduled_interval: tuple | None = None  # what this process last asked the scheduler for
 
 
 def keep_sync_scheduled(opts: Mapping, fire_event: Callable[[dict, str], object]) -> None:
@@ -198,7 +199,7 @@ def wakeup_schedule(retry_at: float) -> dict:
 
 
 def schedule_wakeup(opts: Mapping, retry_at: float, fire_event: Callable[[dict, str], object],
-                    at: Optional[float] = None) -> bool:
+                    at: float | None = None) -> bool:
     """Ask the minion's scheduler for a sync at ``retry_at``, unless an earlier one is pending.
 
     The pending time is kept in a file next to the beacon's status (under a lock: jobs run in

@@ -24,7 +24,8 @@ import logging
 import os
 import subprocess
 import time
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from collections.abc import Sequence
+from typing import Callable
 
 from vmpower import hostinfo
 from vmpower.core.conduct import ENFORCE, OBSERVED, conduct, observed_reason
@@ -70,9 +71,9 @@ class Outcome:
     """One decision carried out: what to report, and what to record (changes or a note)."""
 
     report: dict
-    changes: Tuple[Change, ...] = ()
-    note: Optional[Note] = None
-    retry_in: Optional[float] = None
+    changes: tuple[Change, ...] = ()
+    note: Note | None = None
+    retry_in: float | None = None
 
 
 class OperationError(RuntimeError):
@@ -84,12 +85,12 @@ def host_boot_id() -> str:
     return hostinfo.boot_id()
 
 
-def host_stopping() -> Optional[bool]:
+def host_stopping() -> bool | None:
     """Whether this host is shutting down (systemd's state ``stopping``); None when it cannot
     be told (no systemd). Asked only for a VM found off, at most once per operation."""
     try:
         state = subprocess.run(["systemctl", "is-system-running"], capture_output=True,
-                               text=True, timeout=2).stdout.strip()
+                               text=True, timeout=2, check=False).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None
     if not state or state == "offline":
@@ -116,8 +117,8 @@ class HostOperations:
                  hypervisor: Callable[[str], Hypervisor] = Hypervisor,
                  clock: Callable[[], float] = time.monotonic,
                  boot_id: Callable[[], str] = host_boot_id,
-                 alive: Optional[Callable[[str], Optional[bool]]] = None,
-                 stopping: Callable[[], Optional[bool]] = host_stopping):
+                 alive: Callable[[str], bool | None] | None = None,
+                 stopping: Callable[[], bool | None] = host_stopping):
         self.settings = settings
         self.host = host
         self.store = store
@@ -126,7 +127,7 @@ class HostOperations:
         self._boot_id = boot_id
         self._alive = alive
         self._stopping = stopping
-        self._stopping_seen: Optional[Tuple[float, Optional[bool]]] = None
+        self._stopping_seen: tuple[float, bool | None] | None = None
 
     def connect(self) -> Hypervisor:
         return self._hypervisor(self.settings.uri)
@@ -136,11 +137,11 @@ class HostOperations:
         with self.connect() as hv:
             return hv.info(target)
 
-    def list_instances(self) -> List[str]:
+    def list_instances(self) -> list[str]:
         with self.connect() as hv:
             return sorted(dom.name for dom in hv.list_all().values())
 
-    def overview(self) -> List[dict]:
+    def overview(self) -> list[dict]:
         """Every domain of this host with its live power state and its record, if any."""
         with self.connect() as hv:
             live = hv.list_all()
@@ -153,7 +154,7 @@ class HostOperations:
                          "task_state": record.task_state if record else ""})
         return rows
 
-    def history(self, target: str, limit: Optional[int] = None) -> List[dict]:
+    def history(self, target: str, limit: int | None = None) -> list[dict]:
         record = self.store.find(target, self.host)
         if record is None:
             with self.connect() as hv:
@@ -166,32 +167,32 @@ class HostOperations:
         """Pillar for one VM, by UUID and by its live name (a renamed VM keeps its pillar)."""
         return self.settings.policy_for(uuid, name)
 
-    def _base_facts(self, boot_id: str, name: str = "", event: Optional[Transition] = None,
+    def _base_facts(self, boot_id: str, name: str = "", event: Transition | None = None,
                     event_reason: str = "") -> Facts:
         return Facts(clock=self._clock(), boot_id=boot_id, name=name, event=event,
                      event_reason=event_reason)
 
-    def _owner_alive(self, task_owner: str, boot_id: str) -> Optional[bool]:
+    def _owner_alive(self, task_owner: str, boot_id: str) -> bool | None:
         if not task_owner:
             return None
         if self._alive is not None:
             return self._alive(task_owner)
         return hostinfo.owner_alive(task_owner, self.host)
 
-    def _host_stopping(self) -> Optional[bool]:
+    def _host_stopping(self) -> bool | None:
         """``stopping()``, asked again at most once a second (a sync may ask for many VMs)."""
         clock = self._clock()
         if self._stopping_seen is None or clock - self._stopping_seen[0] >= 1.0:
             self._stopping_seen = (clock, self._stopping())
         return self._stopping_seen[1]
 
-    def _cheap_facts(self, record: Optional[Record], live: LiveState, base: Facts) -> Facts:
+    def _cheap_facts(self, record: Record | None, live: LiveState, base: Facts) -> Facts:
         """``base`` with the facts that need no libvirt call (a task's owner, the host's state)."""
         alive = self._owner_alive(record.task_owner, base.boot_id) if record and record.task_state else None
         stopping = self._host_stopping() if live.power_state.is_off else None
         return dataclasses.replace(base, owner_alive=alive, host_stopping=stopping)
 
-    def _full_facts(self, hv: Hypervisor, uuid: str, record: Optional[Record], live: LiveState,
+    def _full_facts(self, hv: Hypervisor, uuid: str, record: Record | None, live: LiveState,
                     base: Facts) -> Facts:
         """``base`` with what is read per domain: only what this decision can need."""
         migrating = False
@@ -283,9 +284,9 @@ class HostOperations:
             report["retry_in"] = round(decision.retry_in, 3)
         return report
 
-    def _decide_held(self, hv: Hypervisor, uuid: str, cause: Cause, record: Optional[Record],
-                     dom: Optional[LiveDomain], boot_id: str,
-                     transition: Optional[Transition] = None, event_reason: str = "",
+    def _decide_held(self, hv: Hypervisor, uuid: str, cause: Cause, record: Record | None,
+                     dom: LiveDomain | None, boot_id: str,
+                     transition: Transition | None = None, event_reason: str = "",
                      fresh: bool = True, test: bool = False) -> Outcome:
         """Decide about one domain and act; the caller holds its instance lock.
 
@@ -347,7 +348,7 @@ class HostOperations:
             raise OperationError(f"the record of {names} changed under its instance lock")
 
     # The operations
-    def reconcile(self, uuid: str, transition: Optional[Transition] = None,
+    def reconcile(self, uuid: str, transition: Transition | None = None,
                   cause: Cause = Cause.EVENT, reason: str = "", test: bool = False) -> dict:
         """Decide about one domain on its live state now; ``transition`` (and ``reason``) are
         what an event claimed: only hints, checked against the live state. ``test``: say what
@@ -380,13 +381,13 @@ class HostOperations:
         records) and in each entry of ``actions``, with why; nothing changes.
         """
         started = time.monotonic()
-        report: Dict[str, object] = {"host": self.host, "checked": 0, "updated": 0,
+        report: dict[str, object] = {"host": self.host, "checked": 0, "updated": 0,
                                      "actions": [], "skipped": [], "warnings": [], "busy": []}
         if test:
             report.update(test=True, would_write=[])
         if self.settings.mode != ENFORCE:
             report["mode"] = self.settings.mode
-        retries: List[float] = []
+        retries: list[float] = []
         boot_id = self._boot_id()
         with self.store.lock(f"host-{self.host}"), self.connect() as hv:
             at = now()
@@ -399,8 +400,8 @@ class HostOperations:
                     live[uuid] = LiveDomain(uuid, records[uuid].name, GONE)
             autostart = hv.autostart_set() if self.settings.instances else None
 
-            adoptions: List[Change] = []
-            to_lock: List[str] = []
+            adoptions: list[Change] = []
+            to_lock: list[str] = []
             decide_once = _SyncDecisions(self, at, boot_id)
             for uuid, dom in live.items():
                 policy, error = self._policy(uuid, dom.name)
@@ -483,7 +484,7 @@ class HostOperations:
         if counted:  # a dry run's outcome wrote nothing
             report["updated"] += sum(1 for change in outcome.changes if change.before is not None)
 
-    def stop(self, target: str, timeout: Optional[float] = None, force: bool = False,
+    def stop(self, target: str, timeout: float | None = None, force: bool = False,
              cause: Cause = Cause.API) -> dict:
         """Shut the domain down gracefully, power it off after ``timeout``; vm_state=stopped."""
         timeout = self.settings.stop_timeout if timeout is None else timeout
@@ -508,15 +509,15 @@ class HostOperations:
         hv.power_off(uuid)
         return f"still running after {timeout:g}s: powered off"
 
-    def _refusal(self, name: str, record: Optional[Record], policy: InstancePolicy,
-                 error: Optional[str], vm_state: VmState, live: LiveState, facts: Facts) -> Optional[str]:
+    def _refusal(self, name: str, record: Record | None, policy: InstancePolicy,
+                 error: str | None, vm_state: VmState, live: LiveState, facts: Facts) -> str | None:
         """Why a power operation making ``name`` ``vm_state`` must not be done now, or None."""
         refusal = refuse_power(name, record, policy, error, vm_state, facts.owner_alive, live, self.host)
         if refusal is None and facts.migrating:
             refusal = f"{name} is in the middle of a migration: vmpower leaves it alone until it ends"
         return refusal
 
-    def power_refusal(self, target: str, vm_state: VmState) -> Optional[str]:
+    def power_refusal(self, target: str, vm_state: VmState) -> str | None:
         """Why ``stop`` (``vm_state`` stopped) or ``start`` (active) of ``target`` would be
         refused if asked now, or None: the same reads and checks, nothing locked or written.
         For a dry run (the states' test=True)."""
@@ -584,7 +585,7 @@ class HostOperations:
         self._commit_locked([Change(busy, done, cause, "done", reason)], at)
         return done
 
-    def reset_state(self, target: str, vm_state: Optional[VmState] = None,
+    def reset_state(self, target: str, vm_state: VmState | None = None,
                     cause: Cause = Cause.API) -> dict:
         """The operator's way out: clear a task_state vmpower set, and leave ``error``.
 
@@ -618,7 +619,7 @@ class HostOperations:
                 "changed": bool(answer.fields), "vm_state": record.vm_state.value,
                 "power_state": record.power_state.value, "task_state": record.task_state}
 
-    def status(self, event_loop_status: Optional[str] = None) -> dict:
+    def status(self, event_loop_status: str | None = None) -> dict:
         """Whether libvirt answers at the configured URI, and what the store holds.
 
         ``event_loop_status`` is the path of the beacon's status file; its content (written by
@@ -666,10 +667,10 @@ class _SyncDecisions:
         self._ops = ops
         self._at = at
         self.facts = ops._base_facts(boot_id)
-        self._answers: Dict[tuple, Decision] = {}
+        self._answers: dict[tuple, Decision] = {}
 
     def __call__(self, record: Record, dom: LiveDomain, policy: InstancePolicy,
-                 error: Optional[str]) -> Decision:
+                 error: str | None) -> Decision:
         # By identity: live states and policies are shared objects (live_state is memoised),
         # and an equal but distinct one costs a second decision, never a wrong one.
         renamed = dom.name != record.name and dom.state is not GONE

@@ -28,7 +28,7 @@ import logging
 import os
 import threading
 import time
-from typing import Dict, List, Mapping, Optional
+from collections.abc import Mapping
 
 from vmpower.core.settings import DEFAULT_STOP_GRACE, BeaconSettings
 from vmpower.eventloop import native
@@ -50,18 +50,18 @@ class EventLoop:
     def __init__(self, monotonic=time.monotonic):
         self._monotonic = monotonic
         self._lock = threading.Lock()
-        self._watchers: Dict[str, Watcher] = {}
-        self._ticks: Dict[str, float] = {}  # beacon name -> seconds between two of its runs
-        self._opts_by_name: Dict[str, Mapping] = {}  # beacon name -> its latest __opts__
-        self._status_path: Optional[str] = None
-        self._opts: Optional[Mapping] = None
-        self._supervisor: Optional[threading.Thread] = None
-        self._master_link: Optional[MasterLink] = None
-        self._written: Optional[dict] = None
+        self._watchers: dict[str, Watcher] = {}
+        self._ticks: dict[str, float] = {}  # beacon name -> seconds between two of its runs
+        self._opts_by_name: dict[str, Mapping] = {}  # beacon name -> its latest __opts__
+        self._status_path: str | None = None
+        self._opts: Mapping | None = None
+        self._supervisor: threading.Thread | None = None
+        self._master_link: MasterLink | None = None
+        self._written: dict | None = None
         self.failures = Failures()
 
     def watcher(self, settings: BeaconSettings, stop_grace: float = DEFAULT_STOP_GRACE,
-                opts: Optional[Mapping] = None) -> Watcher:
+                opts: Mapping | None = None) -> Watcher:
         """The watcher of the beacon ``settings.name``, created or reconfigured as needed."""
         with self._lock:
             current = self._watchers.get(settings.name)
@@ -75,14 +75,14 @@ class EventLoop:
                 current.configure(settings, stop_grace)
             return current
 
-    def _delivery(self, settings: BeaconSettings, opts: Optional[Mapping]):
+    def _delivery(self, settings: BeaconSettings, opts: Mapping | None):
         if opts is None or masterless(opts) or "id" not in opts or "sock_dir" not in opts:
             return None  # no master to deliver to: the tick is the only path (tests, salt-call --local)
         self._ensure_master_link(opts)
         return MinionBus(opts, settings.name)
 
-    def drain(self, settings: BeaconSettings, status_path: str, opts: Optional[Mapping] = None,
-              stop_grace: float = DEFAULT_STOP_GRACE) -> List[dict]:
+    def drain(self, settings: BeaconSettings, status_path: str, opts: Mapping | None = None,
+              stop_grace: float = DEFAULT_STOP_GRACE) -> list[dict]:
         """What the beacon fires now (only what the immediate path could not deliver)."""
         watcher = self.watcher(settings, stop_grace, opts)
         if opts is not None:
@@ -171,7 +171,7 @@ class EventLoop:
         self._written = snapshot
 
 
-__all__ = ["EventLoop", "Watcher", "event_loop", "read_status", "ensure_running", "HAS_LIBVIRT"]
+__all__ = ["HAS_LIBVIRT", "EventLoop", "Watcher", "ensure_running", "event_loop", "read_status"]
 
 _event_loop = EventLoop()
 

@@ -9,7 +9,8 @@ Nova's 15 s.
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Optional
+from collections.abc import Mapping
+from typing import Any
 
 from vmpower.core import settings as core
 
@@ -34,7 +35,7 @@ def parse(config: Any) -> core.BeaconSettings:
     return core.parse_beacon_config(as_mapping(config))
 
 
-def stop_grace_default(opts: Optional[Mapping]) -> float:
+def stop_grace_default(opts: Mapping | None) -> float:
     """``vmpower:stop_grace`` for this minion (pillar over minion config), or the default."""
     if not opts:
         return core.DEFAULT_STOP_GRACE

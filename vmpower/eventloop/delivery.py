@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import Callable, List, Mapping, Optional
+from collections.abc import Mapping
+from typing import Callable
 
 from vmpower.eventloop.failures import Failures
 
@@ -36,7 +37,7 @@ def masterless(opts: Mapping) -> bool:
                 and not opts.get("use_master_when_local"))
 
 
-def beacon_events(opts: Mapping, beacon_name: str, items: List[dict]) -> List[dict]:
+def beacon_events(opts: Mapping, beacon_name: str, items: list[dict]) -> list[dict]:
     """Beacon data as Salt's beacon runner makes it: the full tag, and the minion's id added."""
     out = []
     for item in items:
@@ -74,7 +75,7 @@ class MinionBus:
         self._beacon_name = beacon_name
         self._event = None
 
-    def __call__(self, items: List[dict]) -> Optional[bool]:
+    def __call__(self, items: list[dict]) -> bool | None:
         """True: fired; False: the bus refused; None: not now (the beacon is disabled)."""
         import salt.utils.event
 
@@ -94,7 +95,7 @@ class MinionBus:
         if event is not None:
             try:
                 event.destroy()
-            except Exception:  # pylint: disable=broad-except
+            except Exception:  # noqa: S110 (pylint: disable=broad-except)
                 pass
 
 
@@ -106,10 +107,10 @@ class MasterLink(threading.Thread):
         self._opts = dict(opts)
         self._on_back = on_back
         self._failures = failures
-        self.connected: Optional[bool] = None  # None: nothing heard yet (the minion says nothing
-        self.changed_at: Optional[float] = None  # while all is well)
+        self.connected: bool | None = None  # None: nothing heard yet (the minion says nothing
+        self.changed_at: float | None = None  # while all is well)
         self.reconnections = 0
-        self._last_back: Optional[float] = None  # monotonic time on_back() was last called
+        self._last_back: float | None = None  # monotonic time on_back() was last called
         self._back_pending = False
 
     def run(self) -> None:

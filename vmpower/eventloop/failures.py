@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import Dict, Optional
 
 log = logging.getLogger("vmpower.eventloop")
 
@@ -20,9 +19,9 @@ class Failures:
 
     def __init__(self):
         self._lock = threading.Lock()
-        self._counts: Dict[str, int] = {}
+        self._counts: dict[str, int] = {}
         self._logged: set = set()
-        self.last: Optional[str] = None
+        self.last: str | None = None
 
     def note(self, kind: str, message: str, *args) -> None:
         with self._lock:
@@ -37,6 +36,6 @@ class Failures:
         with self._lock:
             self._logged.discard(kind)
 
-    def counts(self) -> Dict[str, int]:
+    def counts(self) -> dict[str, int]:
         with self._lock:
             return dict(self._counts)

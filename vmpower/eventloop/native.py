@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import threading
 import time
-from typing import Optional
 
 # Importing vmpower.hypervisor also installs vmpower's libvirt error handler: libvirt's
 # default one prints every error to stderr, so each failed reconnection attempt would reach
@@ -31,8 +30,8 @@ LOOP_ERROR_PAUSE = 1.0
 # _start_lock guards the registration and the thread's start; the status reads _thread and
 # loop_errors (written by the event thread only) without it.
 _start_lock = threading.Lock()
-_registered_pid: Optional[int] = None
-_thread: Optional[threading.Thread] = None
+_registered_pid: int | None = None
+_thread: threading.Thread | None = None
 loop_errors = 0
 
 

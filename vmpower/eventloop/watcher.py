@@ -28,7 +28,7 @@ import itertools
 import logging
 import threading
 import time
-from typing import Callable, Deque, List, Optional, Tuple
+from typing import Callable, Optional
 
 from vmpower.core.burst import BurstGuard
 from vmpower.core.grace import StopGrace
@@ -48,8 +48,8 @@ STUCK_AFTER = 10.0  # a blocking libvirt call running this long means libvirtd i
 # The raw queue's "event" for a VIR_DOMAIN_EVENT_ID_REBOOT callback (lifecycle events are ints).
 REBOOT = None
 
-RawEvent = Tuple[float, float, str, str, Optional[int], int]  # (time, monotonic, uuid, name, event, detail)
-Deliver = Callable[[List[dict]], Optional[bool]]  # True sent, False refused, None not now
+RawEvent = tuple[float, float, str, str, Optional[int], int]  # (time, monotonic, uuid, name, event, detail)
+Deliver = Callable[[list[dict]], Optional[bool]]  # True sent, False refused, None not now
 
 # seq of the published lifecycle events: increasing across every watcher of the process.
 _sequence = itertools.count(1)
@@ -94,28 +94,28 @@ class Watcher:
     def __init__(self, settings: BeaconSettings, stop_grace: float = DEFAULT_STOP_GRACE,
                  clock: Callable[[], float] = time.time,
                  monotonic: Callable[[], float] = time.monotonic,
-                 deliver: Optional[Deliver] = None):
+                 deliver: Deliver | None = None):
         self.settings = settings
         self._clock = clock
         self._monotonic = monotonic
         self._deliver = deliver
         self._cond = threading.Condition(threading.Lock())
         # Shared with the event thread and Salt's side, under _cond:
-        self._raw: Deque[RawEvent] = collections.deque()
+        self._raw: collections.deque[RawEvent] = collections.deque()
         self._unreported_drops = 0
-        self._outbox: List[dict] = []
+        self._outbox: list[dict] = []
         self._poked = False
         self._wanted = True  # False once Salt closed the beacon, until its next drain()
         self._close_requested = False  # sticky until the thread has disconnected
         self._rounds = 0  # rounds of the thread so far (settle() waits for one more)
         self._retired = False
-        self._pending_settings: Optional[Tuple[BeaconSettings, float]] = None
+        self._pending_settings: tuple[BeaconSettings, float] | None = None
         self._master_reconnected = False
         self.last_drain = monotonic()
         # The watcher's thread only:
         self._conn = None
-        self._callback_ids: List[int] = []
-        self._lost: Optional[int] = None  # the close callback's reason, set from the event thread
+        self._callback_ids: list[int] = []
+        self._lost: int | None = None  # the close callback's reason, set from the event thread
         self._resync_reason = "connected"  # what the next successful connection announces
         self._next_attempt = 0.0
         self._next_check = 0.0
@@ -123,11 +123,11 @@ class Watcher:
         self._translator = LifecycleTranslator()
         self._grace: StopGrace[LifecycleEvent] = StopGrace(settings.grace(stop_grace), monotonic)
         self._burst = BurstGuard(settings.burst_limit)
-        self._pending: List[dict] = []
+        self._pending: list[dict] = []
         # Read by health() from any thread (plain attributes, each written by one thread).
         self.state = "connecting"
         self.state_since = clock()
-        self.blocked: Optional[Tuple[str, float, float]] = None  # (call, since, since monotonic)
+        self.blocked: tuple[str, float, float] | None = None  # (call, since, since monotonic)
         self.failures = Failures()
         self.events_seen = 0
         self.dropped = 0
@@ -137,8 +137,8 @@ class Watcher:
         self.delivered_by_tick = 0
         self.queue_depth = 0
         self.generation = 0  # successful connections so far
-        self.last_resync: Optional[dict] = None
-        self.last_error: Optional[str] = None
+        self.last_resync: dict | None = None
+        self.last_error: str | None = None
         self._thread = threading.Thread(target=self._run, daemon=True,
                                         name=f"vmpower-watch-{settings.name}")
         self._thread.start()
@@ -187,7 +187,7 @@ class Watcher:
             self._cond.notify()
 
     # Salt's side, on the minion's loop: flags and swaps only.
-    def drain(self) -> List[dict]:
+    def drain(self) -> list[dict]:
         """What the immediate path did not deliver, in order; the beacon fires it.
 
         Also tells the watcher its beacon still runs: a watcher Salt closed connects again
@@ -221,7 +221,7 @@ class Watcher:
             self._wanted = False
             self._cond.notify()
 
-    def configure(self, settings: BeaconSettings, stop_grace: Optional[float] = None) -> None:
+    def configure(self, settings: BeaconSettings, stop_grace: float | None = None) -> None:
         """A changed configuration of the same beacon and URI, applied by the thread."""
         stop_grace = self._grace.seconds if stop_grace is None else stop_grace
         if (settings, settings.grace(stop_grace)) == (self.settings, self._grace.seconds):
@@ -232,7 +232,7 @@ class Watcher:
             self._cond.notify()
 
     @property
-    def deliver(self) -> Optional[Deliver]:
+    def deliver(self) -> Deliver | None:
         return self._deliver
 
     def master_reconnected(self) -> None:
@@ -307,7 +307,7 @@ class Watcher:
             dues.append(self._next_check)
         return max(0.0, min([now + CHECK_EVERY * 5, *dues]) - now)
 
-    def _step(self, raw: Deque[RawEvent], lost: int, wanted: bool, close: bool,
+    def _step(self, raw: collections.deque[RawEvent], lost: int, wanted: bool, close: bool,
               master_back: bool) -> None:
         # A close is carried out even when the beacon ran again since: the gap was real.
         if close and (self._conn is not None or self.state != "closed"):
@@ -381,7 +381,7 @@ class Watcher:
             self.reconnects += 1
         self._resync(self._resync_reason, 0)
 
-    def _problem(self) -> Optional[str]:
+    def _problem(self) -> str | None:
         """Why the connection is unusable, or None; isAlive() is local, not a round trip."""
         if self._lost is not None:
             return _close_reason(self._lost)

@@ -14,7 +14,10 @@ import os
 import socket
 import sys
 import time
-from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
+
+from typing_extensions import Self
 
 from vmpower.core.model import Cause, PowerState, Record, VmState
 from vmpower.core.settings import POSTGRES_SCHEMES, store_scheme
@@ -106,7 +109,7 @@ class LockBusy(StoreError):
     """A lock was not free within the time allowed; ``holder`` says who holds it (a dict with
     ``pid``, ``host``, ``job``, ``since``), or is None when the holder has not said."""
 
-    def __init__(self, message: str, key: str, holder: Optional[dict]):
+    def __init__(self, message: str, key: str, holder: dict | None):
         super().__init__(message)
         self.key = key
         self.holder = holder
@@ -122,7 +125,7 @@ def _this_job() -> str:
                      *sys.argv[1:3]])
 
 
-def describe_holder(holder: Optional[dict]) -> str:
+def describe_holder(holder: dict | None) -> str:
     """``pid 1234 on h1 (vmpower.stop, since 12:00:01 UTC)``, from a lock's holder."""
     if not holder:
         return "a process that has not said who it is"
@@ -137,7 +140,7 @@ def describe_holder(holder: Optional[dict]) -> str:
 class Change:
     """One record write with its audit entry: ``before`` is None for a new record."""
 
-    before: Optional[Record]
+    before: Record | None
     after: Record
     cause: Cause
     action: str
@@ -167,7 +170,7 @@ def _plain(value):
     return value.value if hasattr(value, "value") else value
 
 
-def diff(before: Optional[Record], after: Record) -> tuple:
+def diff(before: Record | None, after: Record) -> tuple:
     """The fields that differ, as ``(old, new)`` dicts of plain values."""
     fields = [c for c in COLUMNS if c not in NOT_AUDITED]
     old, new = {}, {}
@@ -207,12 +210,12 @@ class Store(abc.ABC):
     """
 
     BEGIN = "BEGIN"
-    _errors: Tuple[type, ...] = ()
+    _errors: tuple[type, ...] = ()
     _db: Any
 
     def __init__(self, location: str):
         self.path = location
-        self._held: Dict[str, Any] = {}  # lock name -> what releases it
+        self._held: dict[str, Any] = {}  # lock name -> what releases it
         #: What the locks this store takes say about their holder's job; a caller may set it
         #: to something more telling (``vmpower.stop web1``, with the Salt jid).
         self.job = _this_job()
@@ -220,7 +223,7 @@ class Store(abc.ABC):
     def close(self) -> None:
         self._db.close()
 
-    def __enter__(self) -> "Store":
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -243,7 +246,7 @@ class Store(abc.ABC):
         """Execute one statement for each of ``rows``."""
 
     @abc.abstractmethod
-    def _try_lock(self, key: str) -> Optional[Any]:
+    def _try_lock(self, key: str) -> Any | None:
         """Take the cross-process lock ``key`` if it is free: what releases it, or None."""
 
     @abc.abstractmethod
@@ -255,22 +258,22 @@ class Store(abc.ABC):
         """Leave ``holder`` (a JSON text) where others can read it while the lock is held."""
 
     @abc.abstractmethod
-    def _read_holder(self, key: str) -> Optional[str]:
+    def _read_holder(self, key: str) -> str | None:
         """What the holder of lock ``key`` left (``_write_holder``), or None."""
 
     # Reading
-    def _query(self, sql: str, args: Iterable = ()) -> List[Sequence]:
+    def _query(self, sql: str, args: Iterable = ()) -> list[Sequence]:
         try:
             return self._run(sql, tuple(args)).fetchall()
         except self._errors as exc:
             raise StoreError(f"the vmpower store {self.path} could not be read: "
                              f"{self._describe(exc)}") from exc
 
-    def get(self, uuid: str) -> Optional[Record]:
+    def get(self, uuid: str) -> Record | None:
         rows = self._query(SQL_GET, (uuid,))
         return _row_to_record(rows[0]) if rows else None
 
-    def find(self, name_or_uuid: str, host: Optional[str] = None) -> Optional[Record]:
+    def find(self, name_or_uuid: str, host: str | None = None) -> Record | None:
         """The record with this UUID, else one with this name; with ``host``, only that
         minion's VM goes by the name (names are unique per hypervisor, not in a fleet)."""
         if host is None:
@@ -279,27 +282,27 @@ class Store(abc.ABC):
             rows = self._query(SQL_FIND_ON_HOST, (name_or_uuid, name_or_uuid, host, name_or_uuid))
         return _row_to_record(rows[0]) if rows else None
 
-    def get_many(self, uuids: Sequence[str]) -> Dict[str, Record]:
+    def get_many(self, uuids: Sequence[str]) -> dict[str, Record]:
         """The records of these UUIDs that exist, in a query per ``IN_CHUNK`` of them."""
-        found: Dict[str, Record] = {}
+        found: dict[str, Record] = {}
         for start in range(0, len(uuids), IN_CHUNK):
             part = uuids[start:start + IN_CHUNK]
             rows = self._query(sql_get_many(len(part)), part)
             found.update((row[0], _row_to_record(row)) for row in rows)
         return found
 
-    def count(self, host: Optional[str] = None) -> int:
+    def count(self, host: str | None = None) -> int:
         """How many records there are, or with ``host``, how many that minion owns."""
         if host is None:
             return self._query(SQL_COUNT)[0][0]
         return self._query(SQL_COUNT_ON_HOST, (host,))[0][0]
 
-    def for_host(self, host: str) -> Dict[str, Record]:
+    def for_host(self, host: str) -> dict[str, Record]:
         """Every record owned by the minion ``host``: a store shared by a fleet holds others too."""
         rows = self._query(SQL_FOR_HOST, (host,))
         return {row[0]: _row_to_record(row) for row in rows}
 
-    def history(self, uuid: str, limit: Optional[int] = None) -> List[dict]:
+    def history(self, uuid: str, limit: int | None = None) -> list[dict]:
         rows = self._query(SQL_HISTORY, (uuid,))
         if limit:
             rows = rows[-limit:]
@@ -309,7 +312,7 @@ class Store(abc.ABC):
         return entries
 
     # Writing
-    def commit(self, changes: Sequence[Change], at: float, notes: Sequence[Note] = ()) -> List[Change]:
+    def commit(self, changes: Sequence[Change], at: float, notes: Sequence[Note] = ()) -> list[Change]:
         """Write ``changes`` and the audit entries of ``changes`` and ``notes`` in one transaction.
 
         Each update is compare-and-set on the record's version: one that lost a race (or an
@@ -317,7 +320,7 @@ class Store(abc.ABC):
         re-read and decide again. Everything else commits together. Rows are written in UUID
         order, so two writers that share rows wait for each other instead of deadlocking.
         """
-        conflicts: List[Change] = []
+        conflicts: list[Change] = []
         audit_rows = [(at, n.record.uuid, n.record.name, n.record.host, n.cause.value, n.action,
                        "{}", "{}", n.reason) for n in notes]
         try:
@@ -360,7 +363,7 @@ class Store(abc.ABC):
     def locks(self, keys: Iterable[str], timeout: float = LOCK_TIMEOUT) -> Iterator[None]:
         """Hold several locks, taken in sorted order so that two holders cannot deadlock;
         ``timeout`` bounds the whole wait."""
-        taken: List[str] = []
+        taken: list[str] = []
         deadline = time.monotonic() + timeout
         try:
             for key in sorted(set(keys)):
@@ -371,7 +374,7 @@ class Store(abc.ABC):
             self._release_all(taken)
 
     @contextlib.contextmanager
-    def try_locks(self, keys: Iterable[str]) -> Iterator[Tuple[List[str], Dict[str, Optional[dict]]]]:
+    def try_locks(self, keys: Iterable[str]) -> Iterator[tuple[list[str], dict[str, dict | None]]]:
         """Take each of the locks ``keys`` that is free now, without waiting; yields
         ``(held, busy)``: the keys now held (sorted) and, for each busy key, its holder (as in
         LockBusy.holder). The held ones are released on leaving the block.
@@ -379,8 +382,8 @@ class Store(abc.ABC):
         A sync uses it: a VM whose lock another job holds is left for later, not waited for.
         A key this store holds already counts as busy (locks are not re-entrant).
         """
-        held: List[str] = []
-        busy: Dict[str, Optional[dict]] = {}
+        held: list[str] = []
+        busy: dict[str, dict | None] = {}
         try:
             for key in sorted(set(keys)):
                 if key not in self._held and self._take(key):
@@ -391,7 +394,7 @@ class Store(abc.ABC):
         finally:
             self._release_all(held)
 
-    def holder(self, key: str) -> Optional[dict]:
+    def holder(self, key: str) -> dict | None:
         """Who holds lock ``key``, as its holder wrote it when it took it; None if unknown.
         Only meaningful while the lock is held (a released lock says nothing)."""
         if key in self._held:
@@ -428,7 +431,7 @@ class Store(abc.ABC):
                         self.path, self._describe(exc))
         return True
 
-    def _release_all(self, keys: List[str]) -> None:
+    def _release_all(self, keys: list[str]) -> None:
         for key in reversed(keys):
             handle = self._held.pop(key)
             try:

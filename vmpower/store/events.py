@@ -13,7 +13,8 @@ from __future__ import annotations
 import contextlib
 import json
 import time
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from vmpower.core.fleet import RESYNC, SYNC, FleetEvent
 from vmpower.store.base import COLUMNS, IN_CHUNK, Store, StoreError
@@ -190,7 +191,7 @@ class FleetStore:
         self._write(rows, sorted(seen.items()), synced, loops, resyncs, skipped)
 
     def host_status(
-        self, minion: str, at: float, sync: Optional[Mapping] = None, loop: Optional[Mapping] = None
+        self, minion: str, at: float, sync: Mapping | None = None, loop: Mapping | None = None
     ) -> None:
         """What a minion says of itself (the job returner on the minion): its last sync's
         summary and its event loop's status."""
@@ -228,7 +229,7 @@ class FleetStore:
                 f"the vmpower fleet store {self.path} could not be written: {store._describe(exc)}"
             ) from exc
 
-    def prune(self, retention_days: float, now: Optional[float] = None) -> int:
+    def prune(self, retention_days: float, now: float | None = None) -> int:
         """Delete events older than ``retention_days`` (0 keeps everything); how many went."""
         if not retention_days:
             return 0
@@ -241,17 +242,17 @@ class FleetStore:
             ) from exc
 
     # Reading
-    def record_rows(self) -> List[Sequence]:
+    def record_rows(self) -> list[Sequence]:
         """Every VM record of the fleet as tuples in ``RECORD_COLUMNS`` order, by host and name."""
         columns = ", ".join(RECORD_COLUMNS)
         return self.store._query(f"SELECT {columns} FROM instances ORDER BY host, name, uuid")
 
-    def records(self) -> List[Dict[str, Any]]:
+    def records(self) -> list[dict[str, Any]]:
         """Every VM record of the fleet (those the minions wrote to this database)."""
         rows = self.store._query(f"SELECT {', '.join(RECORD_COLUMNS)} FROM instances")
         return [dict(zip(RECORD_COLUMNS, row)) for row in rows]
 
-    def last_changes(self) -> Dict[str, Dict[str, Any]]:
+    def last_changes(self) -> dict[str, dict[str, Any]]:
         from vmpower.store.postgres import PostgresStore
 
         # PostgreSQL walks audit_by_uuid once for DISTINCT ON (three times faster here than
@@ -263,9 +264,9 @@ class FleetStore:
         }
 
     @staticmethod
-    def last_changes_of(store: Store, uuids: Sequence[str]) -> Dict[str, Dict[str, Any]]:
+    def last_changes_of(store: Store, uuids: Sequence[str]) -> dict[str, dict[str, Any]]:
         """The newest change of each of ``uuids``, from any store (no fleet tables needed)."""
-        found: Dict[str, Dict[str, Any]] = {}
+        found: dict[str, dict[str, Any]] = {}
         for start in range(0, len(uuids), IN_CHUNK):
             part = list(uuids[start : start + IN_CHUNK])
             marks = ", ".join("?" * len(part))
@@ -277,13 +278,13 @@ class FleetStore:
                 found[row[0]] = {"at": row[1], "cause": row[2], "action": row[3], "reason": row[4]}
         return found
 
-    def last_events(self) -> Dict[str, Dict[str, Any]]:
+    def last_events(self) -> dict[str, dict[str, Any]]:
         return {
             row[0]: {"at": row[1], "minion": row[2], "transition": row[3], "reason": row[4]}
             for row in self.store._query(SQL_LAST_EVENTS)
         }
 
-    def hosts(self) -> Dict[str, Dict[str, Any]]:
+    def hosts(self) -> dict[str, dict[str, Any]]:
         found = {}
         for row in self.store._query(f"SELECT {', '.join(HOST_COLUMNS)} FROM fleet_hosts"):
             host = dict(zip(HOST_COLUMNS, row))
@@ -292,17 +293,17 @@ class FleetStore:
             found[host["minion"]] = host
         return found
 
-    def records_per_host(self) -> Dict[str, int]:
+    def records_per_host(self) -> dict[str, int]:
         return dict(self.store._query("SELECT host, count(*) FROM instances GROUP BY host"))
 
-    def counters(self) -> Dict[str, int]:
+    def counters(self) -> dict[str, int]:
         return {
             name: int(value) for name, value in self.store._query("SELECT name, value FROM fleet_counters")
         }
 
     def events(
-        self, uuid: Optional[str] = None, minion: Optional[str] = None, limit: int = 100
-    ) -> List[Dict[str, Any]]:
+        self, uuid: str | None = None, minion: str | None = None, limit: int = 100
+    ) -> list[dict[str, Any]]:
         """The newest ``limit`` events of one VM or one minion (or all), oldest first."""
         where, args = [], []
         if uuid:
@@ -325,7 +326,7 @@ class FleetStore:
             found.append(event)
         return found
 
-    def find_uuids(self, name_or_uuid: str, host: Optional[str] = None) -> List[str]:
+    def find_uuids(self, name_or_uuid: str, host: str | None = None) -> list[str]:
         """The UUIDs a name (or UUID) stands for in the fleet: names are unique per host only."""
         sql = "SELECT uuid FROM instances WHERE (uuid = ? OR name = ?)"
         args = [name_or_uuid, name_or_uuid]

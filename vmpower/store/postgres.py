@@ -20,7 +20,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import re
-from typing import List, Optional, Sequence
+from collections.abc import Sequence
 
 from vmpower.store.base import ADDED_COLUMNS, APPEND_ONLY, TABLES, Store, StoreError
 
@@ -83,7 +83,7 @@ def mask_password(dsn: str) -> str:
     return f"{scheme}://{head}{question}{query}"
 
 
-def _passwords(dsn: str) -> List[str]:
+def _passwords(dsn: str) -> list[str]:
     """The password as written in the DSN and as decoded, to keep out of error messages."""
     found = []
     if mask_password(dsn) != dsn:
@@ -152,7 +152,7 @@ class PostgresStore(Store):
         with self._db.cursor() as cursor:
             cursor.executemany(_driver_sql(sql), rows)
 
-    def _try_lock(self, key: str) -> Optional[int]:
+    def _try_lock(self, key: str) -> int | None:
         ident = lock_id(key)
         taken = self._db.execute("SELECT pg_try_advisory_lock(%s)", (ident,)).fetchone()[0]
         return ident if taken else None
@@ -161,7 +161,7 @@ class PostgresStore(Store):
         self._db.execute("INSERT INTO lock_holders (key, holder) VALUES (%s, %s) "
                          "ON CONFLICT (key) DO UPDATE SET holder = EXCLUDED.holder", (key, holder))
 
-    def _read_holder(self, key: str) -> Optional[str]:
+    def _read_holder(self, key: str) -> str | None:
         row = self._db.execute("SELECT holder FROM lock_holders WHERE key = %s", (key,)).fetchone()
         return row[0] if row else None
 

@@ -12,7 +12,7 @@ import fcntl
 import logging
 import os
 import sqlite3
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 from vmpower.store.base import ADDED_COLUMNS, APPEND_ONLY, TABLES, Store
 
@@ -81,7 +81,7 @@ class SqliteStore(Store):
     def _lock_path(self, key: str) -> str:
         return os.path.join(self._lock_dir, key.replace("/", "_") + ".lock")
 
-    def _try_lock(self, key: str) -> Optional[int]:
+    def _try_lock(self, key: str) -> int | None:
         fd = os.open(self._lock_path(key), os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -95,7 +95,7 @@ class SqliteStore(Store):
         os.ftruncate(fd, 0)
         os.pwrite(fd, holder.encode(), 0)
 
-    def _read_holder(self, key: str) -> Optional[str]:
+    def _read_holder(self, key: str) -> str | None:
         try:
             with open(self._lock_path(key)) as handle:
                 return handle.read()
