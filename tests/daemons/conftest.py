@@ -35,8 +35,8 @@ import contextlib
 import copy
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator, List, Optional
 
 import psutil
 import pytest
@@ -73,7 +73,7 @@ _HERE = Path(__file__).resolve().parent
 DAEMON_LOG_LEVEL = os.environ.get("VMPOWER_DAEMON_LOG_LEVEL", "warning").lower()
 
 #: Start-up times of the daemons this session, shown in pytest's terminal summary.
-TIMINGS: List[str] = []
+TIMINGS: list[str] = []
 
 
 def pytest_collection_modifyitems(config, items):
@@ -89,14 +89,14 @@ def pytest_terminal_summary(terminalreporter):
             terminalreporter.write_line(line)
 
 
-def _merge(base: dict, extra: Optional[dict]) -> dict:
+def _merge(base: dict, extra: dict | None) -> dict:
     merged = copy.deepcopy(base)
     if extra:
         salt.utils.dictupdate.update(merged, copy.deepcopy(extra))
     return merged
 
 
-def master_config(extra: Optional[dict] = None, file_root: Path = REPO_ROOT) -> dict:
+def master_config(extra: dict | None = None, file_root: Path = REPO_ROOT) -> dict:
     """The master overrides vmpower's tests use, with ``extra`` merged in; ``file_root`` is
     where ``salt://_modules`` etc. come from (the repo root, or a ``repo_view`` of it).
 
@@ -112,8 +112,8 @@ def master_config(extra: Optional[dict] = None, file_root: Path = REPO_ROOT) -> 
     }, extra)
 
 
-def minion_config(uri: Optional[str] = DEFAULT_URI, vmpower: Optional[dict] = None,
-                  beacons: Optional[dict] = None, extra: Optional[dict] = None) -> dict:
+def minion_config(uri: str | None = DEFAULT_URI, vmpower: dict | None = None,
+                  beacons: dict | None = None, extra: dict | None = None) -> dict:
     """The minion overrides: ``vmpower: {uri: ...}`` (left out if ``uri`` and ``vmpower`` are
     None), ``beacons`` if given, Salt's default ``loop_interval``, then ``extra`` merged in.
 
@@ -250,7 +250,7 @@ class MinionFactory:
         self.default_uri = default_uri
         self.overrides = overrides
         self._tmp = tmp_path_factory
-        self._plain_python: Optional[Path] = None
+        self._plain_python: Path | None = None
         self._managers: dict = {}  # python executable -> (FactoriesManager, its root)
 
     def config(self, uri="default", vmpower=None, beacons=None, overrides=None) -> dict:
@@ -296,9 +296,9 @@ class MinionFactory:
             self._managers[key] = (manager, root)
         return self._managers[key]
 
-    def create(self, minion_id: str, *, uri="default", vmpower: Optional[dict] = None,
-               beacons: Optional[dict] = None, overrides: Optional[dict] = None,
-               entry_point: bool = True, python: Optional[Path] = None):
+    def create(self, minion_id: str, *, uri="default", vmpower: dict | None = None,
+               beacons: dict | None = None, overrides: dict | None = None,
+               entry_point: bool = True, python: Path | None = None):
         """A minion factory, not started. ``uri`` (``None``: leave ``vmpower:uri`` out of the
         config), ``vmpower`` (more of the minion's ``vmpower:`` section), ``beacons`` (the
         minion's ``beacons:`` setting, e.g. ``{"vmpower": beacon_config(uri=...)}``),

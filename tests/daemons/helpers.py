@@ -22,8 +22,9 @@ import sys
 import sysconfig
 import time
 import venv
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, List, Optional
+from typing import Any, Callable
 
 import pytest
 import yaml
@@ -55,7 +56,7 @@ def _as_datetime(after_ts) -> datetime.datetime:
     return datetime.datetime.fromtimestamp(float(after_ts), tz=datetime.timezone.utc)
 
 
-def events_since(listener, after_ts, tag_pattern: str = "*", daemon_id: Optional[str] = None):
+def events_since(listener, after_ts, tag_pattern: str = "*", daemon_id: str | None = None):
     """The events (factories ``Event`` objects) whose tag matches ``tag_pattern``
     (fnmatch), stamped at or after ``after_ts`` (epoch seconds), oldest first."""
     after = _as_datetime(after_ts)
@@ -69,7 +70,7 @@ def events_since(listener, after_ts, tag_pattern: str = "*", daemon_id: Optional
 
 
 def wait_for_event(listener, tag_pattern: str, after_ts: float, timeout: float = 30, *,
-                   daemon_id: Optional[str] = None, match: Optional[Callable[[dict], bool]] = None,
+                   daemon_id: str | None = None, match: Callable[[dict], bool] | None = None,
                    full: bool = False):
     """Wait for an event whose tag matches ``tag_pattern`` (fnmatch) stamped after ``after_ts``.
 
@@ -121,8 +122,8 @@ def wait_until(condition: Callable[[], Any], timeout: float, what,
         time.sleep(interval)
 
 
-def beacon_events(listener, minion_id: str, after_ts: float, uuid: Optional[str] = None,
-                  kind: str = "lifecycle/*", daemon_id: Optional[str] = None) -> list:
+def beacon_events(listener, minion_id: str, after_ts: float, uuid: str | None = None,
+                  kind: str = "lifecycle/*", daemon_id: str | None = None) -> list:
     """The vmpower beacon events of ``minion_id`` since ``after_ts`` (``kind``: a tag tail
     such as ``lifecycle/*``, ``lifecycle/stopped`` or ``resync``), of one domain if ``uuid``."""
     return [event for event in events_since(listener, after_ts,
@@ -140,7 +141,7 @@ def wait_for_lifecycle(listener, master_id: str, minion_id: str, transition: str
 
 
 def wait_for_job_return(listener, master_id: str, minion_id: str, fun: str, after_ts: float,
-                        timeout: float = 60, match: Optional[Callable[[Any], bool]] = None) -> dict:
+                        timeout: float = 60, match: Callable[[Any], bool] | None = None) -> dict:
     """Wait for the return of a ``fun`` job on ``minion_id`` on the master bus (jobs the
     reactor or the scheduler started included), optionally one whose return value passes
     ``match``; returns the return event's data (``fun``, ``return``, ``success``...)."""
@@ -177,8 +178,8 @@ def salt_call(salt_minion, fun: str, *args, check: bool = True, cli_timeout: int
 
 
 def salt_cmd(salt_master, tgt: str, fun: str, *args, check: bool = True,
-             cli_timeout: int = 120, expect: Optional[Iterable[str]] = None,
-             **kwargs) -> Dict[str, Any]:
+             cli_timeout: int = 120, expect: Iterable[str] | None = None,
+             **kwargs) -> dict[str, Any]:
     """Run ``salt <tgt> fun args kwargs`` on the master; return ``{minion_id: return}``.
 
     ``expect`` lists minion ids that must have answered (defaults to ``[tgt]`` when ``tgt``
@@ -199,10 +200,10 @@ def salt_cmd(salt_master, tgt: str, fun: str, *args, check: bool = True,
     return returns
 
 
-def _per_minion(result) -> Dict[str, Any]:
+def _per_minion(result) -> dict[str, Any]:
     """factories unwraps the return of a single targeted minion; undo that, and parse the
     one-JSON-document-per-minion output ourselves so the shape never depends on ``tgt``."""
-    returns: Dict[str, Any] = {}
+    returns: dict[str, Any] = {}
     decoder = json.JSONDecoder()
     text, pos = (result.stdout or "").strip(), 0
     while pos < len(text):
@@ -218,7 +219,7 @@ def _per_minion(result) -> Dict[str, Any]:
     return returns
 
 
-def minion_return(returns: Dict[str, Any], minion_id: str) -> Any:
+def minion_return(returns: dict[str, Any], minion_id: str) -> Any:
     """One minion's return from ``salt_cmd``'s dict, failing clearly when it is missing."""
     if minion_id not in returns:
         pytest.fail(f"no return from {minion_id}; got {sorted(returns)}", pytrace=False)
@@ -267,7 +268,7 @@ class PillarTree:
 
     def __init__(self, root: Path):
         self.root = Path(root)
-        self._data: Dict[str, dict] = {}
+        self._data: dict[str, dict] = {}
         self._write_top()
 
     @staticmethod
@@ -292,7 +293,7 @@ class PillarTree:
         self._data[minion_id] = copy.deepcopy(data)
         self._write_top()
 
-    def clear(self, minion_id: Optional[str] = None):
+    def clear(self, minion_id: str | None = None):
         """Remove the pillar of one minion, or of every minion."""
         for mid in ([minion_id] if minion_id else list(self._data)):
             self._data.pop(mid, None)
@@ -328,7 +329,7 @@ def store_path(salt_minion) -> Path:
     return Path(salt_minion.config["vmpower"]["store"])
 
 
-def vm_record(salt_minion, uuid: str) -> Optional[dict]:
+def vm_record(salt_minion, uuid: str) -> dict | None:
     """The record of domain ``uuid`` in ``salt_minion``'s store, read-only, or None.
 
     Read straight from the SQLite file, so a test can poll it cheaply; the audit log is read
@@ -357,7 +358,7 @@ def wait_for_record(salt_minion, uuid: str, timeout: float = 60, **expected) -> 
                       f"to have {expected}; it is {vm_record(salt_minion, uuid)!r}")
 
 
-def history(salt_minion, target: str) -> List[dict]:
+def history(salt_minion, target: str) -> list[dict]:
     """``vmpower.history <target>`` through ``salt-call`` on ``salt_minion``."""
     entries = salt_call(salt_minion, "vmpower.history", target)
     if not isinstance(entries, list):
@@ -375,7 +376,7 @@ def beacon_status(salt_minion, name: str = "vmpower") -> dict:
         return {}
 
 
-def refresh_pillar_and_settle(salt_master, pillar_tree: "PillarTree", listener, salt_minion,
+def refresh_pillar_and_settle(salt_master, pillar_tree: PillarTree, listener, salt_minion,
                               data: dict, timeout: float = 60) -> None:
     """``set_pillar`` on a minion that runs the vmpower beacon, then wait until what the
     refresh sets off is over.
@@ -410,15 +411,15 @@ def refresh_pillar_and_settle(salt_master, pillar_tree: "PillarTree", listener, 
 # ---------------------------------------------------------------------------------------------
 # Beacons
 # ---------------------------------------------------------------------------------------------
-def beacon_config(uri: Optional[str] = None, stop_grace: Optional[float] = None,
-                  **more) -> List[dict]:
+def beacon_config(uri: str | None = None, stop_grace: float | None = None,
+                  **more) -> list[dict]:
     """The vmpower beacon's configuration in Salt's list-of-dicts form, e.g.
     ``[{"uri": "test:///default"}, {"stop_grace": 2}]``; ``None`` values are left out."""
     items = {"uri": uri, "stop_grace": stop_grace, **more}
     return [{key: value} for key, value in items.items() if value is not None]
 
 
-def add_beacon(salt_master, minion_id: str, config: List[dict], name: str = "vmpower",
+def add_beacon(salt_master, minion_id: str, config: list[dict], name: str = "vmpower",
                save: bool = False) -> dict:
     """Add a beacon to a running minion with ``beacons.add`` (validated by the beacon's
     ``validate``); ``save`` also writes it to the minion's ``minion.d/beacons.conf``."""
@@ -455,9 +456,9 @@ def repo_view(dest: Path, repo: Path = REPO_ROOT) -> Path:
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
     for entry in sorted(Path(repo).iterdir()):
-        if entry.name.startswith("_") and not entry.name.startswith("__") and entry.is_dir():
-            if not (dest / entry.name).exists():
-                (dest / entry.name).symlink_to(entry)
+        if (entry.name.startswith("_") and not entry.name.startswith("__") and entry.is_dir()
+                and not (dest / entry.name).exists()):
+            (dest / entry.name).symlink_to(entry)
     return dest
 
 
@@ -480,11 +481,11 @@ def _vmpower_site_entries(site_packages: Path) -> set:
                 names.add(full.relative_to(site_packages.resolve()).parts[0])
             except ValueError:
                 continue
-        names.add(Path(dist._path).name)  # the .dist-info directory itself  # noqa: SLF001
+        names.add(Path(dist._path).name)  # the .dist-info directory itself
     return names
 
 
-def clean_environ(base: Optional[dict] = None) -> dict:
+def clean_environ(base: dict | None = None) -> dict:
     """The environment for a process that must not see the vmpower checkout."""
     env = dict(os.environ if base is None else base)
     for key in ("PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP", "VIRTUAL_ENV", "PYTHONUSERBASE"):
@@ -536,7 +537,7 @@ def python_without_vmpower(dest: Path) -> Path:
     return python
 
 
-def probe_python(python: Path, cwd: Optional[Path] = None) -> dict:
+def probe_python(python: Path, cwd: Path | None = None) -> dict:
     """What ``python`` sees: salt.loader entry points, where vmpower imports from (or None)."""
     out = subprocess.run([str(python), "-c", PROBE], capture_output=True, text=True,
                          env=clean_environ(), cwd=str(cwd or "/"), check=False)
@@ -610,12 +611,38 @@ def loader_dirs(python: Path, cwd: Path) -> dict:
 
 
 __all__ = [
-    "REPO_ROOT", "REACTOR", "DEFAULT_URI", "TEST_URI", "events_since", "wait_for_event",
-    "salt_call", "salt_cmd", "minion_return", "is_not_available", "send_event",
-    "fire_beacon_event", "PillarTree", "set_pillar",
-    "beacon_config", "add_beacon", "delete_beacon", "repo_view", "python_without_vmpower",
+    "DEFAULT_URI",
+    "REACTOR",
+    "REPO_ROOT",
+    "TEST_URI",
+    "PillarTree",
+    "add_beacon",
+    "beacon_config",
+    "beacon_events",
+    "beacon_status",
+    "build_wheel",
+    "clean_environ",
+    "delete_beacon",
+    "events_since",
+    "fire_beacon_event",
+    "history",
+    "is_not_available",
+    "loader_dirs",
+    "minion_return",
     "probe_python",
-    "clean_environ", "wait_until", "beacon_events", "wait_for_lifecycle", "wait_for_job_return",
-    "store_path", "vm_record", "wait_for_record", "history", "build_wheel", "python_with_wheel",
-    "loader_dirs", "beacon_status", "refresh_pillar_and_settle",
+    "python_with_wheel",
+    "python_without_vmpower",
+    "refresh_pillar_and_settle",
+    "repo_view",
+    "salt_call",
+    "salt_cmd",
+    "send_event",
+    "set_pillar",
+    "store_path",
+    "vm_record",
+    "wait_for_event",
+    "wait_for_job_return",
+    "wait_for_lifecycle",
+    "wait_for_record",
+    "wait_until",
 ]

@@ -6,6 +6,7 @@ import threading
 import time
 
 import pytest
+
 from vmpower_lab import lab
 
 libvirt = pytest.importorskip("libvirt")

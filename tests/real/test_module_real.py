@@ -20,7 +20,7 @@ def vmpower(load_minion, libvirt_daemon):
 
 
 def test_get_info_of_a_running_guest(vmpower, make_guest):
-    guest, dom = make_guest("acpi")
+    guest, _dom = make_guest("acpi")
     info = vmpower["vmpower.get_info"](guest.name)
     assert info["uuid"] == guest.uuid and info["power_state"] == "running"
     assert (info["max_mem"], info["num_cpu"]) == (32 * 1024, 1)  # KiB, as libvirt gives it

@@ -85,8 +85,8 @@ def test_observe_mode_records_and_reports_but_never_acts(minion, testdriver):
     [action] = [a for a in report["actions"] if a["name"] == off.name()]
     assert (action["action"], action["result"]) == ("power_off", "observe mode: would power off; not done")
     assert off.isActive()  # left running
-    records, audit = snapshot(store)
-    mine = [row for row in records if row[0] == off.UUIDString()][0]
+    records, _audit = snapshot(store)
+    mine = next(row for row in records if row[0] == off.UUIDString())
     assert mine[3:5] == ("stopped", "running")  # the truth recorded, the intent kept
     entries = mods["vmpower.history"](off.name())
     assert entries[-1]["action"] == "observe"

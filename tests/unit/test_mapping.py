@@ -15,7 +15,9 @@ from vmpower.core.mapping import (
     translate_lifecycle,
     translate_reboot,
 )
-from vmpower.core.model import LiveState, PowerState as P, Transition as T
+from vmpower.core.model import LiveState
+from vmpower.core.model import PowerState as P
+from vmpower.core.model import Transition as T
 
 EVERY_EVENT = [(event, detail) for event, (_, _, details) in LIFECYCLE_EVENTS.items()
                for detail in details]

@@ -54,8 +54,8 @@ CELLS = list(itertools.product(V, P, P))  # vm_state, recorded power, live power
 
 
 def record(vm_state=V.ACTIVE, power=P.RUNNING, **kw):
-    fields = dict(uuid="u-1", name="vm1", host=HOST, vm_state=vm_state, power_state=power,
-                  version=3, boot_id=BOOT)
+    fields = {"uuid": "u-1", "name": "vm1", "host": HOST, "vm_state": vm_state, "power_state": power,
+                  "version": 3, "boot_id": BOOT}
     fields.update(kw)
     return Record(**fields)
 
@@ -112,7 +112,7 @@ def test_every_cell_as_a_sync_first_sees_it(vm_state, recorded, power):
         assert decision.retry_in == SETTINGS.stop_grace and "waiting 15s more" in decision.reason
         assert decision.observed["off_since"] == CLOCK  # first seen off now, on this clock
     else:
-        action, vm_after, warning = EXPECTED.get((vm_state, power), (Action.NONE, None, False))
+        action, vm_after, _warning = EXPECTED.get((vm_state, power), (Action.NONE, None, False))
         if (vm_state, power) in HELD:  # recorded off already, but since when is not known
             action, vm_after = Action.NONE, None
         assert decision.action is action and decision.outcome.get("vm_state") is vm_after

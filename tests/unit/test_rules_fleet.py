@@ -41,8 +41,8 @@ OFF_STATES = [LiveState(P.SHUTDOWN, "shutdown"), LiveState(P.SHUTDOWN, "destroye
 
 
 def record(vm_state=V.ACTIVE, power=P.RUNNING, **kw):
-    fields = dict(uuid="u-1", name="vm1", host=HOST, vm_state=vm_state, power_state=power,
-                  version=3, boot_id=BOOT)
+    fields = {"uuid": "u-1", "name": "vm1", "host": HOST, "vm_state": vm_state, "power_state": power,
+                  "version": 3, "boot_id": BOOT}
     fields.update(kw)
     return Record(**fields)
 
@@ -270,7 +270,7 @@ class TestOneGrace:
 
 
 class TestCrashesFollowLibvirt:
-    CRASHES = [LiveState(P.CRASHED, "panicked"), LiveState(P.SHUTDOWN, "crashed")]
+    CRASHES = (LiveState(P.CRASHED, "panicked"), LiveState(P.SHUTDOWN, "crashed"))
 
     @pytest.mark.parametrize("live", CRASHES)
     @pytest.mark.parametrize("on_crash", sorted(LIBVIRT_HANDLES_CRASH))

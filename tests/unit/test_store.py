@@ -17,8 +17,8 @@ from vmpower.store import Change, LockBusy, StoreError, open_store
 
 
 def rec(uuid="u-1", **kw):
-    fields = dict(uuid=uuid, name="vm1", host="h1", vm_state=VmState.ACTIVE,
-                  power_state=PowerState.RUNNING, version=1)
+    fields = {"uuid": uuid, "name": "vm1", "host": "h1", "vm_state": VmState.ACTIVE,
+                  "power_state": PowerState.RUNNING, "version": 1}
     fields.update(kw)
     return Record(**fields)
 
@@ -198,9 +198,9 @@ def test_the_instance_lock_holds_across_processes(store, store_location):
     """, store_location)
     try:
         assert holder.stdout.readline().strip() == "holding"
-        with pytest.raises(StoreError, match="could not take the vmpower lock 'u-1'"):
-            with store.lock("u-1", timeout=0.2):
-                pass
+        with pytest.raises(StoreError, match="could not take the vmpower lock 'u-1'"), \
+                store.lock("u-1", timeout=0.2):
+            pass
         with store.lock("u-2", timeout=0.2):  # other instances are not held up
             pass
     finally:
@@ -282,9 +282,8 @@ def test_a_sync_takes_the_free_locks_and_is_told_who_holds_the_others(store, sto
         with store.try_locks(["u-2", "u-3"]) as (held, busy):  # released on leaving the block
             assert held == ["u-2", "u-3"] and busy == {}
         # A blocking wait is bounded, and its error names the lock, the VM and the holder.
-        with pytest.raises(LockBusy) as raised:
-            with store.lock("u-1", timeout=0.2):
-                pass
+        with pytest.raises(LockBusy) as raised, store.lock("u-1", timeout=0.2):
+            pass
         message = str(raised.value)
         assert message.startswith("could not take the vmpower lock 'u-1' within 0.2s: "
                                   "the instance lock of web1 (u-1) is held by pid "
@@ -302,16 +301,16 @@ def test_a_sync_takes_the_free_locks_and_is_told_who_holds_the_others(store, sto
 
 
 def test_the_host_lock_is_named_as_the_sync_lock(store, store_location):
-    with open_store(store_location) as second, store.lock("host-m1"):
-        with pytest.raises(LockBusy, match="the sync lock of minion m1 is held by pid "):
-            with second.lock("host-m1", timeout=0):
-                pass
+    with open_store(store_location) as second, store.lock("host-m1"), \
+            pytest.raises(LockBusy, match="the sync lock of minion m1 is held by pid "), \
+            second.lock("host-m1", timeout=0):
+        pass
 
 
 def test_several_locks_share_one_bounded_wait(store, store_location):
     with open_store(store_location) as second, store.lock("u-2"):
-        with pytest.raises(LockBusy, match="'u-2' within 0.3s"):
-            with second.locks(["u-1", "u-2", "u-3"], timeout=0.3):
-                pass
+        with pytest.raises(LockBusy, match="'u-2' within 0.3s"), \
+                second.locks(["u-1", "u-2", "u-3"], timeout=0.3):
+            pass
         with second.try_locks(["u-1", "u-3"]) as (held, busy):  # u-1 was given back
             assert held == ["u-1", "u-3"] and busy == {}

@@ -25,8 +25,8 @@ A, B = "minion-a", "minion-b"
 
 
 def owned_by(host, uuid, name, **fields):
-    values = dict(uuid=uuid, name=name, host=host, vm_state=VmState.ACTIVE,
-                  power_state=PowerState.RUNNING, version=1)
+    values = {"uuid": uuid, "name": name, "host": host, "vm_state": VmState.ACTIVE,
+                  "power_state": PowerState.RUNNING, "version": 1}
     values.update(fields)
     return Record(**values)
 
@@ -65,9 +65,9 @@ def test_locks_hold_across_minions_and_end_with_their_connection(postgres_dsn):
     try:
         with a.lock("u-1"), a.lock(f"host-{A}"):
             with pytest.raises(StoreError, match=f"could not take the vmpower lock 'u-1' within 0.1s: "
-                                                 f"the instance lock of u-1 is held by pid {os.getpid()} "):
-                with b.lock("u-1", timeout=0.1):
-                    pass
+                                                 f"the instance lock of u-1 is held by pid {os.getpid()} "), \
+                    b.lock("u-1", timeout=0.1):
+                pass
             with b.locks([f"host-{B}", "u-2"], timeout=0.1):  # other hosts and VMs go on
                 pass
         with b.lock("u-1", timeout=0.1):  # released on leaving the block
@@ -123,9 +123,9 @@ def test_the_audit_log_cannot_be_truncated(postgres_dsn):
 
     with open_store(postgres_dsn) as store:
         store.commit([Change(None, owned_by(A, "u-1", "vm1"), Cause.SYNC, "adopt", "x")], at=1.0)
-        with psycopg.connect(postgres_dsn, autocommit=True) as db:
-            with pytest.raises(psycopg.Error, match="append-only"):
-                db.execute("TRUNCATE audit")
+        with psycopg.connect(postgres_dsn, autocommit=True) as db, \
+                pytest.raises(psycopg.Error, match="append-only"):
+            db.execute("TRUNCATE audit")
         assert len(store.history("u-1")) == 1
 
 
@@ -191,8 +191,8 @@ def test_without_psycopg_sqlite_works_and_a_dsn_names_the_missing_package(tmp_pa
     """)
     out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "records.sqlite")],
                          capture_output=True, text=True, check=True).stdout.splitlines()
-    assert out == ["sqlite 0", "the vmpower store postgresql://vmpower:***@db/fleet needs the "
-                   "PostgreSQL driver psycopg, which is not installed: pip install 'psycopg[binary]'"]
+    assert out == ["sqlite 0", ("the vmpower store postgresql://vmpower:***@db/fleet needs the "
+                   "PostgreSQL driver psycopg, which is not installed: pip install 'psycopg[binary]'")]
 
 
 def test_the_scheme_may_be_written_in_any_case(postgres_dsn):
