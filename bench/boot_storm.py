@@ -87,17 +87,17 @@ def markdown(result: dict) -> str:
     return "\n".join([
         f"## Part {PART}: {TITLE.lower()}",
         "",
-        f"{result['domains']} domains of libvirt's test driver started at once; the master's jobs "
+        (f"{result['domains']} domains of libvirt's test driver started at once; the master's jobs "
         f"are what the shipped reactor runs for what the beacon fires (one reconcile per "
-        f"lifecycle event, one sync per resync). See `bench/boot_storm.py`.",
+        f"lifecycle event, one sync per resync). See `bench/boot_storm.py`."),
         "",
         harness.table(["storm guard", "libvirt callbacks", "reconcile jobs", "sync jobs",
                        "jobs on the master"], rows),
         "",
-        f"Jobs with the guard ÷ without: {on['jobs']} / {off['jobs']} = "
+        (f"Jobs with the guard ÷ without: {on['jobs']} / {off['jobs']} = "
         f"{harness.ratio(on['jobs'] / off['jobs']) if off['jobs'] else 'n/a'}; target: at most "
         f"burst_limit + 1 = {result['bound']} jobs for the whole storm: "
-        f"{'met' if result['met'] else '**not met**'}.",
+        f"{'met' if result['met'] else '**not met**'}."),
     ])
 
 

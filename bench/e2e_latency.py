@@ -26,7 +26,6 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Dict, List
 
 from bench import harness
 
@@ -47,8 +46,8 @@ class Recorder:
 
     def __init__(self):
         self.lock = threading.Condition()
-        self.events: List[dict] = []   # {uuid, transition, callback, on_bus}
-        self.returns: List[dict] = []  # {uuid, transition, at}
+        self.events: list[dict] = []   # {uuid, transition, callback, on_bus}
+        self.returns: list[dict] = []  # {uuid, transition, at}
 
     def __call__(self, tag: str, data: dict, arrived: float) -> None:
         with self.lock:
@@ -70,7 +69,7 @@ class Recorder:
             if not self.lock.wait_for(arrived, timeout):
                 raise TimeoutError(f"no {transition} of {uuid} on the master's bus in {timeout} s")
 
-    def latencies(self) -> Dict[str, Dict[str, List[float]]]:
+    def latencies(self) -> dict[str, dict[str, list[float]]]:
         """Per kind (``immediate``, ``stopped``): callback -> bus and callback -> decision."""
         out = {kind: {"bus": [], "decision": []} for kind in ("immediate", "stopped")}
         with self.lock:
@@ -88,14 +87,14 @@ class Recorder:
         return out
 
 
-def _percentile(values: List[float], q: float) -> float:
+def _percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     if len(ordered) == 1:
         return ordered[0]
     return statistics.quantiles(ordered, n=100, method="inclusive")[int(q) - 1]
 
 
-def _summary(values: List[float]) -> dict:
+def _summary(values: list[float]) -> dict:
     return {"n": len(values), "p50": _percentile(values, 50), "p99": _percentile(values, 99),
             "max": max(values)} if values else {"n": 0}
 
@@ -208,12 +207,12 @@ def markdown(result: dict) -> str:
     return "\n".join([
         f"## Part {PART}: {TITLE.lower()}",
         "",
-        f"{transitions} transitions of {result['guests']} real QEMU guests (TCG) on a real "
+        (f"{transitions} transitions of {result['guests']} real QEMU guests (TCG) on a real "
         f"libvirtd, a real salt-minion with the vmpower beacon and a real salt-master with the "
         f"shipped reactor, at Salt's default loop_interval ({result['loop_interval']:g} s). "
         f"Latency runs from libvirt's callback in the minion (the event's timestamp). The "
         f"baseline is a periodic sync every {NOVA_INTERVAL:g} s (Nova's default with events "
-        f"off), whose time to notice is uniform over the interval. See `bench/e2e_latency.py`.",
+        f"off), whose time to notice is uniform over the interval. See `bench/e2e_latency.py`."),
         "",
         harness.table(["beacon path", "transitions", "latency", "n", "p50", "p99",
                        "periodic sync p50", "sync p50 ÷ vmpower p50"], rows),

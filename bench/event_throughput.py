@@ -65,8 +65,9 @@ import contextlib
 import sys
 import threading
 import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List, Sequence
+from typing import Callable
 
 import libvirt
 
@@ -190,10 +191,10 @@ class Tally:
     """The dicts a watcher fired, counted by transition and let go, as Salt fires and forgets."""
 
     def __init__(self) -> None:
-        self.fired: Dict[str, int] = collections.Counter()
-        self.resyncs: List[list] = []
+        self.fired: dict[str, int] = collections.Counter()
+        self.resyncs: list[list] = []
 
-    def add(self, events: List[dict]) -> None:
+    def add(self, events: list[dict]) -> None:
         for event in events:
             if event["tag"] == "resync":
                 self.resyncs.append([event["reason"], event["lost"]])
@@ -213,7 +214,7 @@ def watching(stop_grace: float, queue_size: int) -> Iterator[eventloop.Watcher]:
     The watcher's thread does the work; ``settle()`` before each drain waits for it."""
     watcher = eventloop.Watcher(BeaconSettings(uri=URI, stop_grace=stop_grace, queue_size=queue_size,
                                                burst_limit=0))
-    first: List[dict] = []
+    first: list[dict] = []
     _wait(lambda: watcher.settle() and first.extend(watcher.drain()) is None and first,
           "the watcher's first connection")
     if first != [eventloop.resync_data("connected", 0)]:
@@ -232,8 +233,8 @@ def stream(host: Host, events: int, consume: Callable[[], bool]) -> dict:
     consumed (a few ms: the path kept up with the operations).
     """
     started = time.perf_counter()
-    performed: List[float] = []
-    failed: List[BaseException] = []
+    performed: list[float] = []
+    failed: list[BaseException] = []
 
     def perform() -> None:
         try:
@@ -284,9 +285,9 @@ def stream_vmpower(host: Host, events: int, watcher: eventloop.Watcher) -> dict:
     return {**tally.work(watcher), **timing}
 
 
-def record(host: Host, events: int) -> List[tuple]:
+def record(host: Host, events: int) -> list[tuple]:
     """The arguments of every lifecycle callback libvirt makes during ``host.perform(events)``."""
-    calls: List[tuple] = []
+    calls: list[tuple] = []
     with contextlib.closing(Listener(lambda *args: calls.append(args))):
         host.perform(events)
         _wait(lambda: len(calls) >= events, f"{events:,} recorded callbacks")
@@ -324,7 +325,7 @@ def storm(host: Host, burst: int, watcher: eventloop.Watcher) -> dict:
     return {**tally.work(watcher), "drain_seconds": drain_seconds}
 
 
-def transitions(events: int) -> List[str]:
+def transitions(events: int) -> list[str]:
     """The transition of each event ``Host.perform(events)`` makes, in order."""
     one_round = [TRANSITION[operation] for operation in ROUND for _ in range(DOMAINS)]
     return one_round * (events // ROUND_EVENTS)
@@ -448,8 +449,8 @@ def markdown(result: dict) -> str:
                f"{point['lost']:,}", f"{point['expected_lost']:,}",
                "yes" if point["lost"] == point["expected_lost"] else "**no**",
                f"{sum(point['work']['fired'].values()):,}",
-               f"{harness.seconds(point['work']['drain_seconds'])} "
-               f"({point['work']['drain_seconds'] / queue_size * 1e6:.2f} µs/event)"]
+               (f"{harness.seconds(point['work']['drain_seconds'])} "
+               f"({point['work']['drain_seconds'] / queue_size * 1e6:.2f} µs/event)")]
               for point in storm_result["bursts"]]
     replayed = next(point for point in series if point["kind"] == REPLAY and point["stop_grace"] == 0)
     per_event_drain = {"storm": storm_result["bursts"][-1]["work"]["drain_seconds"] / queue_size,
@@ -460,7 +461,7 @@ def markdown(result: dict) -> str:
                None: f"not measured (no run of {TARGET_EVENTS:,} events)"}
     return "\n\n".join([
         f"## Part {PART}: {TITLE.lower()}",
-        f"{events:,} lifecycle events from real operations on {result['domains']} domains of "
+        (f"{events:,} lifecycle events from real operations on {result['domains']} domains of "
         f"libvirt's test driver (in-process), delivered by libvirt's event loop thread to the "
         f"callbacks it has registered: per domain and round 9 × suspend and resume, then destroy "
         f"and start (paused, resumed, stopped, started). The beacon drains every "
@@ -468,21 +469,21 @@ def markdown(result: dict) -> str:
         f"run's duration measures the path, not the wait for the next tick (per event a drain "
         f"costs the same whichever the cadence). Each row runs in a fresh process; time is the "
         f"best of {best_of} runs, memory the tracemalloc peak of the Python heap (every thread) "
-        f"during one more. See `bench/event_throughput.py`.",
-        "**Throughput** (÷ floor: the run's time over the floor's; lag: how long after the last "
-        "operation returned everything was drained)",
+        f"during one more. See `bench/event_throughput.py`."),
+        ("**Throughput** (÷ floor: the run's time over the floor's; lag: how long after the last "
+        "operation returned everything was drained)"),
         harness.table(["series", "what runs", "events/s", "per event", "÷ floor", "peak memory",
                        "event dicts", "lag"], throughput),
-        f"The end-to-end rows share one process and one GIL with the test driver performing the "
+        (f"The end-to-end rows share one process and one GIL with the test driver performing the "
         f"operations, which on a real host libvirtd does in its own process. vmpower's own cost, "
         f"without libvirt producing or delivering anything ({result['replay_batch']:,} recorded "
-        f"callbacks replayed, then drained):",
+        f"callbacks replayed, then drained):"),
         harness.table(["series", "callback (enqueue)", "drain (translate, dicts)", "total",
                        "events/s"], own),
         "**Storm** (stop_grace 0; no drain until libvirt made every callback, then one drain)",
         harness.table(["burst", "queue_size", "peak memory", "resync lost", "burst − queue_size",
                        "exact", "event dicts", "the drain"], storms),
-        f"Peak memory at the largest burst ÷ at the smallest: {storm_result['peak_ratio']:.3f}× "
+        (f"Peak memory at the largest burst ÷ at the smallest: {storm_result['peak_ratio']:.3f}× "
         f"(bounded by `queue_size`, not by the burst). Draining a full queue costs "
         f"{per_event_drain['storm'] * 1e6:.2f} µs per event, against "
         f"{per_event_drain['replay'] * 1e6:.2f} µs in the replay's batches of "
@@ -490,7 +491,7 @@ def markdown(result: dict) -> str:
         f"At Salt's default `loop_interval` (1 s) and `queue_size` ({DEFAULT_QUEUE_SIZE:,}), a "
         f"storm sustained above {storm_result['sustained_rate_at_salt_defaults']:,.0f} events/s "
         f"overflows into a resync: some events are dropped and counted, and the full sync that "
-        f"answers the resync restores every state change.",
+        f"answers the resync restores every state change."),
         f"**Targets** (at {TARGET_EVENTS:,} events, end to end)",
         harness.table(["target", "measured", "verdict"],
                       [[t["target"], "" if t["measured"] is None else f"{t['measured']:,.0f} events/s",

@@ -37,7 +37,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List
 
 from bench import harness
 
@@ -153,7 +152,7 @@ class _ServerLoad:
             total += int(fields[11]) + int(fields[12])  # utime, stime
         return total / ticks
 
-    def snapshot(self) -> Dict[str, float]:
+    def snapshot(self) -> dict[str, float]:
         row = self.db.execute("SELECT xact_commit, tup_inserted, tup_updated, tup_fetched "
                               "FROM pg_stat_database WHERE datname = %s", (self.dbname,)).fetchone()
         self.db.execute("SELECT pg_stat_clear_snapshot()")
@@ -161,11 +160,11 @@ class _ServerLoad:
                 "rows_updated": row[2], "rows_fetched": row[3]}
 
     @staticmethod
-    def delta(before: Dict[str, float], after: Dict[str, float]) -> Dict[str, float]:
+    def delta(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
         return {key: after[key] - before[key] for key in before}
 
 
-def _children(pid: int) -> List[int]:
+def _children(pid: int) -> list[int]:
     found = []
     for entry in os.listdir("/proc"):
         if entry.isdigit():
@@ -177,7 +176,7 @@ def _children(pid: int) -> List[int]:
     return found
 
 
-def _round(hosts: List[subprocess.Popen], load: _ServerLoad) -> dict:
+def _round(hosts: list[subprocess.Popen], load: _ServerLoad) -> dict:
     time.sleep(0.2)  # every backend has gone idle and flushed its statistics
     before = load.snapshot()
     told = time.monotonic()
@@ -194,7 +193,6 @@ def _round(hosts: List[subprocess.Popen], load: _ServerLoad) -> dict:
 
 def run(smoke: bool, scratch: Path) -> dict:
     from tests.unit.pgserver import PostgresServer, find_bindir
-
     from vmpower.core.fleet import Filters, FleetSettings
     from vmpower.fleet import report_from_store
     from vmpower.store import open_store
@@ -210,7 +208,7 @@ def run(smoke: bool, scratch: Path) -> dict:
 
     server = Server(bindir)
     server.start()
-    hosts: List[subprocess.Popen] = []
+    hosts: list[subprocess.Popen] = []
     try:
         dsn = server.database()
         with open_store(dsn):
@@ -286,20 +284,20 @@ def markdown(result: dict) -> str:
     hosts = sweep["host_seconds"]
     return "\n\n".join([
         f"## Part {PART}: {TITLE.lower()}",
-        f"{result['hosts']} hosts (processes, each with libvirt's test driver of its own) of "
+        (f"{result['hosts']} hosts (processes, each with libvirt's test driver of its own) of "
         f"{result['domains']:,} domains each, one real PostgreSQL fleet store (fsync off); every "
         f"host syncs at once with 1% of its domains drifted each way. Machine: "
         f"{result['cores']} cores for the {result['hosts']} hosts and the server together. "
         f"Best of {len(result['sweeps'])} sweeps and {len(result['singles'])} single-host syncs. "
-        f"See `bench/fleet_scale.py`.",
+        f"See `bench/fleet_scale.py`."),
         harness.table(["round", "wall time", "server CPU", "commits", "rows inserted", "rows updated",
                        "domains checked", "actions"],
                       [db_row("sweep (all hosts at once)", sweep), db_row("one host alone", single)]),
-        f"Sweep ÷ one host: {harness.ratio(result['sweep_over_one_host'])}. Each host's own sync "
+        (f"Sweep ÷ one host: {harness.ratio(result['sweep_over_one_host'])}. Each host's own sync "
         f"during the sweep: median {harness.seconds(hosts[len(hosts) // 2])}, slowest "
         f"{harness.seconds(hosts[-1])} (alone: {harness.seconds(single['host_seconds'][0])}). "
         f"The report of {result['report_vms']:,} VMs (`vmpower.fleet.report_from_store`, before "
-        f"Salt's outputter): {harness.seconds(result['report_seconds'])}.",
+        f"Salt's outputter): {harness.seconds(result['report_seconds'])}."),
         "**Targets**",
         harness.table(["target", "measured", "verdict"],
                       [[t["target"], "" if t["measured"] is None else

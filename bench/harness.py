@@ -26,8 +26,10 @@ import sys
 import tempfile
 import time
 import tracemalloc
+from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import Callable, ContextManager, Dict, List, Optional, Sequence
+from typing import Callable
 
 import libvirt
 
@@ -53,7 +55,7 @@ def in_subprocess(function: Callable[..., dict], **kwargs) -> dict:
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
         proc = subprocess.run([sys.executable, "-c", code, target, json.dumps(kwargs), str(out)],
                               cwd=REPO, env=env, capture_output=True, text=True,
-                              timeout=SUBPROCESS_TIMEOUT)
+                              timeout=SUBPROCESS_TIMEOUT, check=False)
         if proc.returncode != 0:
             raise RuntimeError(f"{target}(**{kwargs}) failed with exit code {proc.returncode}:\n"
                                f"{proc.stderr[-4000:]}")
@@ -69,7 +71,7 @@ def child_main(argv: Sequence[str]) -> None:
     Path(out).write_text(json.dumps(result))
 
 
-def best_of(repeats: int, budget: float, setup: Callable[[], ContextManager],
+def best_of(repeats: int, budget: float, setup: Callable[[], AbstractContextManager],
             call: Callable[[object], dict]) -> dict:
     """Measure ``call(x)``, each run inside its own ``with setup() as x`` (which is not timed).
 
@@ -80,7 +82,7 @@ def best_of(repeats: int, budget: float, setup: Callable[[], ContextManager],
     implementations compared did the same job, and a call can return its own finer timings
     (they then belong to the run whose time is reported).
     """
-    runs: List[float] = []
+    runs: list[float] = []
     work: dict = {}
     while len(runs) < repeats and sum(runs) < budget:
         with setup() as arg:
@@ -99,7 +101,7 @@ def best_of(repeats: int, budget: float, setup: Callable[[], ContextManager],
     return {"seconds": min(runs), "runs": runs, "peak_bytes": peak, "work": work}
 
 
-def growth(sizes: Sequence[float], values: Sequence[float]) -> Optional[float]:
+def growth(sizes: Sequence[float], values: Sequence[float]) -> float | None:
     """The exponent k of a least-squares fit ``value ~ size**k``; None with fewer than 2 sizes.
 
     k = 1 is linear growth, k = 2 quadratic: a summary of how a cost scales with N.
@@ -111,7 +113,7 @@ def growth(sizes: Sequence[float], values: Sequence[float]) -> Optional[float]:
     return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
 
 
-def machine(scratch: Path) -> Dict[str, object]:
+def machine(scratch: Path) -> dict[str, object]:
     """The machine and software the figures come from, for the report's header."""
     cpu = _first_field("/proc/cpuinfo", "model name") or platform.processor() or "unknown"
     mem_kib = int((_first_field("/proc/meminfo", "MemTotal") or "0 kB").split()[0])
@@ -130,7 +132,7 @@ def machine(scratch: Path) -> Dict[str, object]:
     }
 
 
-def describe_machine(info: Dict[str, object]) -> str:
+def describe_machine(info: dict[str, object]) -> str:
     """One line for a report: what ran the benchmarks."""
     return (f"{info['cpu']}, {info['cores']} cores, {info['ram_gib']} GiB RAM · {info['os']} · "
             f"Python {info['python']} · libvirt {info['libvirt']} (libvirt-python "
@@ -138,7 +140,7 @@ def describe_machine(info: Dict[str, object]) -> str:
             f"vmpower {info['commit']} · {info['date']}")
 
 
-def _first_field(path: str, key: str) -> Optional[str]:
+def _first_field(path: str, key: str) -> str | None:
     """The value of the first ``key: value`` line of a /proc file, if there is one."""
     try:
         with open(path) as lines:

@@ -18,7 +18,6 @@ import operator
 import subprocess
 import sys
 from pathlib import Path
-from typing import Dict, List
 
 from bench import harness, sync_scale
 
@@ -52,7 +51,7 @@ def run(smoke: bool, scratch: Path) -> dict:
     from vmpower_lab import lab
 
     sizes = SMOKE_SIZES if smoke else SIZES
-    series: Dict[str, List[dict]] = {name: [] for name in IMPLEMENTATIONS}
+    series: dict[str, list[dict]] = {name: [] for name in IMPLEMENTATIONS}
     daemon = lab.LibvirtDaemon().start()
     try:
         if not _answers(URI):
@@ -91,10 +90,10 @@ def markdown(result: dict) -> str:
                     + [harness.ratio(ratio["nova_over_vmpower"]), harness.ratio(ratio["vmpower_over_floor"])])
     return "\n\n".join([
         f"## Part {PART}: {TITLE.lower()}",
-        f"Part 1's scenario (N domains, half running, 2% drifted behind vmpower's back, SQLite WAL "
+        (f"Part 1's scenario (N domains, half running, 2% drifted behind vmpower's back, SQLite WAL "
         f"+ full fsync) with libvirt's test driver hosted by a real libvirtd, `{result['uri']}`: "
         f"every libvirt call is a round trip over its UNIX socket. Each implementation in a "
-        f"fresh process, best of up to {sync_scale.REPEATS} runs. See `bench/real_socket.py`.",
+        f"fresh process, best of up to {sync_scale.REPEATS} runs. See `bench/real_socket.py`."),
         harness.table(["N", *IMPLEMENTATIONS, "nova-style ÷ vmpower", "vmpower ÷ floor"], rows),
         f"**Targets** (at N = {TARGET_N:,})",
         harness.table(["target", "measured", "verdict"],

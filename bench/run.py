@@ -16,9 +16,9 @@ import json
 import pkgutil
 import sys
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from types import ModuleType
-from typing import Dict, List, Optional, Sequence
 
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -26,16 +26,16 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 import matplotlib
 
 matplotlib.use("Agg")  # files only, no display: also on a headless CI runner
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
-import bench  # noqa: E402
-from bench import harness  # noqa: E402
+import bench
+from bench import harness
 
 RESULTS = Path(__file__).resolve().parent / "results"
 BENCHMARK_API = ("PART", "TITLE", "run", "markdown", "plot")
 
 
-def discover(only: Sequence[str] = ()) -> List[ModuleType]:
+def discover(only: Sequence[str] = ()) -> list[ModuleType]:
     """The benchmark modules of bench/ (all, or those named in ``only``), in issue order."""
     found = []
     for info in pkgutil.iter_modules(bench.__path__):
@@ -54,13 +54,13 @@ def short_name(module: ModuleType) -> str:
     return module.__name__.rsplit(".", 1)[-1]
 
 
-def write_json(path: Path, machine: dict, smoke: bool, results: Dict[str, dict]) -> None:
+def write_json(path: Path, machine: dict, smoke: bool, results: dict[str, dict]) -> None:
     path.write_text(json.dumps({"machine": machine, "smoke": smoke, "benchmarks": results},
                                indent=2) + "\n")
 
 
 def write_markdown(path: Path, machine: dict, command: str, smoke: bool,
-                   modules: List[ModuleType], results: Dict[str, dict]) -> None:
+                   modules: list[ModuleType], results: dict[str, dict]) -> None:
     parts = ["# vmpower benchmarks",
              f"Machine: {harness.describe_machine(machine)}",
              f"Command: `{command}`"
@@ -69,7 +69,7 @@ def write_markdown(path: Path, machine: dict, command: str, smoke: bool,
     path.write_text("\n\n".join(parts) + "\n")
 
 
-def write_plot(path: Path, machine: dict, modules: List[ModuleType], results: Dict[str, dict]) -> None:
+def write_plot(path: Path, machine: dict, modules: list[ModuleType], results: dict[str, dict]) -> None:
     figure = plt.figure(figsize=(12, 5 * len(modules)), layout="constrained")
     for module, subfigure in zip(modules, figure.subfigures(len(modules), 1, squeeze=False)[:, 0]):
         module.plot(results[short_name(module)], subfigure)
@@ -78,7 +78,7 @@ def write_plot(path: Path, machine: dict, modules: List[ModuleType], results: Di
     plt.close(figure)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true",

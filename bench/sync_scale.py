@@ -43,8 +43,9 @@ import sqlite3
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List, Optional
+from typing import Callable
 
 import libvirt
 
@@ -155,7 +156,7 @@ class Scenario:
         return self._open(opener, self.adopted)
 
     @contextlib.contextmanager
-    def _open(self, opener: Callable, source: Optional[Path]) -> Iterator[object]:
+    def _open(self, opener: Callable, source: Path | None) -> Iterator[object]:
         """``opener(path)`` on the records of ``source`` (None: no records), then closed."""
         for leftover in (self.path, Path(f"{self.path}-wal"), Path(f"{self.path}-shm")):
             leftover.unlink(missing_ok=True)  # no run inherits another's writes
@@ -284,7 +285,7 @@ def _expected_work(name: str, n: int, drifts: int) -> dict:
 def run(smoke: bool, scratch: Path) -> dict:
     """Measure every implementation at every size, and derive ratios, growth and targets."""
     sizes = SMOKE_SIZES if smoke else SIZES
-    series: Dict[str, List[dict]] = {name: [] for name in SERIES}
+    series: dict[str, list[dict]] = {name: [] for name in SERIES}
     for n in sizes:
         for implementation in (VMPOWER, NOVA, NOVA_CHANGED, FLOOR):
             print(f"sync_scale: {implementation}, N={n:,}", file=sys.stderr, flush=True)
@@ -322,7 +323,7 @@ def run(smoke: bool, scratch: Path) -> dict:
 def markdown(result: dict) -> str:
     sizes, series = result["sizes"], result["series"]
 
-    def rows(metric: str, fmt, growth_key: str) -> List[list]:
+    def rows(metric: str, fmt, growth_key: str) -> list[list]:
         table = [[f"{n:,}"] + [fmt(next(p[metric] for p in series[name] if p["n"] == n))
                                for name in SERIES] for n in sizes]
         if len(sizes) > 1:
@@ -343,7 +344,7 @@ def markdown(result: dict) -> str:
     verdict = {True: "**met**", False: "**not met**", None: f"not measured (no N = {TARGET_N:,} in this run)"}
     return "\n\n".join([
         f"## Part {PART}: {TITLE.lower()}",
-        f"One sync of a host with N domains on libvirt's test driver, half of them running, all "
+        (f"One sync of a host with N domains on libvirt's test driver, half of them running, all "
         f"recorded by a first sync; then 1% of the running ones were destroyed and as many "
         f"shut-off ones started behind vmpower's back, so the sync has 2% real work. Records in "
         f"SQLite (WAL, synchronous=FULL) on the results' filesystem. nova-style is issue 5's "
@@ -353,7 +354,7 @@ def markdown(result: dict) -> str:
         f"Python heap during one more. The test driver answers in-process (about 5 µs for a "
         f"lookup and an info(), against about 200 µs from libvirtd over its socket), which "
         f"flatters the per-instance baselines: on a real host the gap is wider. "
-        f"See `bench/sync_scale.py`.",
+        f"See `bench/sync_scale.py`."),
         "**Time per sync** (growth: the fitted exponent k of time ∝ N^k)",
         harness.table(["N", *SERIES, "nova-style ÷ vmpower", "changed rows ÷ vmpower",
                        "vmpower ÷ floor"], times),
@@ -369,7 +370,7 @@ def markdown(result: dict) -> str:
     ])
 
 
-def _exponent(value: Optional[float]) -> str:
+def _exponent(value: float | None) -> str:
     return "" if value is None else f"N^{value:.2f}"
 
 

@@ -39,6 +39,8 @@ import uuid as uuidlib
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+from typing_extensions import Self
+
 from vmpower_lab import reaper
 
 log = logging.getLogger(__name__)
@@ -251,7 +253,7 @@ class LabHost:
             supervisor.stdout.close()
         log.info("lab host %s stopped", self.name)
 
-    def __enter__(self) -> LabHost:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, *exc) -> None:
@@ -303,7 +305,7 @@ class TwoHostLab:
         if self._made_root:
             shutil.rmtree(self.root, ignore_errors=True)
 
-    def __enter__(self) -> TwoHostLab:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, *exc) -> None:
