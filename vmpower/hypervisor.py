@@ -193,15 +193,18 @@ class Hypervisor:
                 log.debug("closing the libvirt connection to %s failed: %s", self.uri, close_exc)
 
     def __exit__(self, *exc) -> None:
-        caller, self._caller = self._caller, None
+        caller = self._caller
         if caller is None:
             return
         try:
+            # Closed on the caller thread before it is let go: with the thread already gone
+            # the close was refused and the connection (and every listed handle) outlived the job.
             if self._stuck is None:
                 self._bounded_call("close the connection", self._close)
         except HypervisorError as close_exc:  # the job's own outcome matters more
             log.warning("vmpower: %s", close_exc)
         finally:
+            self._caller = None
             caller.stop()
 
     def _bounded_call(self, what: str, function: Callable, *args, **kwargs):
@@ -304,6 +307,27 @@ class Hypervisor:
         except UnknownDomain:
             return None
         return LiveDomain(dom.UUIDString(), dom.name(), self._state(dom))
+
+    @_bounded('read the states of the domains to act on')
+    def find_listed(self, uuids) -> dict[str, LiveDomain | None]:
+        """``find`` for those of ``uuids`` that the last listing gave, read now (uncached) in
+        one bulk call instead of a round trip each; the others are left out (``find`` them).
+        Empty if the bulk call fails (a domain undefined since fails it as a whole)."""
+        handles = [self._handles[uuid] for uuid in uuids if uuid in self._handles]
+        if not handles:
+            return {}
+        try:
+            stats = self._conn.domainListGetStats(handles, libvirt.VIR_DOMAIN_STATS_STATE)
+        except libvirt.libvirtError as exc:
+            log.debug("vmpower: no bulk state read at %s (reading one by one): %s", self.uri,
+                      _error(exc))
+            return {}
+        found = {}
+        for dom, values in stats:
+            uuid = dom.UUIDString()
+            found[uuid] = LiveDomain(uuid, dom.name(),
+                                     live_state(values["state.state"], values["state.reason"]))
+        return found
 
     def _state(self, dom) -> LiveState:
         try:

@@ -287,11 +287,13 @@ class HostOperations:
     def _decide_held(self, hv: Hypervisor, uuid: str, cause: Cause, record: Record | None,
                      dom: LiveDomain | None, boot_id: str,
                      transition: Transition | None = None, event_reason: str = "",
-                     fresh: bool = True, test: bool = False) -> Outcome:
+                     fresh: bool = True, test: bool = False,
+                     reread: dict[str, LiveDomain | None] | None = None) -> Outcome:
         """Decide about one domain and act; the caller holds its instance lock.
 
         ``record`` was read under that lock; ``dom`` is the domain as read just now (``fresh``)
-        or as a sync's listing gave it, in which case it is read again before any action.
+        or as a sync's listing gave it, in which case it is read again before any action
+        (``reread``: states read under the lock in bulk, taken instead of a ``find``).
         """
         at = now()
         live = dom.state if dom else GONE
@@ -326,7 +328,8 @@ class HostOperations:
                            note=None if test else Note(record, cause, "dropped", reason))
         if decision.recheck or (not fresh and (decision.action is not Action.NONE
                                                or "host" in decision.observed)):
-            found = hv.find(uuid)  # uncached, before acting on what may have changed
+            # uncached, before acting on what may have changed
+            found = reread[uuid] if reread is not None and uuid in reread else hv.find(uuid)
             state = found.state if found else GONE
             if state != live or not fresh:
                 facts = self._full_facts(hv, uuid, record, state, base)
@@ -454,9 +457,11 @@ class HostOperations:
                                                "reason": f"another vmpower job holds its instance "
                                                          f"lock{by}: left for the next sync"})
                     fresh = self.store.get_many(held) if held else {}
+                    # Read again under the locks, in one round trip rather than one per domain.
+                    reread = hv.find_listed(held) if held else {}
                     outcomes = [self._decide_held(hv, uuid, Cause.SYNC, fresh.get(uuid),
                                                   None if live[uuid].state is GONE else live[uuid],
-                                                  boot_id, fresh=False, test=test)
+                                                  boot_id, fresh=False, test=test, reread=reread)
                                 for uuid in held]
                     if not test:
                         self._record(outcomes)
