@@ -50,11 +50,12 @@ from typing import Callable
 import libvirt
 
 from bench import harness
+from vmpower import hostinfo
 from vmpower.core.mapping import DOMAIN_STATES, live_state
 from vmpower.core.model import Cause, now
 from vmpower.core.rules import Action, Facts, decide
 from vmpower.core.settings import parse_settings
-from vmpower.operations import HostOperations, host_boot_id
+from vmpower.operations import HostOperations
 from vmpower.store import Change, Store, open_store
 
 PART = 1
@@ -202,7 +203,7 @@ def _nova(store: Store, every_row: bool) -> dict:
         return dom, live_state(dom.info()[0], 0)
 
     work = {"checked": 0, "updated": 0, "actions": 0}
-    facts = Facts(clock=time.monotonic(), boot_id=host_boot_id())  # as vmpower's sync has them
+    facts = Facts(clock=time.monotonic(), boot_id=hostinfo.boot_id())  # as vmpower's sync has them
     try:
         at = now()
         for uuid in store.for_host(HOST):  # InstanceList.get_by_host: one query

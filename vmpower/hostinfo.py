@@ -5,6 +5,7 @@
 - ``process_owner(host)``: who this process is, as a ``task_owner`` JSON text: the host (the
   minion id), the boot, the pid and the pid's start time (so a reused pid is told apart), and
   since when (epoch seconds).
+- ``host_stopping()``: whether systemd says the host is shutting down.
 - ``owner_alive(task_owner, host)``: whether the process a ``task_owner`` names still runs.
 
 Linux only (/proc); elsewhere ``boot_id()`` is "" and nothing about an owner can be told.
@@ -15,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import subprocess
 import time
 
 log = logging.getLogger(__name__)
@@ -50,12 +52,28 @@ def process_start_time(pid: int) -> str:
     return fields[19]
 
 
-def process_owner(host: str, pid: int | None = None, since: float | None = None) -> str:
-    """The ``task_owner`` JSON text naming this process (or ``pid``) on the minion ``host``."""
+def process_owner(host: str, pid: int | None = None, since: float | None = None,
+                  boot: str | None = None) -> str:
+    """The ``task_owner`` JSON text naming this process (or ``pid``) on the minion ``host``,
+    in this boot (or ``boot``, the boot id the caller already read)."""
     pid = os.getpid() if pid is None else int(pid)
-    return json.dumps({"host": host, "boot_id": boot_id(), "pid": pid,
+    return json.dumps({"host": host, "boot_id": boot_id() if boot is None else boot, "pid": pid,
                        "start_time": process_start_time(pid),
                        "since": time.time() if since is None else since}, sort_keys=True)
+
+
+def host_stopping() -> bool | None:
+    """Whether this host is shutting down (systemd's state ``stopping``); None when it cannot
+    be told (no systemd). libvirt-guests' ACPI shutdown of a guest looks like the guest's own
+    to libvirt, so this is how a VM that goes off with its host is told apart."""
+    try:
+        state = subprocess.run(["systemctl", "is-system-running"], capture_output=True,
+                               text=True, timeout=2, check=False).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if not state or state == "offline":
+        return None
+    return state == "stopping"
 
 
 def owner_alive(task_owner: str, host: str | None = None) -> bool | None:

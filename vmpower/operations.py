@@ -19,10 +19,7 @@ VMs cheap.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
-import os
-import subprocess
 import time
 from collections.abc import Sequence
 from typing import Callable
@@ -80,32 +77,6 @@ class OperationError(RuntimeError):
     """An operation that cannot be carried out as asked; the message says why."""
 
 
-def host_boot_id() -> str:
-    """This host's boot id ("" where there is none, and then no monotonic value is trusted)."""
-    return hostinfo.boot_id()
-
-
-def host_stopping() -> bool | None:
-    """Whether this host is shutting down (systemd's state ``stopping``); None when it cannot
-    be told (no systemd). Asked only for a VM found off, at most once per operation."""
-    try:
-        state = subprocess.run(["systemctl", "is-system-running"], capture_output=True,
-                               text=True, timeout=2, check=False).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return None
-    if not state or state == "offline":
-        return None
-    return state == "stopping"
-
-
-def process_owner(host: str, boot_id: str) -> str:
-    """The ``task_owner`` of a task_state this process sets: who, in which boot, since when."""
-    pid = os.getpid()
-    return json.dumps({"host": host, "boot_id": boot_id, "pid": pid,
-                       "start_time": hostinfo.process_start_time(pid), "since": now()},
-                      sort_keys=True)
-
-
 class HostOperations:
     """vmpower's operations for the minion ``host``, with its settings and store.
 
@@ -116,9 +87,9 @@ class HostOperations:
     def __init__(self, settings: Settings, host: str, store: Store,
                  hypervisor: Callable[[str], Hypervisor] = Hypervisor,
                  clock: Callable[[], float] = time.monotonic,
-                 boot_id: Callable[[], str] = host_boot_id,
+                 boot_id: Callable[[], str] = hostinfo.boot_id,
                  alive: Callable[[str], bool | None] | None = None,
-                 stopping: Callable[[], bool | None] = host_stopping):
+                 stopping: Callable[[], bool | None] = hostinfo.host_stopping):
         self.settings = settings
         self.host = host
         self.store = store
@@ -565,7 +536,7 @@ class HostOperations:
                 if record.task_state:
                     why += (f"; task_state={record.task_state} of a process that is gone "
                             f"replaced")
-                owner = process_owner(self.host, boot_id)
+                owner = hostinfo.process_owner(self.host, boot=boot_id)
                 busy = record.updated(at, task_state=task, task_owner=owner)
                 self._commit_locked([Change(record, busy, cause, task, why)], at)
                 begun = time.monotonic()

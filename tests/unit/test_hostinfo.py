@@ -75,3 +75,19 @@ def test_start_time_of_a_process_with_parentheses_in_its_name(tmp_path):
         child.kill()
         child.wait()
     assert hostinfo.process_start_time(child.pid) == ""
+
+
+@pytest.mark.parametrize("says, expected", [("stopping", True), ("running", False),
+                                            ("degraded", False), ("offline", None), ("", None)])
+def test_host_stopping_is_what_systemd_says(tmp_path, monkeypatch, says, expected):
+    # systemd's "stopping" cannot be produced on demand: a systemctl on PATH answers instead.
+    systemctl = tmp_path / "systemctl"
+    systemctl.write_text(f"#!/bin/sh\n[ \"$1\" = is-system-running ] && echo '{says}'\n")
+    systemctl.chmod(0o755)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    assert hostinfo.host_stopping() is expected
+
+
+def test_host_stopping_without_systemd_cannot_tell(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))  # no systemctl at all
+    assert hostinfo.host_stopping() is None
