@@ -16,6 +16,7 @@ import textwrap
 import pytest
 
 from vmpower.hypervisor import KEEPALIVE_COUNT, KEEPALIVE_INTERVAL, Hypervisor, HypervisorError
+from vmpower_lab import lab
 
 from .conftest import URI
 
@@ -23,9 +24,11 @@ pytestmark = pytest.mark.usefixtures("libvirt_daemon")
 
 
 def _libvirtd_pid() -> int:
-    pids = subprocess.run(["pgrep", "-x", "libvirtd"], capture_output=True, text=True, check=True).stdout.split()
+    # This machine's libvirtd: the lab's hosts (vmpower_lab.hosts) run libvirtds of their own in
+    # other mount namespaces, which must not be stopped in its place.
+    pids = lab._pids("libvirtd")
     assert len(pids) == 1, pids
-    return int(pids[0])
+    return pids[0]
 
 
 class Silenced:
