@@ -15,6 +15,7 @@ metrics file counts what happened. Every wait is bounded; nothing asserts how lo
 """
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -126,6 +127,15 @@ def stored_events(fleet_store, **where):
     return [r for r in rows if all(r.get(k) == v for k, v in where.items())]
 
 
+def _file_stamp(path):
+    """(inode, mtime) of ``path``, or None while it does not exist."""
+    try:
+        stat = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return stat.st_ino, stat.st_mtime_ns
+
+
 def test_the_report_shows_a_guest_shutdown_and_an_out_of_band_start_with_their_reasons(
         fleet_master, host_a, host_b, event_listener, make_guest, fleet_store, metrics_file):
     selfstop, selfstop_dom = make_guest("selfstop", start=False)
@@ -179,8 +189,13 @@ def test_the_report_shows_a_guest_shutdown_and_an_out_of_band_start_with_their_r
     assert "audit" in sources and "lifecycle" in sources and "reconcile" in sources
 
     # A sync through the vmpower returner writes the metrics file, which counts what happened.
+    # The minion runs a job's returners after it has answered the master, and a sync of the
+    # scheduler's (periodic or wake-up, also through the returner) may have written the file
+    # before: wait for this sync's file, a new one (it is replaced atomically).
+    before = _file_stamp(metrics_file)
     summary = minion_return(salt_cmd(fleet_master, HOST_A, "vmpower.sync", "--return", "vmpower"), HOST_A)
-    wait_until(lambda: Path(metrics_file).exists(), 60, f"the metrics file {metrics_file}")
+    wait_until(lambda: _file_stamp(metrics_file) not in (None, before), 60,
+               f"the metrics file {metrics_file} written by this sync")
     with open(metrics_file) as handle:
         families = {f.name: f for f in text_string_to_metric_families(handle.read())}
     actions = {s.labels["action"]: s.value for s in families["vmpower_actions"].samples
