@@ -334,10 +334,14 @@ def vm_record(salt_minion, uuid: str) -> dict | None:
 
     Read straight from the SQLite file, so a test can poll it cheaply; the audit log is read
     through Salt (``vmpower.history``)."""
-    path = store_path(salt_minion)
-    if not path.exists():
+    return read_record(store_path(salt_minion), uuid)
+
+
+def read_record(store, uuid: str) -> dict | None:
+    """The record of domain ``uuid`` in the SQLite store at ``store``, read-only, or None."""
+    if not os.path.exists(store):
         return None
-    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)
+    db = sqlite3.connect(f"file:{store}?mode=ro", uri=True, timeout=30)
     try:
         db.row_factory = sqlite3.Row
         row = db.execute("SELECT * FROM instances WHERE uuid = ?", (uuid,)).fetchone()

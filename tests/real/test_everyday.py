@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import signal
-import sqlite3
 import subprocess
 import sys
 
@@ -21,6 +20,7 @@ import pytest
 
 from vmpower_lab import lab
 
+from ..daemons.helpers import read_record
 from .conftest import URI
 from .saltcall import SaltCall, wait_until
 
@@ -34,18 +34,6 @@ RUNNING, SHUTOFF, CRASHED = (libvirt.VIR_DOMAIN_RUNNING, libvirt.VIR_DOMAIN_SHUT
 def store(tmp_path) -> str:
     """This test's own SQLite store (never the shared default)."""
     return str(tmp_path / "store" / "records.sqlite")
-
-
-def read_record(store: str, uuid: str) -> dict | None:
-    if not os.path.exists(store):
-        return None
-    db = sqlite3.connect(f"file:{store}?mode=ro", uri=True, timeout=30)
-    try:
-        db.row_factory = sqlite3.Row
-        row = db.execute("SELECT * FROM instances WHERE uuid = ?", (uuid,)).fetchone()
-    finally:
-        db.close()
-    return dict(row) if row else None
 
 
 def about(report: dict, uuid: str) -> dict:
