@@ -16,7 +16,8 @@ import time
 
 import pytest
 
-from .helpers import DEFAULT_URI, minion_return, salt_cmd
+from .conftest import NO_PERIODIC_SYNC
+from .helpers import DEFAULT_URI, minion_return, salt_cmd, wait_for_job_return
 
 libvirt = pytest.importorskip("libvirt")
 
@@ -32,10 +33,17 @@ def stores(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def minions(minion_factory, libvirt_daemon, stores):
-    with minion_factory.started(ENFORCE, uri=DEFAULT_URI, vmpower={"store": stores[ENFORCE]}) as enforce, \
+def minions(minion_factory, libvirt_daemon, stores, salt_master, event_listener):
+    """Both minions, handed out once the sync the reactor runs for each minion's start has
+    returned: a late one would act on a test's guest between the test's steps."""
+    before = time.time()
+    quiet = {"sync_interval": NO_PERIODIC_SYNC}
+    with minion_factory.started(ENFORCE, uri=DEFAULT_URI,
+                                vmpower={**quiet, "store": stores[ENFORCE]}) as enforce, \
             minion_factory.started(OBSERVE, uri=DEFAULT_URI,
-                                   vmpower={"store": stores[OBSERVE], "mode": "observe"}) as observe:
+                                   vmpower={**quiet, "store": stores[OBSERVE], "mode": "observe"}) as observe:
+        for minion_id in (ENFORCE, OBSERVE):
+            wait_for_job_return(event_listener, salt_master.id, minion_id, "vmpower.sync", before)
         yield {ENFORCE: enforce, OBSERVE: observe}
 
 

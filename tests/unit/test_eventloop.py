@@ -658,10 +658,13 @@ class Bus:
     def __init__(self):
         self.taking = True
         self.got = []
+        self.refused = 0
 
     def __call__(self, items):
         if self.taking:
             self.got.extend(items)
+        else:
+            self.refused += 1
         return self.taking
 
 
@@ -688,7 +691,9 @@ def test_immediate_delivery_and_the_tick_as_fallback_each_event_once(testdriver)
         assert transitions == ["started", "paused"]  # each event one way only
         health = watcher.health()
         assert (health["delivered_immediately"], health["delivered_by_tick"]) == (2, 2)
-        assert health["failures"] == {"deliver": 1}
+        # One failure per refused attempt: the pause and the resume are refused together, or
+        # one by one when a drain ran between libvirt's two callbacks.
+        assert bus.refused in (1, 2) and health["failures"] == {"deliver": bus.refused}
     finally:
         watcher.retire()
 
