@@ -28,7 +28,6 @@ import time
 from pathlib import Path
 
 import pytest
-import salt.version
 
 from vmpower_lab import lab
 
@@ -432,12 +431,6 @@ def test_states_running_and_stopped_converge_once_and_not_under_test(
 # ---------------------------------------------------------------------------------------------
 # 10: the safety net
 # ---------------------------------------------------------------------------------------------
-@pytest.mark.xfail(
-    salt.version.__saltstack_version__.major == 3006, strict=False,
-    reason="known defect on Salt 3006: after beacons.disable_beacon the immediate path still "
-           "fires the beacon's events (the change Salt makes to the minion's beacons setting is "
-           "not seen by the beacon's loader copy), so the reactor, not the scheduled sync, "
-           "records the stop")
 def test_scheduled_sync_catches_a_change_no_event_reported(salt_master, minion_factory,
                                                            event_listener, make_guest):
     """10. The safety net: a minion whose beacon is configured as usual, with

@@ -71,3 +71,29 @@ def test_a_disabled_or_deleted_beacon_is_not_live():
 def test_the_bus_says_not_now_for_a_disabled_beacon():
     bus = delivery.MinionBus({"id": "h", "beacons": {"vmpower": [{"enabled": False}]}}, "vmpower")
     assert bus([{"tag": "resync", "reason": "connected", "lost": 0}]) is None
+
+
+def test_the_beacons_setting_salt_announces_wins_over_a_stale_copy_in_opts():
+    # Salt 3006's loader gives a beacon a deep copy of the minion's opts: beacons.disable_beacon
+    # changes the minion's setting, not that copy, and announces the new setting on the bus.
+    master, _ = link()
+    opts = {"id": "h", "beacons": {"vmpower": [{"uri": "qemu:///system"}]}}
+    assert master.beacons is None
+    master._heard("/salt/minion/minion_beacons_list_complete", 1.0,
+                  {"beacons": {"vmpower": [{"enabled": False}]}})  # a listing changes nothing
+    assert master.beacons is None
+    disabled = {"vmpower": [{"uri": "qemu:///system"}, {"enabled": False}]}
+    master._heard("/salt/minion/minion_beacon_disabled_complete", 2.0,
+                  {"complete": True, "beacons": disabled})
+    assert master.beacons == disabled
+    master._heard("/salt/minion/minion_beacon_modify_complete", 3.0, {"beacons": "garbage"})
+    assert master.beacons == disabled  # a malformed announcement is ignored
+    bus = delivery.MinionBus(opts, "vmpower", beacons=lambda: master.beacons)
+    assert delivery.beacon_live(opts, "vmpower")
+    assert not delivery.beacon_live(opts, "vmpower", master.beacons)
+    assert bus([{"tag": "resync", "reason": "connected", "lost": 0}]) is None
+    master._heard("/salt/minion/minion_beacon_enabled_complete", 4.0,
+                  {"beacons": {"vmpower": [{"uri": "qemu:///system"}, {"enabled": True}]}})
+    assert delivery.beacon_live(opts, "vmpower", master.beacons)
+    master._heard("/salt/minion/minion_beacon_delete_complete", 5.0, {"beacons": {}})
+    assert not delivery.beacon_live(opts, "vmpower", master.beacons)

@@ -79,7 +79,12 @@ class EventLoop:
         if opts is None or masterless(opts) or "id" not in opts or "sock_dir" not in opts:
             return None  # no master to deliver to: the tick is the only path (tests, salt-call --local)
         self._ensure_master_link(opts)
-        return MinionBus(opts, settings.name)
+        return MinionBus(opts, settings.name, beacons=self._beacons_announced)
+
+    def _beacons_announced(self) -> Mapping | None:
+        """The minion's beacons setting as Salt last announced a change to it, if it did."""
+        link = self._master_link
+        return link.beacons if link is not None else None
 
     def drain(self, settings: BeaconSettings, status_path: str, opts: Mapping | None = None,
               stop_grace: float = DEFAULT_STOP_GRACE) -> list[dict]:
@@ -139,7 +144,7 @@ class EventLoop:
             tick = self._ticks.get(name, 1.0)
             opts = self._opts_by_name.get(name)
             # Disabled or deleted through Salt: seen at once in the minion's own settings.
-            gone = opts is not None and not beacon_live(opts, name)
+            gone = opts is not None and not beacon_live(opts, name, self._beacons_announced())
             idle = now - watcher.last_drain
             if gone or idle > tick + max(tick, MIN_IDLE_SLACK):
                 log.info("vmpower: the beacon %s no longer runs (%s); closing its libvirt "

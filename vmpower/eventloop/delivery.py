@@ -10,6 +10,11 @@ back (``__master_disconnected`` / ``__master_connected``, fired by ``status.mast
 ``master_alive_interval`` seconds; Salt 3006 and 3008 alike). While the link is down the
 minion drops every event it would forward, beacon events included; so when it comes back every
 watcher fires a ``master_reconnected`` resync, and the reactor's sync catches up.
+
+Beacon management: ``beacons.disable_beacon`` and its kin change the minion's ``beacons``
+setting, which a beacon's ``__opts__`` may not share (Salt 3006's loader works on a deep copy),
+and announce the new setting on the minion's bus. The same listener keeps the latest one, so a
+disabled beacon's events stop at once on every release.
 """
 
 from __future__ import annotations
@@ -26,6 +31,11 @@ log = logging.getLogger("vmpower.eventloop")
 MASTER_CONNECTED = "__master_connected"
 MASTER_DISCONNECTED = "__master_disconnected"
 LISTEN_WAIT = 1.0  # seconds a read of the bus waits
+# What Salt fires on the minion's bus once it changed the minion's ``beacons`` setting; each
+# carries the whole new setting as ``beacons`` (salt/beacons/__init__.py, 3006 and 3008).
+BEACONS_CHANGED = tuple(f"/salt/minion/minion_{what}_complete" for what in (
+    "beacon_add", "beacon_modify", "beacon_delete", "beacon_enabled", "beacon_disabled",
+    "beacons_enabled", "beacons_disabled", "beacon_reset"))
 # A link that flaps (a wrong publish_port makes status.master report the master gone every
 # master_alive_interval) would otherwise cost a full sync each time: at most one per this.
 RESYNC_SPACING = 10.0
@@ -48,13 +58,13 @@ def beacon_events(opts: Mapping, beacon_name: str, items: list[dict]) -> list[di
     return out
 
 
-def beacon_live(opts: Mapping, name: str) -> bool:
+def beacon_live(opts: Mapping, name: str, beacons: Mapping | None = None) -> bool:
     """False once Salt was told to stop running the beacon ``name`` (``beacons.disable``,
-    ``beacons.disable_beacon``, ``beacons.delete``): Salt changes the minion's ``beacons``
-    setting in place, and the loader's ``__opts__`` shares it. A beacon configured in pillar
-    is not in that setting at all; for it (and for a pillar that no longer names it) the
-    idle check is what notices."""
-    beacons = opts.get("beacons")
+    ``beacons.disable_beacon``, ``beacons.delete``), as the minion's ``beacons`` setting says:
+    ``beacons`` when given (the latest one Salt announced), else the one in ``opts``. A beacon
+    configured in pillar is not in that setting at all; for it (and for a pillar that no
+    longer names it) the idle check is what notices."""
+    beacons = opts.get("beacons") if beacons is None else beacons
     if not isinstance(beacons, Mapping):
         return True
     if beacons.get("enabled") is False:
@@ -70,16 +80,18 @@ def beacon_live(opts: Mapping, name: str) -> bool:
 class MinionBus:
     """Fires one beacon's events at the master through the minion's bus (one per thread)."""
 
-    def __init__(self, opts: Mapping, beacon_name: str):
+    def __init__(self, opts: Mapping, beacon_name: str,
+                 beacons: Callable[[], Mapping | None] = lambda: None):
         self.opts = opts  # the beacon's latest __opts__ (EventLoop.drain keeps it current)
         self._beacon_name = beacon_name
+        self._beacons = beacons  # the latest beacons setting Salt announced, if any
         self._event = None
 
     def __call__(self, items: list[dict]) -> bool | None:
         """True: fired; False: the bus refused; None: not now (the beacon is disabled)."""
         import salt.utils.event
 
-        if not beacon_live(self.opts, self._beacon_name):
+        if not beacon_live(self.opts, self._beacon_name, self._beacons()):
             return None  # Salt no longer runs the beacon: its events wait for its next run
         if self._event is None:
             self._event = salt.utils.event.get_event("minion", opts=dict(self.opts), listen=False)
@@ -100,7 +112,8 @@ class MinionBus:
 
 
 class MasterLink(threading.Thread):
-    """Listens on the minion's bus for the master link's news; ``on_back()`` when it is back."""
+    """Listens on the minion's bus for the master link's news (``on_back()`` when it is back)
+    and for the minion's beacons setting as Salt changes it (``beacons``)."""
 
     def __init__(self, opts: Mapping, on_back: Callable[[], None], failures: Failures):
         super().__init__(name="vmpower-master-link", daemon=True)
@@ -112,6 +125,7 @@ class MasterLink(threading.Thread):
         self.reconnections = 0
         self._last_back: float | None = None  # monotonic time on_back() was last called
         self._back_pending = False
+        self.beacons: Mapping | None = None  # None: Salt has not changed the setting since
 
     def run(self) -> None:
         import time
@@ -124,15 +138,18 @@ class MasterLink(threading.Thread):
                     while True:
                         event = bus.get_event(wait=LISTEN_WAIT, full=True)
                         if event:
-                            self._heard(event.get("tag", ""), time.time())
+                            self._heard(event.get("tag", ""), time.time(), event.get("data"))
                         self._announce(time.monotonic())
             except Exception as exc:  # pylint: disable=broad-except
                 self._failures.note("master_link", "cannot listen on the minion's bus for the "
                                     "master's comings and goings: %s", exc)
                 time.sleep(5)
 
-    def _heard(self, tag: str, at: float) -> None:
-        if tag.startswith(MASTER_DISCONNECTED):
+    def _heard(self, tag: str, at: float, data=None) -> None:
+        if tag in BEACONS_CHANGED:
+            if isinstance(data, Mapping) and isinstance(data.get("beacons"), Mapping):
+                self.beacons = data["beacons"]
+        elif tag.startswith(MASTER_DISCONNECTED):
             if self.connected is not False:
                 log.info("vmpower: the minion lost its master; events fired meanwhile are "
                          "dropped by Salt, a resync follows its return")
