@@ -413,17 +413,29 @@ class Hypervisor:
 
     @_bounded('power off {0}')
     def power_off(self, uuid: str) -> bool:
-        """Make sure the domain is fully off; True if it had to be powered off."""
+        """Make sure the domain is fully off; True if it had to be powered off.
+
+        No state read first: the caller has just read it, and libvirt refuses to destroy a
+        domain that is not running, so asking only when the destroy fails saves a round trip."""
         dom = self.lookup(uuid)
-        if not dom.isActive():
-            return False
         try:
             dom.destroy()
         except libvirt.libvirtError as exc:
-            if dom.isActive():  # it may have gone off by itself in the meantime
-                raise HypervisorError(f"cannot power off {dom.name()} at {self.uri}: "
-                                      f"{_error(exc)}") from exc
+            if not self._running(dom):  # off already, or gone off by itself meanwhile
+                return False
+            raise HypervisorError(f"cannot power off {dom.name()} at {self.uri}: "
+                                  f"{_error(exc)}") from exc
         return True
+
+    @staticmethod
+    def _running(dom) -> bool:
+        """``isActive()``, where a domain that no longer exists is not running."""
+        try:
+            return bool(dom.isActive())
+        except libvirt.libvirtError as exc:
+            if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                return False
+            raise
 
     def shutdown(self, uuid: str, timeout: float) -> bool:
         """Ask the guest to shut down (ACPI) and wait up to ``timeout`` seconds.

@@ -73,6 +73,14 @@ class Outcome:
     retry_in: float | None = None
 
 
+@dataclasses.dataclass(frozen=True)
+class Acted:
+    """A power action carried out, whose outcome waits for the domain's state read after it."""
+
+    uuid: str
+    finish: Callable[[PowerState | Exception], Outcome]
+
+
 class OperationError(RuntimeError):
     """An operation that cannot be carried out as asked; the message says why."""
 
@@ -193,31 +201,45 @@ class HostOperations:
         return adoption.after
 
     def _carry_out(self, hv: Hypervisor, record: Record, decision: Decision, cause: Cause,
-                   at: float, facts: Facts, test: bool = False) -> Outcome:
+                   at: float, facts: Facts, test: bool = False) -> Outcome | Acted:
         """Act on one decision; the caller holds the instance lock and records the outcome.
 
         ``conduct`` (the core) says whether to (issue 10): a dry run (``test``) writes and does
         nothing and reports what would be done; observe mode records what was observed,
-        audits what it would have done, and never acts."""
+        audits what it would have done, and never acts. A power action gives an ``Acted``:
+        its outcome is known once the domain's power state is read after it (``_settle``)."""
         fields = dict(decision.observed)
         how = conduct(decision.action.value, self.settings.mode, test)
         if not how.act:
             return self._not_carried_out(record, decision, cause, at, fields, how.result, how.write, test)
         if decision.action is Action.NONE:
             fields.update(decision.outcome)
-            result = "recorded" if fields else "nothing to do"
-        else:
-            try:
-                if decision.action is Action.POWER_OFF:
-                    result = "powered off" if hv.power_off(record.uuid) else "already off"
-                else:
-                    result = "started" if hv.start(record.uuid) else "already running"
-                fields.update(decision.outcome)
-                fields["power_state"] = hv.state(record.uuid).power_state
-                fields.update(_off_books(record, fields["power_state"], facts))
-            except Exception as exc:  # recorded and reported; the next sync tries again
-                result = f"failed: {exc}"
-                log.error("vmpower: %s of %s failed: %s", decision.action.value, record.name, exc)
+            return self._outcome(record, decision, cause, at, fields, "recorded" if fields else "nothing to do")
+        try:
+            if decision.action is Action.POWER_OFF:
+                result = "powered off" if hv.power_off(record.uuid) else "already off"
+            else:
+                result = "started" if hv.start(record.uuid) else "already running"
+        except Exception as exc:  # recorded and reported; the next sync tries again
+            return self._failed(record, decision, cause, at, fields, exc)
+        fields.update(decision.outcome)
+
+        def finish(power: PowerState | Exception) -> Outcome:
+            if isinstance(power, Exception):
+                return self._failed(record, decision, cause, at, fields, power)
+            fields["power_state"] = power
+            fields.update(_off_books(record, power, facts))
+            return self._outcome(record, decision, cause, at, fields, result)
+        return Acted(record.uuid, finish)
+
+    def _failed(self, record: Record, decision: Decision, cause: Cause, at: float, fields: dict,
+                exc: Exception) -> Outcome:
+        log.error("vmpower: %s of %s failed: %s", decision.action.value, record.name, exc)
+        return self._outcome(record, decision, cause, at, fields, f"failed: {exc}")
+
+    def _outcome(self, record: Record, decision: Decision, cause: Cause, at: float, fields: dict,
+                 result: str) -> Outcome:
+        """What a decision carried out reports and records: the ``fields`` it changes, if any."""
         action = decision.action.value
         reason = f"{decision.reason} ({result})" if decision.action is not Action.NONE else decision.reason
         if not fields:
@@ -227,6 +249,24 @@ class HostOperations:
         return Outcome(self._report(after, decision, result),
                        (Change(record, after, cause, _audit_action(decision), reason),),
                        retry_in=decision.retry_in)
+
+    @staticmethod
+    def _settle(hv: Hypervisor, carried: Sequence[Outcome | Acted]) -> list[Outcome]:
+        """The outcomes of ``carried``: the domains acted on have their power state read
+        again, after the actions, in one bulk call (one by one for those it cannot read)."""
+        acted = [item.uuid for item in carried if isinstance(item, Acted)]
+        after = hv.find_listed(acted) if acted else {}
+        outcomes = []
+        for item in carried:
+            if isinstance(item, Acted):
+                found = after.get(item.uuid)
+                try:
+                    power = found.state.power_state if found else hv.state(item.uuid).power_state
+                except Exception as exc:  # pylint: disable=broad-except
+                    power = exc
+                item = item.finish(power)
+            outcomes.append(item)
+        return outcomes
 
     def _not_carried_out(self, record: Record, decision: Decision, cause: Cause, at: float,
                          fields: dict, result: str, write: bool, test: bool) -> Outcome:
@@ -259,7 +299,7 @@ class HostOperations:
                      dom: LiveDomain | None, boot_id: str,
                      transition: Transition | None = None, event_reason: str = "",
                      fresh: bool = True, test: bool = False,
-                     reread: dict[str, LiveDomain | None] | None = None) -> Outcome:
+                     reread: dict[str, LiveDomain | None] | None = None) -> Outcome | Acted:
         """Decide about one domain and act; the caller holds its instance lock.
 
         ``record`` was read under that lock; ``dom`` is the domain as read just now (``fresh``)
@@ -329,8 +369,9 @@ class HostOperations:
         would be done, and change nothing (no record, no audit entry)."""
         boot_id = self._boot_id()
         with self.connect() as hv, self.store.lock(uuid):
-            outcome = self._decide_held(hv, uuid, cause, self.store.get(uuid), hv.find(uuid),
-                                        boot_id, transition, reason, test=test)
+            [outcome] = self._settle(hv, [self._decide_held(hv, uuid, cause, self.store.get(uuid),
+                                                            hv.find(uuid), boot_id, transition,
+                                                            reason, test=test)])
             if not test:
                 self._record([outcome])
         result = outcome.report
@@ -430,10 +471,11 @@ class HostOperations:
                     fresh = self.store.get_many(held) if held else {}
                     # Read again under the locks, in one round trip rather than one per domain.
                     reread = hv.find_listed(held) if held else {}
-                    outcomes = [self._decide_held(hv, uuid, Cause.SYNC, fresh.get(uuid),
-                                                  None if live[uuid].state is GONE else live[uuid],
-                                                  boot_id, fresh=False, test=test, reread=reread)
-                                for uuid in held]
+                    outcomes = self._settle(hv, [
+                        self._decide_held(hv, uuid, Cause.SYNC, fresh.get(uuid),
+                                          None if live[uuid].state is GONE else live[uuid],
+                                          boot_id, fresh=False, test=test, reread=reread)
+                        for uuid in held])
                     if not test:
                         self._record(outcomes)
                 for outcome in outcomes:

@@ -1,11 +1,12 @@
 """HostOperations on libvirt's test driver and a real SQLite file: sync, reconcile, stop,
 start and history, with the rules deciding."""
 
+import libvirt
 import pytest
 
 from vmpower.core.model import Cause, Transition
 from vmpower.core.settings import parse_settings
-from vmpower.hypervisor import UnknownDomain
+from vmpower.hypervisor import Hypervisor, UnknownDomain
 from vmpower.operations import HostOperations, OperationError
 from vmpower.store import open_store
 
@@ -79,6 +80,45 @@ def test_sync_powers_off_a_stopped_vm_started_behind_its_back(store, testdriver)
     assert report["actions"][0]["action"] == "power_off"
     assert not dom.isActive()
     assert store.get(dom.UUIDString()).vm_state.value == "stopped"
+
+
+def test_a_sync_acts_with_one_call_per_vm_and_reads_the_states_after_in_one(store, testdriver,
+                                                                             monkeypatch):
+    # On a real host every libvirt call is a round trip: a sync powering off many VMs pays
+    # for each call it makes per VM. Counted here: the calls, not their time.
+    doms = [testdriver.define(f"late{i}", start=False) for i in range(3)]
+    ops = operations(store)
+    ops.sync()
+    for dom in doms:
+        dom.create()
+    calls = []
+    for name in ("destroy", "isActive", "state", "info"):
+        original = getattr(libvirt.virDomain, name)
+        monkeypatch.setattr(libvirt.virDomain, name, lambda self, *a, _o=original, _n=name:
+                            calls.append(_n) or _o(self, *a))
+    bulk = []
+    original_bulk = libvirt.virConnect.domainListGetStats
+    monkeypatch.setattr(libvirt.virConnect, "domainListGetStats",
+                        lambda self, doms, *a: bulk.append(len(doms)) or original_bulk(self, doms, *a))
+    report = ops.sync()
+    assert [a["result"] for a in report["actions"]] == ["powered off"] * 3
+    assert sorted(calls) == ["destroy"] * 3  # no state read before or after, one by one
+    assert bulk == [3, 3]  # under the locks before acting, and after the actions
+    assert all(store.get(d.UUIDString()).power_state.value == "shutdown" for d in doms)
+
+
+def test_power_off_of_a_domain_already_off_or_gone_says_already_off(store, testdriver):
+    off, gone = testdriver.define("off", start=False), testdriver.define("gone")
+    with Hypervisor(TEST_URI) as hv:
+        assert hv.power_off(off.UUIDString()) is False
+        hv.list_all()  # as in a sync: the listing's handle is the one acted on
+        gone.destroy()
+        gone.undefine()
+        testdriver.domains.remove(gone)
+        assert hv.power_off(gone.UUIDString()) is False
+    with Hypervisor(TEST_URI) as hv:
+        on = testdriver.define("on")
+        assert hv.power_off(on.UUIDString()) is True and not on.isActive()
 
 
 def test_sync_skips_locked_and_misconfigured_vms_without_writing(store, testdriver):
