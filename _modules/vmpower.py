@@ -26,6 +26,7 @@ on time: the result says ``retry_at`` (epoch seconds), and the minion's schedule
 """
 
 import logging
+import time
 
 from salt.exceptions import CommandExecutionError
 
@@ -75,6 +76,19 @@ def _run(operation, *args, **kwargs):
             return getattr(ops, operation)(*args, **kwargs)
     except minion.ERRORS as exc:
         raise CommandExecutionError(f"vmpower.{operation}: {exc}") from exc
+
+
+def _announce_sync():
+    """Say on the minion's own bus that a sync starts: it answers the beacon's
+    ``master_reconnected`` resync, which is fired again until one does (never raised)."""
+    from vmpower.eventloop.delivery import SYNC_STARTED, masterless
+
+    if masterless(__opts__):
+        return
+    try:
+        __salt__["event.fire"]({"started": time.time()}, SYNC_STARTED)
+    except Exception as exc:  # pylint: disable=broad-except
+        log.debug("vmpower: could not announce the sync on the minion's bus: %s", exc)
 
 
 def _wake_up_for(result):
@@ -245,6 +259,8 @@ def sync(test=None):
         salt '*' vmpower.sync test=True
     """
     test = _test(test)
+    if not test:
+        _announce_sync()
     result = _run("sync", test=test)
     if isinstance(result, dict):  # the master's fleet store learns the loop's health (issue 10)
         from vmpower.core.fleet import loop_summary

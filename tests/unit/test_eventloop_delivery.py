@@ -1,6 +1,7 @@
 """The immediate path's shapes and the master link's bookkeeping (the real minion bus is in
 tests/daemons/test_event_path.py and test_master_away.py)."""
 
+from vmpower.core import reconnect
 from vmpower.eventloop import delivery
 from vmpower.eventloop.failures import Failures
 
@@ -54,7 +55,7 @@ def test_a_flapping_link_costs_one_resync_per_spacing():
         master._announce(now + 0.5)
         now += 1
     assert len(backs) == 1
-    master._announce(now + delivery.RESYNC_SPACING)  # the last return is announced, late
+    master._announce(now + reconnect.SPACING)  # the last return is announced, late
     assert len(backs) == 2
 
 
@@ -97,3 +98,36 @@ def test_the_beacons_setting_salt_announces_wins_over_a_stale_copy_in_opts():
     assert delivery.beacon_live(opts, "vmpower", master.beacons)
     master._heard("/salt/minion/minion_beacon_delete_complete", 5.0, {"beacons": {}})
     assert not delivery.beacon_live(opts, "vmpower", master.beacons)
+
+
+def test_a_resync_no_sync_answered_is_fired_again_and_a_sync_stops_that():
+    master, backs = link()
+    master._heard("__master_disconnected", 100.0)
+    master._heard("__master_connected", 130.0)
+    master._announce(130.0)
+    assert backs == [1]
+    master._announce(130.0 + reconnect.ANSWER_WAIT)  # the resync or its job was lost
+    assert backs == [1, 1]
+    master._heard(delivery.SYNC_STARTED, 150.0, {"started": 120.0})  # began before: no answer
+    master._heard(delivery.SYNC_STARTED, 150.0, {"started": "soon"})  # malformed: ignored
+    master._announce(145.0 + 2 * reconnect.ANSWER_WAIT)
+    assert len(backs) == 3
+    master._heard(delivery.SYNC_STARTED, 176.0, {"started": 175.5})  # the reactor's sync
+    master._announce(1000.0)
+    assert len(backs) == 3 and master.health()["resyncs_unanswered"] == 0
+
+
+def test_signing_in_again_after_a_loss_is_the_master_back():
+    # Salt 3006.29 reconnects by signing in again, with no __master_connected.
+    master, backs = link()
+    master._heard(delivery.AUTHENTICATED, 1.0, {"key": [], "creds": {}})  # the first sign-in
+    master._announce(1.0)
+    assert backs == [] and master.connected is None
+    master._heard("__master_disconnected", 10.0)
+    master._heard(delivery.AUTHENTICATED, 40.0, {"key": [], "creds": {}})
+    master._announce(40.0)
+    assert backs == [1] and master.connected is True and master.reconnections == 1
+    master._heard("__master_connected", 42.0)  # 3008 says it too: the same return
+    master._heard(delivery.AUTHENTICATED, 43.0, {})
+    master._announce(43.0)
+    assert backs == [1] and master.reconnections == 1

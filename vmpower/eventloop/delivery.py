@@ -7,9 +7,12 @@ with the same data (``id`` added), so that nothing on the master can tell the tw
 
 Master link: the minion announces on its own bus when it loses its master and when it has it
 back (``__master_disconnected`` / ``__master_connected``, fired by ``status.master`` every
-``master_alive_interval`` seconds; Salt 3006 and 3008 alike). While the link is down the
+``master_alive_interval`` seconds; Salt 3006 and 3008 alike; or, after a loss, the minion
+signing in again: ``salt/auth/creds``). While the link is down the
 minion drops every event it would forward, beacon events included; so when it comes back every
-watcher fires a ``master_reconnected`` resync, and the reactor's sync catches up.
+watcher fires a ``master_reconnected`` resync, and the reactor's sync catches up. Each sync
+announces on the minion's bus that it started (``SYNC_STARTED``); a resync no sync answered is
+fired again (``vmpower.core.reconnect`` says when).
 
 Beacon management: ``beacons.disable_beacon`` and its kin change the minion's ``beacons``
 setting, which a beacon's ``__opts__`` may not share (Salt 3006's loader works on a deep copy),
@@ -21,24 +24,29 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Mapping
 from typing import Callable
 
+from vmpower.core.reconnect import Reconnect
 from vmpower.eventloop.failures import Failures
 
 log = logging.getLogger("vmpower.eventloop")
 
 MASTER_CONNECTED = "__master_connected"
 MASTER_DISCONNECTED = "__master_disconnected"
+# The minion signed in to its master (``auth_events``, on by default). Salt 3006.29 reconnects a
+# minion that lost its master by signing in again, and fires no __master_connected then.
+AUTHENTICATED = "salt/auth/creds"
 LISTEN_WAIT = 1.0  # seconds a read of the bus waits
 # What Salt fires on the minion's bus once it changed the minion's ``beacons`` setting; each
 # carries the whole new setting as ``beacons`` (salt/beacons/__init__.py, 3006 and 3008).
 BEACONS_CHANGED = tuple(f"/salt/minion/minion_{what}_complete" for what in (
     "beacon_add", "beacon_modify", "beacon_delete", "beacon_enabled", "beacon_disabled",
     "beacons_enabled", "beacons_disabled", "beacon_reset"))
-# A link that flaps (a wrong publish_port makes status.master report the master gone every
-# master_alive_interval) would otherwise cost a full sync each time: at most one per this.
-RESYNC_SPACING = 10.0
+# What ``vmpower.sync`` fires on the minion's own bus (never forwarded to the master) as it
+# starts, with ``started`` (time.time()): it answers a master_reconnected resync.
+SYNC_STARTED = "vmpower/sync/started"
 
 
 def masterless(opts: Mapping) -> bool:
@@ -112,10 +120,12 @@ class MinionBus:
 
 
 class MasterLink(threading.Thread):
-    """Listens on the minion's bus for the master link's news (``on_back()`` when it is back)
-    and for the minion's beacons setting as Salt changes it (``beacons``)."""
+    """Listens on the minion's bus for the master link's news (``on_back()`` when it is back,
+    and again while no sync answered), and for the minion's beacons setting as Salt changes
+    it (``beacons``)."""
 
-    def __init__(self, opts: Mapping, on_back: Callable[[], None], failures: Failures):
+    def __init__(self, opts: Mapping, on_back: Callable[[], None], failures: Failures,
+                 clock: Callable[[], float] = time.time):
         super().__init__(name="vmpower-master-link", daemon=True)
         self._opts = dict(opts)
         self._on_back = on_back
@@ -123,13 +133,11 @@ class MasterLink(threading.Thread):
         self.connected: bool | None = None  # None: nothing heard yet (the minion says nothing
         self.changed_at: float | None = None  # while all is well)
         self.reconnections = 0
-        self._last_back: float | None = None  # monotonic time on_back() was last called
-        self._back_pending = False
+        self._clock = clock
+        self.resyncs = Reconnect()
         self.beacons: Mapping | None = None  # None: Salt has not changed the setting since
 
     def run(self) -> None:
-        import time
-
         import salt.utils.event
 
         while True:
@@ -138,8 +146,8 @@ class MasterLink(threading.Thread):
                     while True:
                         event = bus.get_event(wait=LISTEN_WAIT, full=True)
                         if event:
-                            self._heard(event.get("tag", ""), time.time(), event.get("data"))
-                        self._announce(time.monotonic())
+                            self._heard(event.get("tag", ""), self._clock(), event.get("data"))
+                        self._announce(self._clock())
             except Exception as exc:  # pylint: disable=broad-except
                 self._failures.note("master_link", "cannot listen on the minion's bus for the "
                                     "master's comings and goings: %s", exc)
@@ -149,28 +157,31 @@ class MasterLink(threading.Thread):
         if tag in BEACONS_CHANGED:
             if isinstance(data, Mapping) and isinstance(data.get("beacons"), Mapping):
                 self.beacons = data["beacons"]
+        elif tag == SYNC_STARTED:
+            started = data.get("started") if isinstance(data, Mapping) else None
+            if isinstance(started, (int, float)) and not isinstance(started, bool):
+                self.resyncs.answered(float(started))
         elif tag.startswith(MASTER_DISCONNECTED):
             if self.connected is not False:
                 log.info("vmpower: the minion lost its master; events fired meanwhile are "
                          "dropped by Salt, a resync follows its return")
                 self.connected, self.changed_at = False, at
-        elif tag.startswith(MASTER_CONNECTED):
+        elif tag.startswith(MASTER_CONNECTED) or (tag == AUTHENTICATED and self.connected is False):
             if self.connected is False:
                 self.connected, self.changed_at = True, at
                 self.reconnections += 1
-                self._back_pending = True
+                self.resyncs.back()
             else:
                 self.connected = True
 
     def _announce(self, now: float) -> None:
-        if not self._back_pending or self.connected is not True:
-            return
-        if self._last_back is not None and now - self._last_back < RESYNC_SPACING:
-            return
-        self._back_pending = False
-        self._last_back = now
-        self._on_back()
+        if self.connected is True and self.resyncs.due(now):
+            if self.resyncs.tries:
+                log.info("vmpower: no sync answered the master_reconnected resync yet; asking "
+                         "again (%d of %d)", self.resyncs.tries, self.resyncs.retries)
+            self._on_back()
 
     def health(self) -> dict:
         return {"connected": self.connected, "since": self.changed_at,
-                "reconnections": self.reconnections, "listening": self.is_alive()}
+                "reconnections": self.reconnections, "listening": self.is_alive(),
+                "resyncs_unanswered": self.resyncs.given_up}
