@@ -344,12 +344,11 @@ def minion_extras(opts: Mapping, pillar: Mapping | None = None) -> dict[str, Any
     """The minion's ``vmpower:metrics_file`` and ``vmpower:sync_splay`` (minion config and
     pillar merged, pillar winning, as for every vmpower setting)."""
     from vmpower import minion
-    from vmpower.core.settings import merge
+    from vmpower.core.settings import parse_settings
 
-    if pillar is None:
-        pillar = opts.get("pillar") or {}
-    current = minion.settings(opts, pillar)
-    raw = merge(opts.get("vmpower"), pillar.get("vmpower")) or {}
+    raw = minion.merged_settings(opts, pillar)
+    current = parse_settings(raw)
+    raw = raw or {}
     return {
         "settings": current,
         "metrics_file": core.metrics_file(raw.get("metrics_file")),

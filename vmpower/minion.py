@@ -36,9 +36,14 @@ def settings(opts: Mapping, pillar: Mapping | None = None) -> Settings:
     (Salt's ``config.get`` with ``merge`` lets the minion config win, the other way round.)
     ``pillar`` defaults to the minion's own copy in ``opts``, as a beacon sees it.
     """
+    return parse_settings(merged_settings(opts, pillar))
+
+
+def merged_settings(opts: Mapping, pillar: Mapping | None = None):
+    """``vmpower:`` of minion config and pillar merged (pillar winning), not yet validated."""
     if pillar is None:
         pillar = opts.get("pillar") or {}
-    return parse_settings(merge(opts.get("vmpower"), pillar.get("vmpower")))
+    return merge(opts.get("vmpower"), pillar.get("vmpower"))
 
 
 #: Where the records are unless ``vmpower:store`` says otherwise: not in Salt's cachedir,
@@ -167,8 +172,9 @@ def keep_sync_scheduled(opts: Mapping, fire_event: Callable[[dict, str], object]
     global _scheduled_interval
     from vmpower.core.fleet import sync_splay
 
-    current = settings(opts)
-    raw = merge(opts.get("vmpower"), (opts.get("pillar") or {}).get("vmpower")) or {}
+    raw = merged_settings(opts)
+    current = parse_settings(raw)
+    raw = raw or {}
     splay = sync_splay(raw.get("sync_splay"), current.sync_interval)
     if (current.sync_interval, splay) != _scheduled_interval:
         fire_event(sync_schedule(current, splay), "manage_schedule")

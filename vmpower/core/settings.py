@@ -217,12 +217,23 @@ def merge(*layers: Any) -> Any:
     return merged
 
 
-def parse_settings(raw: Mapping | None) -> Settings:
-    """Validate the merged ``vmpower:`` settings; raise ConfigError on a bad global key."""
+def _settings_mapping(raw: Mapping | None) -> Mapping:
     if raw is None:
-        raw = {}
+        return {}
     if not isinstance(raw, Mapping):
         raise ConfigError(f"vmpower must be a mapping, not {type(raw).__name__}")
+    return raw
+
+
+def stop_grace(raw: Mapping | None) -> float:
+    """``vmpower:stop_grace`` of the merged settings, validated as ``parse_settings`` does, and
+    nothing else read (the beacon asks for it at every tick)."""
+    return _number(_settings_mapping(raw), "stop_grace", DEFAULT_STOP_GRACE, float, 0)
+
+
+def parse_settings(raw: Mapping | None) -> Settings:
+    """Validate the merged ``vmpower:`` settings; raise ConfigError on a bad global key."""
+    raw = _settings_mapping(raw)
     instances_raw = raw.get("instances") or {}
     if not isinstance(instances_raw, Mapping):
         raise ConfigError(f"vmpower:instances must be a mapping of VM name or UUID to settings, "
@@ -242,7 +253,7 @@ def parse_settings(raw: Mapping | None) -> Settings:
         sync_interval=_number(raw, "sync_interval", DEFAULT_SYNC_INTERVAL, int, 1),
         restart_limit=_number(raw, "restart_limit", DEFAULT_RESTART_LIMIT, int, 0),
         restart_backoff=_number(raw, "restart_backoff", DEFAULT_RESTART_BACKOFF, float, 0),
-        stop_grace=_number(raw, "stop_grace", DEFAULT_STOP_GRACE, float, 0),
+        stop_grace=stop_grace(raw),
         instances=instances,
         instance_errors=errors,
         mode=_mode(raw.get("mode")),

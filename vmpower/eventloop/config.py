@@ -41,9 +41,4 @@ def stop_grace_default(opts: Mapping | None) -> float:
         return core.DEFAULT_STOP_GRACE
     from vmpower import minion
 
-    current = minion.settings(opts)
-    if hasattr(current, "stop_grace"):
-        return float(current.stop_grace)
-    # Settings without the field (before issue 8's core): the same key, validated the same way.
-    raw = core.merge(opts.get("vmpower"), (opts.get("pillar") or {}).get("vmpower")) or {}
-    return core._number(raw, "stop_grace", core.DEFAULT_STOP_GRACE, float, 0)
+    return core.stop_grace(minion.merged_settings(opts))
