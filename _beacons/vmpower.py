@@ -103,12 +103,12 @@ def beacon(config_):
                  else current.stop_grace)
         loop = eventloop.event_loop()
         events = loop.drain(current, minion.event_loop_status_path(__opts__), __opts__, grace)
-        watcher = loop.watcher(current, grace, __opts__)
+        generation = loop.generation(current.name)
     except Exception:  # pylint: disable=broad-except
         log.exception("vmpower beacon: no events this time")
         return []
-    if _connections_seen.get(current.name) != watcher.generation:
-        _connections_seen[current.name] = watcher.generation
+    if _connections_seen.get(current.name) != generation:
+        _connections_seen[current.name] = generation
         _schedule_sync()
     return events
 

@@ -24,14 +24,15 @@ import logging
 import queue
 import threading
 import time
-from typing import Callable, NamedTuple
+from typing import TYPE_CHECKING, Callable, NamedTuple
 from xml.etree import ElementTree
-
-from typing_extensions import Self
 
 from vmpower.core.mapping import live_state
 from vmpower.core.model import GONE, LiveState
 from vmpower.core.settings import UUID_RE
+
+if TYPE_CHECKING:  # typing.Self is Python 3.11's; typing_extensions is no runtime dependency
+    from typing_extensions import Self
 
 try:
     import libvirt
@@ -78,6 +79,19 @@ class LiveDomain(NamedTuple):
 
 def _error(exc: Exception) -> str:
     return exc.get_error_message() if hasattr(exc, "get_error_message") else str(exc)
+
+
+def _live_domains(stats, handles: dict | None = None) -> dict[str, LiveDomain]:
+    """``getAllDomainStats`` / ``domainListGetStats`` with VIR_DOMAIN_STATS_STATE, by UUID;
+    each domain's handle also into ``handles``, if given."""
+    domains = {}
+    for dom, values in stats:
+        uuid = dom.UUIDString()
+        if handles is not None:
+            handles[uuid] = dom
+        domains[uuid] = LiveDomain(uuid, dom.name(),
+                                   live_state(values["state.state"], values["state.reason"]))
+    return domains
 
 
 def run_event_loop() -> bool:
@@ -248,13 +262,8 @@ class Hypervisor:
             stats = self._conn.getAllDomainStats(libvirt.VIR_DOMAIN_STATS_STATE)
         except libvirt.libvirtError as exc:
             raise HypervisorError(f"cannot list domains at {self.uri}: {_error(exc)}") from exc
-        domains = {}
-        for dom, values in stats:
-            uuid = dom.UUIDString()
-            self._handles[uuid] = dom  # a sync acts on a few of them: no second lookup
-            domains[uuid] = LiveDomain(uuid, dom.name(),
-                                       live_state(values["state.state"], values["state.reason"]))
-        return domains
+        # A sync acts on a few of them: no second lookup, and their states read again in bulk.
+        return _live_domains(stats, self._handles)
 
     @_bounded('look up {0}')
     def lookup(self, name_or_uuid: str):
@@ -322,12 +331,7 @@ class Hypervisor:
             log.debug("vmpower: no bulk state read at %s (reading one by one): %s", self.uri,
                       _error(exc))
             return {}
-        found = {}
-        for dom, values in stats:
-            uuid = dom.UUIDString()
-            found[uuid] = LiveDomain(uuid, dom.name(),
-                                     live_state(values["state.state"], values["state.reason"]))
-        return found
+        return _live_domains(stats)
 
     def _state(self, dom) -> LiveState:
         try:

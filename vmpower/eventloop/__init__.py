@@ -100,6 +100,11 @@ class EventLoop:
         self._ensure_supervisor()
         return watcher.drain()
 
+    def generation(self, name: str) -> int:
+        """How many times the watcher of the beacon ``name`` has connected (0 without one)."""
+        watcher = self._watchers.get(name)
+        return watcher.generation if watcher is not None else 0
+
     def close(self, name: str, status_path: str) -> None:
         """Salt closes the beacon ``name``: its watcher disconnects until the next drain."""
         self._status_path = status_path

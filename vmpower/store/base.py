@@ -15,12 +15,13 @@ import socket
 import sys
 import time
 from collections.abc import Iterable, Iterator, Sequence
-from typing import Any
-
-from typing_extensions import Self
+from typing import TYPE_CHECKING, Any
 
 from vmpower.core.model import Cause, PowerState, Record, VmState
 from vmpower.core.settings import POSTGRES_SCHEMES, store_scheme
+
+if TYPE_CHECKING:  # typing.Self is Python 3.11's; typing_extensions is no runtime dependency
+    from typing_extensions import Self
 
 log = logging.getLogger(__name__)
 
