@@ -4,8 +4,8 @@ real guest shuts down; when it is back, the minion's vmpower beacon fires a
 
 The minion runs as the README tells operators to configure it: ``master_alive_interval`` set
 (without it a ZeroMQ minion never notices that its master went away), its ``publish_port`` the
-master's (``status.master`` checks that port) and ``master_tries: -1`` (keep trying the lost
-master rather than restart). The session's master is
+master's (``status.master`` checks that port) and, on Salt 3006, ``master_tries: -1`` (keep
+trying the lost master rather than restart). The session's master is
 stopped and started again in place; it answers again before the test ends.
 Asserted: the resync and the record, not how long anything took.
 """
@@ -18,6 +18,7 @@ from vmpower_lab import lab
 
 from .helpers import (
     DEFAULT_URI,
+    SALT_MAJOR,
     beacon_config,
     salt_call,
     salt_cmd,
@@ -37,10 +38,12 @@ MINION_ID = "vmpower-minion-m"
 
 def test_a_guest_that_stops_while_the_master_is_away_is_recorded_once_it_is_back(
         salt_master, minion_factory, libvirt_daemon, event_listener, make_guest):
-    # master_tries -1: Salt 3006.29 gives up on a lost master after one try and restarts the
-    # minion, which salt-factories' --disable-keepalive turns into a minion that is gone.
-    overrides = {"master_alive_interval": 2, "publish_port": salt_master.config["publish_port"],
-                 "master_tries": -1}
+    overrides = {"master_alive_interval": 2, "publish_port": salt_master.config["publish_port"]}
+    if SALT_MAJOR == 3006:
+        # Salt 3006.29 gives up on a lost master after one try and restarts the minion, which
+        # salt-factories' --disable-keepalive turns into a minion that is gone. (On 3008 the
+        # test passed without it, and failed once with it: not set there.)
+        overrides["master_tries"] = -1
     since = time.time()
     with minion_factory.started(MINION_ID, uri=DEFAULT_URI,
                                 vmpower={"sync_interval": 3600, "stop_timeout": 30},
