@@ -4,7 +4,8 @@
 # loader, a real libvirtd with real QEMU guests, real Salt daemons, the benchmarks' smoke run) on
 # Salt 3008 in .venv, then the unit tests and the real-libvirt and real-daemon tests (tests/unit,
 # tests/real, tests/daemons) on Salt 3006 LTS in .venv-3006. Both parts always run; the exit
-# status is 0 only if both passed, and the end shows each part's pytest summary line.
+# status is 0 only if both passed, and the end shows each part's pytest summary line and the
+# names of its failing tests.
 #
 # Extra arguments go to pytest and run on one release only: Salt 3008, or 3006 with
 # VMPOWER_SALT=3006 (e.g. `bash scripts/test.sh tests/unit -x`,
@@ -47,6 +48,12 @@ run_part() {  # <label> <venv> <pytest arguments...>
   last="$(grep -E '(passed|failed|errors?|skipped|deselected|no tests ran).* in [0-9.]+s' "$log" \
           | tail -1 | sed -E 's/^=+ //; s/ =+$//')"
   summary+=("$label: $(meaning "$rc") after $((SECONDS - began)) s: ${last:-no pytest summary line}")
+  # ... and the failing tests by name (-ra's short summary), so that the end of a long CI log
+  # says which tests failed on which release.
+  local failing
+  while IFS= read -r failing; do
+    summary+=("  $failing")
+  done < <(grep -E '^(FAILED|ERROR) ' "$log" | cut -c1-240)
   [ "$rc" -eq 0 ] || status=1
 }
 
