@@ -348,7 +348,6 @@ def minion_extras(opts: Mapping, pillar: Mapping | None = None) -> dict[str, Any
 
     raw = minion.merged_settings(opts, pillar)
     current = parse_settings(raw)
-    raw = raw or {}
     return {
         "settings": current,
         "metrics_file": core.metrics_file(raw.get("metrics_file")),

@@ -40,10 +40,12 @@ def settings(opts: Mapping, pillar: Mapping | None = None) -> Settings:
 
 
 def merged_settings(opts: Mapping, pillar: Mapping | None = None):
-    """``vmpower:`` of minion config and pillar merged (pillar winning), not yet validated."""
+    """``vmpower:`` of minion config and pillar merged (pillar winning), not yet validated;
+    ``{}`` when neither has one."""
     if pillar is None:
         pillar = opts.get("pillar") or {}
-    return merge(opts.get("vmpower"), pillar.get("vmpower"))
+    merged = merge(opts.get("vmpower"), pillar.get("vmpower"))
+    return {} if merged is None else merged
 
 
 #: Where the records are unless ``vmpower:store`` says otherwise: not in Salt's cachedir,
@@ -174,7 +176,6 @@ def keep_sync_scheduled(opts: Mapping, fire_event: Callable[[dict, str], object]
 
     raw = merged_settings(opts)
     current = parse_settings(raw)
-    raw = raw or {}
     splay = sync_splay(raw.get("sync_splay"), current.sync_interval)
     if (current.sync_interval, splay) != _scheduled_interval:
         fire_event(sync_schedule(current, splay), "manage_schedule")
