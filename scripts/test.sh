@@ -53,7 +53,7 @@ run_part() {  # <label> <venv> <pytest arguments...>
   local failing
   while IFS= read -r failing; do
     summary+=("  $failing")
-  done < <(grep -E '^(FAILED|ERROR) ' "$log" | cut -c1-240)
+  done < <(grep -E '^(FAILED|ERROR) [^ ]+\.py' "$log" | cut -c1-240)
   [ "$rc" -eq 0 ] || status=1
 }
 

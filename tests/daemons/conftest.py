@@ -5,9 +5,9 @@ demand, two salt-minions (``vmpower-minion-1``, ``vmpower-minion-2``); tests tha
 minion of their own (other URI, beacons configured before start, no vmpower entry point, or
 another Python) start one with ``minion_factory.started(...)``, which stops it and deletes its
 key afterwards. The tests on the real libvirtd (``qemu:///system``, started through
-``vmpower_lab.lab`` by the ``libvirt_daemon`` fixture shared with tests/real) share
-``beacon_minion`` (``vmpower-minion-b``, the vmpower beacon in its minion config) for this
-package, and name their guests ``vmpower-d-<test>-<kind>`` (``make_guest``).
+``vmpower_lab.lab`` by the ``libvirt_daemon`` fixture shared with tests/real) of one module
+share ``beacon_minion`` (``vmpower-minion-b``, the vmpower beacon in its minion config), and
+name their guests ``vmpower-d-<test>-<kind>`` (``make_guest``).
 
 The master serves ``file_roots: base: [<state tree>, <repo root>]`` so that ``salt://_modules``,
 ``salt://_beacons``, ``salt://_states``, ``salt://_utils`` and ``salt://_reactor`` are the
@@ -373,18 +373,21 @@ def guest_prefix() -> str:
     return "vmpower-d-"
 
 
-@pytest.fixture(scope="package")
-def beacon_minion(minion_factory, salt_master, libvirt_daemon, event_listener):
+@pytest.fixture(scope="module")
+def beacon_minion(minion_factory, salt_master, libvirt_daemon, event_listener, tmp_path_factory):
     """``vmpower-minion-b``: the vmpower beacon on the real libvirtd (``qemu:///system``),
     configured in its minion config as a user would, with ``stop_grace`` = ``STOP_GRACE`` and
-    no periodic sync during the run. Shared by the beacon and end-to-end modules (and torn
-    down with this package, so it never acts on the guests of tests/real); handed out once
-    its beacon has connected (its ``connected`` resync is on the master bus) and the sync the
-    reactor runs for it has returned."""
+    no periodic sync during the run. Shared by the tests of one module and torn down with it:
+    it acts on every guest of the libvirtd, so one that lived on would act on the guests of
+    the modules after it (a wake-up sync of its own adopts a guest a test has just defined as
+    stopped, and its reactor then powers the guest off when the test starts it). Handed out
+    once its beacon has connected (its ``connected`` resync is on the master bus) and the sync
+    the reactor runs for it has returned. Each module's has a store of its own."""
     before = time.time()
+    store = tmp_path_factory.mktemp("beacon-minion") / "records.sqlite"
     with minion_factory.started(
             BEACON_MINION, uri=DEFAULT_URI,
-            vmpower={"sync_interval": NO_PERIODIC_SYNC, "stop_timeout": 30},
+            vmpower={"sync_interval": NO_PERIODIC_SYNC, "stop_timeout": 30, "store": str(store)},
             beacons={"vmpower": beacon_config(uri=DEFAULT_URI, stop_grace=STOP_GRACE)}) as minion:
         wait_for_event(event_listener, f"salt/beacon/{BEACON_MINION}/vmpower/resync", before,
                        timeout=60, daemon_id=salt_master.id,

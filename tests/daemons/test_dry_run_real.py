@@ -67,6 +67,15 @@ def record(path, uuid):
         db.close()
 
 
+def history(path, uuid):
+    """The audit entries of one VM, read past vmpower (a failing assertion shows them)."""
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)
+    try:
+        return db.execute("SELECT * FROM audit WHERE uuid = ? ORDER BY id", (uuid,)).fetchall()
+    finally:
+        db.close()
+
+
 def running(dom):
     return dom.state()[0] == libvirt.VIR_DOMAIN_RUNNING
 
@@ -80,7 +89,9 @@ def test_test_true_changes_nothing(salt_master, minions, stores, make_guest):
 
     summary = minion_return(salt_cmd(salt_master, ENFORCE, "vmpower.sync", "test=True"), ENFORCE)
     assert summary["test"] is True and summary["updated"] == 0, summary
-    [action] = [a for a in summary["actions"] if a["uuid"] == guest.uuid]
+    actions = [a for a in summary["actions"] if a["uuid"] == guest.uuid]
+    assert len(actions) == 1, (summary, dom.state(), history(stores[ENFORCE], guest.uuid))
+    [action] = actions
     assert (action["action"], action["result"]) == ("power_off", "test: would power off"), action
     assert action["reason"], action
     ret = minion_return(salt_cmd(salt_master, ENFORCE, "vmpower.reconcile", f"uuid={guest.uuid}",
