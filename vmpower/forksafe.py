@@ -36,8 +36,22 @@ FORK_WAIT = 10.0
 _cond = threading.Condition()
 _forks_pending = 0  # forks waiting for, or being made while, the loop thread stays out
 _in_libvirt = False  # the loop thread is inside virEventRunDefaultImpl
+_loop_started = False  # this process has started the loop's thread (loop_thread_starts)
 _loop_ident: int | None = None  # the loop thread's ident, once it has run an iteration
 _wake_timer: int | None = None  # a libvirt timer, disabled except to wake the loop for a fork
+# Whether the fork this thread is making counts in _forks_pending. Other threads run between
+# a fork's before and after hooks, so the loop may start in between: the after hook undoes
+# what its own before hook did, not what the state says now.
+_this_fork = threading.local()
+
+
+def loop_thread_starts() -> None:
+    """Say that this process is starting the loop's thread. From here on every fork keeps the
+    thread out of libvirt, also before its first iteration (a fork made while the new thread
+    waits to be scheduled is not told apart from one made before it existed)."""
+    global _loop_started
+    with _cond:
+        _loop_started = True
 
 
 def _rest(timer: int, _opaque) -> None:
@@ -65,10 +79,12 @@ def run_iteration() -> None:
 
 def _before_fork() -> None:
     global _forks_pending
-    if _loop_ident is None or threading.get_ident() == _loop_ident:
+    _this_fork.counted = False
+    if not _loop_started or threading.get_ident() == _loop_ident:
         return  # no loop in this process, or a fork from inside a libvirt callback
     with _cond:
         _forks_pending += 1
+        _this_fork.counted = True
         if _in_libvirt and _wake_timer is not None:
             # The loop may sit in poll() with no timeout: a due timer ends the iteration.
             libvirt.virEventUpdateTimeout(_wake_timer, 0)
@@ -79,8 +95,9 @@ def _before_fork() -> None:
 
 def _after_fork_in_parent() -> None:
     global _forks_pending
-    if _loop_ident is None or threading.get_ident() == _loop_ident:
+    if not getattr(_this_fork, "counted", False):
         return
+    _this_fork.counted = False
     with _cond:
         _forks_pending -= 1
         _cond.notify_all()
@@ -88,14 +105,16 @@ def _after_fork_in_parent() -> None:
 
 def _after_fork_in_child() -> None:
     # The loop thread is not copied: nothing here runs the loop, and nothing waits for it.
-    global _cond, _forks_pending, _in_libvirt, _loop_ident
+    global _cond, _forks_pending, _in_libvirt, _loop_started, _loop_ident, _this_fork
     _cond = threading.Condition()
-    _forks_pending, _in_libvirt, _loop_ident = 0, False, None
+    _forks_pending, _in_libvirt, _loop_started, _loop_ident = 0, False, False, None
+    _this_fork = threading.local()
 
 
 def loop_runs_here() -> bool:
-    """Whether this process has run the loop (a forked child has not, whatever it inherited)."""
-    return _loop_ident is not None
+    """Whether this process has started the loop's thread (a forked child has not, whatever it
+    inherited)."""
+    return _loop_started
 
 
 os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_in_parent,

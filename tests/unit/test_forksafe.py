@@ -65,3 +65,51 @@ def test_a_forked_child_cannot_run_the_parents_loop():
     """)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
     assert out.stdout.split() == ["0", "True"], out.stderr
+
+
+# The loop's thread is parked before its first iteration (the main thread holds forksafe's
+# condition, as a scheduler that has not run the new thread yet would), and the process forks.
+# The test's own at-fork hooks are registered before vmpower's, so they run inside vmpower's
+# guard: the before hook lets the thread go and gives it time to enter libvirt.
+EARLY_FORK = textwrap.dedent("""
+    import os, threading, time
+    import libvirt
+    seen = []
+
+    def fork_begins():
+        seen.append("fork begins")
+        forksafe._cond.release()  # the loop thread may run now
+        time.sleep(0.5)
+
+    os.register_at_fork(before=fork_begins, after_in_parent=lambda: seen.append("fork ends"))
+    from vmpower import eventloop, forksafe
+
+    for name in ("virEventAddTimeout", "virEventRunDefaultImpl"):
+        def entered(*args, _real=getattr(libvirt, name), _name=name):
+            seen.append("libvirt")
+            return _real(*args)
+        setattr(libvirt, name, entered)
+
+    forksafe._cond.acquire()
+    eventloop.ensure_running()
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)
+    os.waitpid(pid, 0)
+    ticks = []
+    libvirt.virEventAddTimeout(0, lambda timer, opaque: ticks.append(1), None)
+    time.sleep(0.5)
+    before = len(ticks)
+    time.sleep(0.5)
+    during = seen[seen.index("fork begins"):seen.index("fork ends")]
+    print("libvirt-during-fork" if "libvirt" in during else "clean",
+          "loop-runs" if len(ticks) > before else "loop-stuck")
+""")
+
+
+def test_a_fork_before_the_loops_first_iteration_keeps_it_out_of_libvirt():
+    # Before the guard knew of a started thread until its first iteration, the thread entered
+    # libvirt during the fork, and the fork's end left the loop waiting for good.
+    out = subprocess.run([sys.executable, "-c", EARLY_FORK], capture_output=True, text=True,
+                         timeout=120, check=False)
+    assert out.stdout.split() == ["clean", "loop-runs"], out.stderr

@@ -62,6 +62,7 @@ def ensure_running() -> threading.Thread:
                                f"a forked process cannot run it")
         if _thread is None or not _thread.is_alive():
             _thread = threading.Thread(target=_run_forever, name=THREAD_NAME, daemon=True)
+            forksafe.loop_thread_starts()
             _thread.start()
         return _thread
 
