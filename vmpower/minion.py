@@ -39,12 +39,17 @@ def settings(opts: Mapping, pillar: Mapping | None = None) -> Settings:
     return parse_settings(merged_settings(opts, pillar))
 
 
-def merged_settings(opts: Mapping, pillar: Mapping | None = None):
+def merged_settings(opts: Mapping, pillar: Mapping | None = None, keys: tuple[str, ...] | None = None):
     """``vmpower:`` of minion config and pillar merged (pillar winning), not yet validated;
-    ``{}`` when neither has one."""
+    ``{}`` when neither has one. ``keys``: merge only those top-level keys (the beacon's tick
+    reads one, and merging every instance's pillar would cost it milliseconds a tick)."""
     if pillar is None:
         pillar = opts.get("pillar") or {}
-    merged = merge(opts.get("vmpower"), pillar.get("vmpower"))
+    layers = [opts.get("vmpower"), pillar.get("vmpower")]
+    if keys is not None:  # a layer that is not a mapping is kept whole: its error is reported
+        layers = [{key: layer[key] for key in keys if key in layer} if isinstance(layer, Mapping)
+                  else layer for layer in layers]
+    merged = merge(*layers)
     return {} if merged is None else merged
 
 

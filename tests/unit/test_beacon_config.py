@@ -89,3 +89,8 @@ def test_without_a_stop_grace_of_its_own_the_beacon_uses_vmpowers():
     assert stop_grace_default({"vmpower": {"stop_grace": 4}, "pillar": {"vmpower": {"stop_grace": 7}}}) == 7.0
     with pytest.raises(ConfigError, match="vmpower:stop_grace must be at least 0"):
         stop_grace_default({"vmpower": {"stop_grace": -1}})
+    # Only stop_grace is merged: an instance's bad pillar is not the beacon's to report, but a
+    # vmpower: that is not a mapping still is.
+    assert stop_grace_default({"pillar": {"vmpower": {"stop_grace": 2, "instances": {"x": 3}}}}) == 2.0
+    with pytest.raises(ConfigError, match="vmpower must be a mapping"):
+        stop_grace_default({"vmpower": {"stop_grace": 4}, "pillar": {"vmpower": "oops"}})

@@ -41,4 +41,4 @@ def stop_grace_default(opts: Mapping | None) -> float:
         return core.DEFAULT_STOP_GRACE
     from vmpower import minion
 
-    return core.stop_grace(minion.merged_settings(opts))
+    return core.stop_grace(minion.merged_settings(opts, keys=("stop_grace",)))
