@@ -8,6 +8,7 @@ factories' ``pytest`` engine.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import datetime
 import fnmatch
@@ -337,16 +338,24 @@ def vm_record(salt_minion, uuid: str) -> dict | None:
     return read_record(store_path(salt_minion), uuid)
 
 
+@contextlib.contextmanager
+def read_only(store):
+    """A read-only connection to the SQLite file at ``store`` (rows as ``sqlite3.Row``), read
+    past vmpower; closed on exit."""
+    db = sqlite3.connect(f"file:{store}?mode=ro", uri=True, timeout=30)
+    db.row_factory = sqlite3.Row
+    try:
+        yield db
+    finally:
+        db.close()
+
+
 def read_record(store, uuid: str) -> dict | None:
     """The record of domain ``uuid`` in the SQLite store at ``store``, read-only, or None."""
     if not os.path.exists(store):
         return None
-    db = sqlite3.connect(f"file:{store}?mode=ro", uri=True, timeout=30)
-    try:
-        db.row_factory = sqlite3.Row
+    with read_only(store) as db:
         row = db.execute("SELECT * FROM instances WHERE uuid = ?", (uuid,)).fetchone()
-    finally:
-        db.close()
     return dict(row) if row else None
 
 

@@ -11,13 +11,12 @@ before and after, and the guest is left as it was. Observe mode leaves running a
 rule 6 would power off, records the truth, and reports and audits what it would have done.
 """
 
-import sqlite3
 import time
 
 import pytest
 
 from .conftest import NO_PERIODIC_SYNC
-from .helpers import DEFAULT_URI, minion_return, salt_cmd, wait_for_job_return
+from .helpers import DEFAULT_URI, minion_return, read_only, read_record, salt_cmd, wait_for_job_return
 
 libvirt = pytest.importorskip("libvirt")
 
@@ -49,31 +48,16 @@ def minions(minion_factory, libvirt_daemon, stores, salt_master, event_listener)
 
 def snapshot(path):
     """Every record and audit entry of a store, read past vmpower."""
-    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)
-    try:
-        return (db.execute("SELECT * FROM instances ORDER BY uuid").fetchall(),
-                db.execute("SELECT * FROM audit ORDER BY id").fetchall())
-    finally:
-        db.close()
-
-
-def record(path, uuid):
-    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)
-    try:
-        db.row_factory = sqlite3.Row
-        row = db.execute("SELECT * FROM instances WHERE uuid = ?", (uuid,)).fetchone()
-        return dict(row) if row else None
-    finally:
-        db.close()
+    with read_only(path) as db:
+        return ([tuple(row) for row in db.execute("SELECT * FROM instances ORDER BY uuid")],
+                [tuple(row) for row in db.execute("SELECT * FROM audit ORDER BY id")])
 
 
 def history(path, uuid):
     """The audit entries of one VM, read past vmpower (a failing assertion shows them)."""
-    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)
-    try:
-        return db.execute("SELECT * FROM audit WHERE uuid = ? ORDER BY id", (uuid,)).fetchall()
-    finally:
-        db.close()
+    with read_only(path) as db:
+        return [dict(row) for row in db.execute("SELECT * FROM audit WHERE uuid = ? ORDER BY id",
+                                                 (uuid,))]
 
 
 def running(dom):
@@ -83,7 +67,7 @@ def running(dom):
 def test_test_true_changes_nothing(salt_master, minions, stores, make_guest):
     guest, dom = make_guest("acpi", start=False)
     minion_return(salt_cmd(salt_master, ENFORCE, "vmpower.sync"), ENFORCE)  # adopted stopped
-    assert record(stores[ENFORCE], guest.uuid)["vm_state"] == "stopped"
+    assert read_record(stores[ENFORCE], guest.uuid)["vm_state"] == "stopped"
     dom.create()  # behind vmpower's back: rule 6 would power it off
     before = snapshot(stores[ENFORCE])
 
@@ -115,7 +99,7 @@ def test_observe_mode_leaves_a_vm_running_and_reports_what_it_would_have_done(
     guest, dom = make_guest("acpi", start=False)
     first = minion_return(salt_cmd(salt_master, OBSERVE, "vmpower.sync"), OBSERVE)
     assert first["mode"] == "observe", first
-    assert record(stores[OBSERVE], guest.uuid)["vm_state"] == "stopped"  # recorded: adopted
+    assert read_record(stores[OBSERVE], guest.uuid)["vm_state"] == "stopped"  # recorded: adopted
     dom.create()  # rule 6 would power it off
 
     summary = minion_return(salt_cmd(salt_master, OBSERVE, "vmpower.sync"), OBSERVE)
@@ -123,7 +107,7 @@ def test_observe_mode_leaves_a_vm_running_and_reports_what_it_would_have_done(
     assert (action["action"], action["result"]) == ("power_off", "observe mode: would power off; not done")
     assert "stopped" in action["reason"], action
     assert running(dom)
-    now = record(stores[OBSERVE], guest.uuid)
+    now = read_record(stores[OBSERVE], guest.uuid)
     assert (now["vm_state"], now["power_state"]) == ("stopped", "running"), now  # the truth, the intent kept
     history = minion_return(salt_cmd(salt_master, OBSERVE, "vmpower.history", guest.name), OBSERVE)
     assert history[-1]["action"] == "observe", history

@@ -32,6 +32,7 @@ from .helpers import (
     beacon_config,
     fire_beacon_event,
     minion_return,
+    read_only,
     salt_call,
     salt_cmd,
     wait_for_event,
@@ -117,13 +118,8 @@ def run(fleet_master, fun, *args, **kwargs):
 
 
 def stored_events(fleet_store, **where):
-    import sqlite3
-    db = sqlite3.connect(f"file:{fleet_store}?mode=ro", uri=True, timeout=30)
-    try:
-        db.row_factory = sqlite3.Row
+    with read_only(fleet_store) as db:
         rows = [dict(r) for r in db.execute("SELECT * FROM fleet_events ORDER BY id")]
-    finally:
-        db.close()
     return [r for r in rows if all(r.get(k) == v for k, v in where.items())]
 
 
