@@ -14,6 +14,7 @@ import pytest
 
 from vmpower.core.model import Cause, PowerState, Record, VmState
 from vmpower.store import Change, LockBusy, StoreError, open_store
+from vmpower.store.base import SCHEMA_LOCK
 
 
 def rec(uuid="u-1", **kw):
@@ -258,6 +259,38 @@ def test_processes_opening_an_old_store_at_once_all_succeed(store_location):
     openers = [_python(code, store_location) for _ in range(4)]
     outputs = [opener.communicate(timeout=120)[0].strip() for opener in openers]
     assert outputs == ["True"] * 4 and [o.returncode for o in openers] == [0] * 4
+
+
+def test_sqlite_openers_set_up_the_schema_one_at_a_time(sqlite_store):
+    # Two openers turning a file to WAL together: SQLite can refuse one at once, without its busy
+    # wait ("database is locked"; 1 of 150 rounds of four openers of an old store, before).
+    holder = _python("""
+        import sys, time
+        from vmpower.store import open_store
+        from vmpower.store.base import SCHEMA_LOCK
+        store = open_store(sys.argv[1])
+        with store.lock(SCHEMA_LOCK):
+            print("holding", flush=True)
+            time.sleep(60)
+    """, sqlite_store.path)
+    try:
+        assert holder.stdout.readline().strip() == "holding"
+        opener = _python("""
+            import sys
+            from vmpower.store import open_store
+            with open_store(sys.argv[1]) as store:
+                print(store.count(), flush=True)
+        """, sqlite_store.path)
+        with pytest.raises(subprocess.TimeoutExpired):  # it waits while the schema is set up
+            opener.communicate(timeout=1)
+        busy = (r"the lock on the store's schema \(held while a vmpower process sets it up\) "
+                f"is held by pid {holder.pid} ")
+        with pytest.raises(LockBusy, match=busy), sqlite_store.lock(SCHEMA_LOCK, timeout=0.2):
+            pass
+    finally:
+        holder.kill()
+        holder.wait()
+    assert opener.communicate(timeout=60)[0].strip() == "0" and opener.returncode == 0
 
 
 def test_a_sync_takes_the_free_locks_and_is_told_who_holds_the_others(store, store_location):

@@ -102,6 +102,11 @@ def sql_get_many(count: int) -> str:
     return f"{_SELECT} WHERE uuid IN ({', '.join('?' * count)})"
 
 
+#: The lock held while a process creates or upgrades the store's schema; no instance UUID or
+#: ``host-<id>`` lock is named so.
+SCHEMA_LOCK = "(schema)"
+
+
 class StoreError(RuntimeError):
     """The store cannot be read or written; nothing may be decided without it."""
 
@@ -442,6 +447,8 @@ class Store(abc.ABC):
 
     def _what(self, key: str) -> str:
         """What lock ``key`` protects, in words, for an error message."""
+        if key == SCHEMA_LOCK:
+            return "the lock on the store's schema (held while a vmpower process sets it up)"
         if key.startswith("host-"):
             return f"the sync lock of minion {key[len('host-'):]}"
         try:

@@ -22,7 +22,7 @@ import hashlib
 import re
 from collections.abc import Sequence
 
-from vmpower.store.base import ADDED_COLUMNS, APPEND_ONLY, TABLES, Store, StoreError
+from vmpower.store.base import ADDED_COLUMNS, APPEND_ONLY, SCHEMA_LOCK, TABLES, Store, StoreError
 
 try:
     import psycopg
@@ -61,7 +61,6 @@ SCHEMA_READY = ("SELECT to_regclass('instances') IS NOT NULL AND to_regclass('lo
                 "AND (SELECT count(*) FROM pg_attribute WHERE attrelid = to_regclass('instances') "
                 "AND NOT attisdropped AND attname IN "
                 f"({', '.join(repr(name) for name, _ in ADDED_COLUMNS)})) = {len(ADDED_COLUMNS)}")
-SCHEMA_LOCK = "(schema)"  # no instance UUID or host-<id> lock is named so
 
 
 def lock_id(key: str) -> int:

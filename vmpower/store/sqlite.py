@@ -14,7 +14,7 @@ import os
 import sqlite3
 from collections.abc import Sequence
 
-from vmpower.store.base import ADDED_COLUMNS, APPEND_ONLY, TABLES, Store
+from vmpower.store.base import ADDED_COLUMNS, APPEND_ONLY, SCHEMA_LOCK, TABLES, Store, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -42,10 +42,16 @@ class SqliteStore(Store):
         except (sqlite3.Error, OSError) as exc:
             raise self._unreadable(exc) from exc
         try:
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=FULL")
-            self._db.executescript(SCHEMA)
-            self._migrate()
+            # One process at a time: turning a new (or old) file to WAL needs it to itself, and
+            # SQLite refuses that at once, without its busy wait, to two openers doing it together.
+            with self.lock(SCHEMA_LOCK):
+                self._db.execute("PRAGMA journal_mode=WAL")
+                self._db.execute("PRAGMA synchronous=FULL")
+                self._db.executescript(SCHEMA)
+                self._migrate()
+        except StoreError:
+            self._db.close()
+            raise
         except sqlite3.Error as exc:
             self._db.close()
             raise self._unreadable(exc) from exc
