@@ -97,7 +97,6 @@ def _after_fork_in_parent() -> None:
     global _forks_pending
     if not getattr(_this_fork, "counted", False):
         return
-    _this_fork.counted = False
     with _cond:
         _forks_pending -= 1
         _cond.notify_all()
