@@ -72,7 +72,7 @@ def test_a_forked_child_cannot_run_the_parents_loop():
 # The test's own at-fork hooks are registered before vmpower's, so they run inside vmpower's
 # guard: the before hook lets the thread go and gives it time to enter libvirt.
 EARLY_FORK = textwrap.dedent("""
-    import os, threading, time
+    import os, time
     import libvirt
     seen = []
 
@@ -85,7 +85,7 @@ EARLY_FORK = textwrap.dedent("""
     from vmpower import eventloop, forksafe
 
     for name in ("virEventAddTimeout", "virEventRunDefaultImpl"):
-        def entered(*args, _real=getattr(libvirt, name), _name=name):
+        def entered(*args, _real=getattr(libvirt, name)):
             seen.append("libvirt")
             return _real(*args)
         setattr(libvirt, name, entered)
