@@ -198,7 +198,7 @@ def start(name):
 
 
 def _test(test):
-    """``test=True`` on the command line, else the minion's own ``test`` setting (issue 10)."""
+    """``test=True`` on the command line, else the minion's own ``test`` setting."""
     if test is None:
         return bool(__opts__.get("test", False))
     return _check(arguments.flag, test, "test")
@@ -262,7 +262,7 @@ def sync(test=None):
     if not test:
         _announce_sync()
     result = _run("sync", test=test)
-    if isinstance(result, dict):  # the master's fleet store learns the loop's health (issue 10)
+    if isinstance(result, dict):  # the master's fleet store learns the loop's health
         from vmpower.core.fleet import loop_summary
         from vmpower.eventloop import read_status
 
@@ -343,7 +343,7 @@ def status():
     return result
 
 
-# vmpower.records and vmpower.metrics: issue 10 (helper i10); the work is in vmpower/fleet.py.
+# vmpower.records and vmpower.metrics: a minion's part of the fleet's view; the work is in vmpower/fleet.py.
 def records(name=None):
     """
     Show each domain's record beside its live state: the recorded vm_state, power_state,

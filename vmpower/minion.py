@@ -157,7 +157,7 @@ def sync_schedule(current: Settings, splay: int = 0) -> dict:
     not persisted, because the beacon adds it again in every new minion process. ``splay``
     (``vmpower:sync_splay``) delays each run by up to that many seconds at random, so that a
     fleet's hosts do not all hit one database at once; its result goes through the ``vmpower``
-    returner (the sync's summary and the metrics file, issue 10).
+    returner (the sync's summary and the metrics file).
     """
     job = {"function": "vmpower.sync", "seconds": current.sync_interval, "maxrunning": 1,
            "enabled": True, "jid_include": True, "returner": "vmpower"}

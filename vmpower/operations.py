@@ -204,7 +204,7 @@ class HostOperations:
                    at: float, facts: Facts, test: bool = False) -> Outcome | Acted:
         """Act on one decision; the caller holds the instance lock and records the outcome.
 
-        ``conduct`` (the core) says whether to (issue 10): a dry run (``test``) writes and does
+        ``conduct`` (the core) says whether to: a dry run (``test``) writes and does
         nothing and reports what would be done; observe mode records what was observed,
         audits what it would have done, and never acts. A power action gives an ``Acted``:
         its outcome is known once the domain's power state is read after it (``_settle``)."""
@@ -392,7 +392,7 @@ class HostOperations:
         action, or facts read one by one) are locked, without waiting, re-read and decided
         again: a VM whose lock another job holds is listed under ``busy``.
 
-        ``test``: a dry run (issue 10): what would be written is under ``would_write`` (first
+        ``test``: a dry run: what would be written is under ``would_write`` (first
         records) and in each entry of ``actions``, with why; nothing changes.
         """
         started = time.monotonic()

@@ -1,4 +1,4 @@
-"""When a minion whose master came back asks for a resync: the master link's rules (issue 9).
+"""When a minion whose master came back asks for a resync: the master link's rules.
 
 While the minion has no master, Salt drops every event it would forward. So once the link is
 back, the beacon fires a ``master_reconnected`` resync, and the reactor answers it with a sync.

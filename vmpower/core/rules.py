@@ -353,7 +353,7 @@ def decide(record: Record, live: LiveState, host: str, policy: InstancePolicy,
             observed["host"] = host
             notes.append(f"migrated from {owner or 'no host'}: it runs on {host}")
             if policy.vm_state is None and record.vm_state is not VmState.ACTIVE:
-                # Taken as a first sight is (req 1): a VM that runs here is not powered off
+                # Taken over as at a first sight: a VM that runs here is not powered off
                 # because another host last recorded it stopped.
                 observed["vm_state"] = VmState.ACTIVE
                 notes.append(f"vm_state {record.vm_state.value} -> active: it runs")

@@ -261,7 +261,7 @@ def parse_settings(raw: Mapping | None) -> Settings:
 
 
 def _mode(raw: Any) -> str:
-    from vmpower.core.conduct import parse_mode  # vmpower:mode (issue 10); conduct imports this module
+    from vmpower.core.conduct import parse_mode  # vmpower:mode; conduct imports this module
 
     return parse_mode(raw)
 
