@@ -1,4 +1,4 @@
-"""The smoke run of issue 10's fleet benchmark (part 4): a fleet of hosts syncing into one
+"""The smoke run of the fleet benchmark (part 4): a fleet of hosts syncing into one
 real PostgreSQL and the report over it, at its smallest size. Shapes and the work done, never
 timings."""
 

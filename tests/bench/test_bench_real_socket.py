@@ -1,4 +1,4 @@
-"""The smoke run of issue 10's real-socket benchmark (part 5): a sync through a real libvirtd's
+"""The smoke run of the real-socket benchmark (part 5): a sync through a real libvirtd's
 socket (``test+unix:///default``) against the Nova-style baseline, at its smallest size. Shapes
 and the work done, never timings. It starts a real libvirtd: run under
 ``flock /tmp/vmpower-real.lock`` like tests/real.

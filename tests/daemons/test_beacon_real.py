@@ -1,5 +1,5 @@
 """The vmpower beacon in a real salt-minion, on the real libvirtd with real QEMU guests: every
-power change arrives on the master's bus as the spec says (issue 3).
+power change arrives on the master's bus as the spec says.
 
 The minion is ``beacon_minion`` (``vmpower-minion-b``: beacon in its minion config,
 ``qemu:///system``, ``stop_grace`` = ``STOP_GRACE``). Events are read from the master's bus

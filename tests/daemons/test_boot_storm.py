@@ -1,4 +1,4 @@
-"""A boot storm with real daemons (issue 9): 32 real guests (32 MiB, TCG) started at once on
+"""A boot storm with real daemons: 32 real guests (32 MiB, TCG) started at once on
 the real libvirtd, under a real salt-minion with the vmpower beacon and the shipped reactor on
 a real salt-master. Every wait is bounded; nothing asserts how long a step took.
 """

@@ -1,5 +1,5 @@
-"""A crash loop of a VM pinned ``active`` through the whole event path (issue 8, "Back-off on
-time"): a real guest that powers itself off about two seconds after every boot, the vmpower
+"""A crash loop of a VM pinned ``active`` through the whole event path, backed off on
+time: a real guest that powers itself off about two seconds after every boot, the vmpower
 beacon in a real minion (``beacon_minion``, no periodic sync during the run), the shipped
 reactor and Salt's own scheduler.
 

@@ -1,4 +1,4 @@
-"""Dry runs and observe mode with real daemons (issue 10): the session's salt-master and two
+"""Dry runs and observe mode with real daemons: the session's salt-master and two
 real salt-minions of this module on the real libvirtd with real QEMU guests, each with a store
 of its own and no beacon (so nothing acts unless a test asks):
 

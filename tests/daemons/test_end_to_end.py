@@ -1,4 +1,4 @@
-"""The whole loop with real daemons (issue 4): a real libvirtd and real QEMU guests, the vmpower
+"""The whole loop with real daemons: a real libvirtd and real QEMU guests, the vmpower
 beacon in a real salt-minion, the shipped reactor in a real salt-master, and vmpower's records.
 
 guest changes -> libvirt event -> beacon -> master bus -> reactor -> ``vmpower.reconcile`` on
@@ -347,7 +347,7 @@ def test_pip_installed_wheel_loads_through_the_entry_point(salt_master, minion_f
     assert dirs == {kind: [str(package / "salt" / kind)] for kind in kinds}
     for kind in dirs:
         assert (package / "salt" / kind / "vmpower.py").is_file()
-    # The reactor SLS files ship too, for a pip-installed master (issue 10).
+    # The reactor SLS files ship too, for a pip-installed master.
     for sls in ("lifecycle.sls", "resync.sls"):
         assert (package / "salt" / "reactor" / sls).is_file()
 

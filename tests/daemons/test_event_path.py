@@ -1,10 +1,10 @@
-"""The event path under pressure (issue 9), with real daemons: a hung libvirtd, events that
+"""The event path under pressure, with real daemons: a hung libvirtd, events that
 travel as they happen, a forged tag (the boot storm is in test_boot_storm.py).
 
 Every minion here is started by the test that needs it (``minion_factory.started``), on the
 real libvirtd (``qemu:///system``) or on a socket the test makes. Every wait is bounded; the
 only bound that says something is the immediate path's, a wait much shorter than the beacon's
-tick (the issue asks for exactly that), and it is no assertion about speed.
+tick (what the immediate path is for), and it is no assertion about speed.
 """
 
 import contextlib

@@ -1,4 +1,4 @@
-"""The fleet from the master (issue 10), with real daemons: a salt-master of this module's own
+"""The fleet from the master, with real daemons: a salt-master of this module's own
 with ``event_return: vmpower`` and the shipped reactor, and two real salt-minions writing their
 records to the same fleet store as the master (one SQLite file, as a small fleet would share a
 PostgreSQL database):

@@ -1,6 +1,6 @@
-"""A host's shutdown and its guests coming back, through the whole event path (issue 8, "Host
-shutdown and boot"): a real libvirtd, real QEMU guests, the vmpower beacon in a real minion
-(``beacon_minion``), the shipped reactor, ``vmpower.reconcile`` and the records.
+"""A host's shutdown and its guests coming back, through the whole event path: a real
+libvirtd, real QEMU guests, the vmpower beacon in a real minion (``beacon_minion``), the
+shipped reactor, ``vmpower.reconcile`` and the records.
 
 How the shutdown is made: each guest's QEMU gets SIGTERM, which is what a host's shutdown does
 to it when nothing shuts the guests down first. libvirt then reports SHUTDOWN "on host

@@ -1,4 +1,4 @@
-"""No silent gap on the master's side (issue 9): a real salt-master is away for 30 s while a
+"""No silent gap on the master's side: a real salt-master is away for 30 s while a
 real guest shuts down; when it is back, the minion's vmpower beacon fires a
 ``master_reconnected`` resync, the reactor answers it with a sync, and the record is right.
 

@@ -1,5 +1,5 @@
 """Live migration between two real hypervisor hosts, with two real salt-minions and the fleet
-store on a real PostgreSQL (issue 8, "Live migration between two real libvirtds").
+store on a real PostgreSQL.
 
 - two libvirtds on this machine, each in its own mount and UTS namespaces
   (``vmpower_lab.hosts``, the ``lab_hosts`` fixture), a real TCG guest migrating between them;

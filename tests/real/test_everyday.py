@@ -1,4 +1,4 @@
-"""A fleet's everyday operations against a real libvirtd and real QEMU guests (issue 8), one
+"""A fleet's everyday operations against a real libvirtd and real QEMU guests, one
 test per case, through Salt's loader (``load_minion``) and, where a job process of its own is
 needed, a real ``salt-call --local`` (tests/real/saltcall.py) on the same store and pillar.
 

@@ -45,7 +45,7 @@ def test_stop_a_guest_that_ignores_acpi_is_forced_after_the_timeout(vmpower, mak
     assert dom.state() == [libvirt.VIR_DOMAIN_SHUTOFF, libvirt.VIR_DOMAIN_SHUTOFF_DESTROYED]
     history = vmpower["vmpower.history"](guest.name)
     assert [e["action"] for e in history] == ["adopt", "powering-off", "done"]
-    # task_owner: who set the task_state (issue 8), audited, and cleared with it.
+    # task_owner: who set the task_state, audited, and cleared with it.
     assert history[-1]["new"] == {"vm_state": "stopped", "power_state": "shutdown", "task_state": "",
                                   "task_owner": ""}
 
@@ -57,7 +57,7 @@ def test_sync_records_a_guest_that_shut_itself_down_as_stopped(load_minion, libv
     vmpower["vmpower.sync"]()
     assert vmpower["vmpower.start"](guest.name)["vm_state"] == "active"
     lab.wait_for_state(dom, libvirt.VIR_DOMAIN_SHUTOFF)  # nobody asked it to
-    # First seen off: recorded, and no path acts before stop_grace (issue 8).
+    # First seen off: recorded, and no path acts before stop_grace.
     held = vmpower["vmpower.sync"]()
     assert not [a for a in held["actions"] if a["uuid"] == guest.uuid] and "retry_at" in held
     time.sleep(max(0.0, held["retry_at"] - time.time()))

@@ -612,7 +612,7 @@ def test_the_event_thread_is_started_once():
     assert len(event_threads()) == 1
 
 
-# Storms (issue 9): more than burst_limit events in a second become one resync.
+# Storms: more than burst_limit events in a second become one resync.
 def test_a_storm_becomes_one_burst_resync_counting_what_it_swallowed(watch, testdriver):
     collector = watch(stop_grace=0, burst_limit=10)
     doms = [testdriver.define(f"storm{number}", start=False) for number in range(40)]

@@ -1,8 +1,8 @@
 """A process that runs libvirt's event loop on a thread (the minion with the vmpower beacon)
-forks job processes: none may inherit a libvirt lock held by that thread (the hung reconcile of
-issue 8). Real forks, a real libvirt event loop kept busy by a timer that fires at every
-iteration, and children that need the event loop's lock at once, as a job opening a remote
-connection does."""
+forks job processes: none may inherit a libvirt lock held by that thread (a job that
+inherited one hung in its first libvirt call). Real forks, a real libvirt event loop kept busy
+by a timer that fires at every iteration, and children that need the event loop's lock at
+once, as a job opening a remote connection does."""
 
 import subprocess
 import sys

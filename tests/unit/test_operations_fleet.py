@@ -1,9 +1,9 @@
-"""Issue 8's operations on libvirt's test driver and a real SQLite file: a busy VM, an
+"""A fleet's everyday operations on libvirt's test driver and a real SQLite file: a busy VM, an
 interrupted stop, reset_state, renames, the grace on every path, a host reboot, ownership,
 autostart, <on_crash> and the wake-up on time.
 
 The test driver cannot migrate or crash a guest: those rules are tested cell by cell in
-test_rules_fleet.py, and on real libvirtds by tests/real (i8-real)."""
+test_rules_fleet.py, and on real libvirtds by tests/real."""
 
 import json
 import time

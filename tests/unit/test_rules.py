@@ -2,7 +2,8 @@
 
 The table's answers are those for a VM known off for at least ``stop_grace`` (a non-stale
 ``stopped`` event says so); what a sync that sees the VM off for the first time does (it
-waits) is tested cell by cell too. The new rules of issue 8 are in test_rules_fleet.py.
+waits) is tested cell by cell too. The rules for a fleet's everyday operations (migration, host
+shutdown, <on_crash>, interrupted operations, renames) are in test_rules_fleet.py.
 """
 
 import dataclasses
@@ -102,7 +103,7 @@ HELD = {(V.ACTIVE, P.SHUTDOWN), (V.ACTIVE, P.CRASHED), (V.PAUSED, P.SHUTDOWN),
 @pytest.mark.parametrize("vm_state,recorded,power", CELLS)
 def test_every_cell_as_a_sync_first_sees_it(vm_state, recorded, power):
     """No event: a VM that went off since the record was written has been off for no time
-    known, so every decision that would act on it waits for stop_grace (issue 8 req 3)."""
+    known, so every decision that would act on it waits for stop_grace."""
     went_off = power in OFF_STATES and recorded not in OFF_STATES
     decision = decide(record(vm_state, recorded), live(power), HOST, DEFAULT, SETTINGS, NOW,
                       facts=SYNC)
@@ -145,7 +146,7 @@ def test_a_vm_recorded_on_another_host_is_left_alone(vm_state, recorded, power):
     decision = decide(record(vm_state, recorded, host="minion-b"), live(power), HOST, DEFAULT,
                       SETTINGS, NOW, facts=event_facts(power))
     if power is P.RUNNING and recorded is not P.RUNNING:
-        # Ownership follows the running domain: its recorded owner does not run it (req 1).
+        # Ownership follows the running domain: its recorded owner does not run it.
         assert decision.observed["host"] == HOST and "migrated from minion-b" in decision.reason
         assert not decision.skipped
     else:

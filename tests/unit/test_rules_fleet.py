@@ -1,5 +1,6 @@
-"""Issue 8's rules, cell by cell: migration and ownership, host shutdown and boot, one grace
-for every path, libvirt's own crash handling, interrupted operations, renames, back-off."""
+"""The rules for a fleet's everyday operations, cell by cell: migration and ownership, host
+shutdown and boot, one grace for every path, libvirt's own crash handling, interrupted
+operations, renames, back-off."""
 
 import dataclasses
 import itertools

@@ -1,4 +1,4 @@
-"""Where the records live (issue 8 req 9): by default /var/lib/vmpower, out of the reach of
+"""Where the records live: by default /var/lib/vmpower, out of the reach of
 ``saltutil.clear_cache``; a store left in the old place (the minion's cachedir) is carried over
 on first open, by one process even when several open it at once."""
 
