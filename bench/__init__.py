@@ -1,10 +1,10 @@
-"""vmpower's benchmarks (issue 5): each part measured against its baseline in one run.
+"""vmpower's benchmarks: each part measured against its baseline in one run.
 
 ``bench/run.py`` runs every benchmark module in this package and publishes the results. A
 benchmark module is any module here that defines:
 
 ``PART``
-    its number in issue 5 (the order of the report).
+    its part number: the order in which the parts run and appear in the report.
 ``TITLE``
     a heading for the report.
 ``run(smoke: bool, scratch: pathlib.Path) -> dict``

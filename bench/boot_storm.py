@@ -5,7 +5,7 @@ thread, the translation and the storm guard are the real ones). Every lifecycle 
 beacon fires makes the shipped reactor run one ``vmpower.reconcile`` job on the master, every
 ``resync`` one ``vmpower.sync`` (``_reactor/lifecycle.sls``, ``_reactor/resync.sls``), so the
 master's jobs are counted from what the watcher fires. Two runs: the storm guard off
-(``burst_limit: 0``, one job per event, as before issue 9) and at its default.
+(``burst_limit: 0``, one job per event) and at its default (40).
 """
 
 from __future__ import annotations

@@ -9,10 +9,10 @@ latencies are measured from the moment libvirt called the beacon back (the event
   master, which it does after the decision is committed to the records).
 
 Two paths are measured in the same run, one after the other on the same machine: the beacon's
-tick (``immediate: false``: events wait for ``beacon()``, run every ``loop_interval``), as
-vmpower did before issue 9, and the immediate path (events fired through the minion's bus as
-libvirt calls back). STOPPED is reported apart: the beacon holds it back ``stop_grace``
-seconds, by design, and then fires it on its own timer. The
+tick (``immediate: false``: events wait for ``beacon()``, run every ``loop_interval``; the
+fallback when the immediate path is off or the minion's bus refuses), and the immediate path
+(events fired through the minion's bus as libvirt calls back). STOPPED is reported apart: the
+beacon holds it back ``stop_grace`` seconds, by design, and then fires it on its own timer. The
 baseline is Nova with events off: a periodic sync every 600 s notices a change after half the
 interval on average (uniform phase), i.e. p50 300 s and p99 594 s; it is computed, not waited
 for. All daemons run at Salt's default ``loop_interval`` (1 s), on one machine, so the
@@ -183,8 +183,8 @@ def run(smoke: bool, scratch: Path) -> dict:
             "paths": paths, "nova_periodic": nova, "loop_interval": 1.0}
 
 
-BUS_TARGET = 0.100  # p99 callback -> master bus, seconds (issue 9)
-DECISION_TARGET = 1.0  # p99 callback -> decision applied, seconds (issue 9)
+BUS_TARGET = 0.100  # p99 callback -> master bus, seconds
+DECISION_TARGET = 1.0  # p99 callback -> decision applied, seconds
 
 
 def markdown(result: dict) -> str:

@@ -49,7 +49,7 @@ the cadence changes is how many events wait between drains, so memory and loss, 
 storm measures. At Salt's defaults a storm sustained above ``queue_size / loop_interval``
 (10,000 events/s) overflows into a resync, as the spec intends.
 
-Which number is which: the throughput of the beacon's path, judged against issue 5's target, is
+Which number is which: the throughput of the beacon's path, judged against the target (50,000/s), is
 end to end, from the first operation until the drain that returned the last event dict. It
 includes the test driver performing the operations in the same process (on a real host
 libvirtd does that in its own process), and every thread shares one GIL: the producer's Python

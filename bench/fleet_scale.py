@@ -1,4 +1,4 @@
-"""Part 4: a fleet sweep into one PostgreSQL, and the fleet report over it (issue 10).
+"""Part 4: a fleet sweep into one PostgreSQL, and the fleet report over it.
 
 50 hosts (minion-like processes, each with libvirt's test driver of its own, 1,000 domains
 each, half running) share one real PostgreSQL fleet store (``tests/unit/pgserver.py`` starts

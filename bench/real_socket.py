@@ -1,4 +1,4 @@
-"""Part 5: a sync through a real libvirtd's socket, against the Nova-style baseline (issue 10).
+"""Part 5: a sync through a real libvirtd's socket, against the Nova-style baseline.
 
 Part 1 (``bench/sync_scale.py``) runs libvirt's test driver inside the measuring process, where
 a lookup costs a function call. Here the same scenario, the same implementations and the same

@@ -36,7 +36,8 @@ BENCHMARK_API = ("PART", "TITLE", "run", "markdown", "plot")
 
 
 def discover(only: Sequence[str] = ()) -> list[ModuleType]:
-    """The benchmark modules of bench/ (all, or those named in ``only``), in issue order."""
+    """The benchmark modules of bench/ (all, or those named in ``only``), in the order of
+    their ``PART`` numbers."""
     found = []
     for info in pkgutil.iter_modules(bench.__path__):
         if info.name in ("run", "harness") or (only and info.name not in only):

@@ -6,7 +6,7 @@ process of its own (``harness.in_subprocess``):
 ``vmpower``
     ``HostOperations(settings, host, open_store(path)).sync()``: the code a minion runs.
 ``nova-style``
-    issue 5's baseline, the access pattern of Nova's ``ComputeManager._sync_power_states``:
+    the Nova-style baseline, the access pattern of Nova's ``ComputeManager._sync_power_states``:
     one query for the host's instances, then for each instance a re-read of its row
     (``instance.refresh()``), ``lookupByUUIDString`` + ``info()`` (the libvirt driver's
     ``get_info``), the same decision (``rules.decide``), the same actions, and one
@@ -15,7 +15,7 @@ process of its own (``harness.in_subprocess``):
     pattern differs.
 ``nova-style, changed rows``
     the same, committing only the rows that change, as Nova's ``instance.save()`` does
-    (it returns early when no field changed). Issue 5's target is not measured against it;
+    (it returns early when no field changed). The 20× target is not measured against it;
     it shows how much of the gap is the commits and how much the per-instance calls.
 ``floor``
     one bulk listing (``getAllDomainStats(VIR_DOMAIN_STATS_STATE)``) and one SQLite
@@ -185,7 +185,7 @@ def sync_vmpower(store: Store) -> dict:
 
 
 def sync_nova_style(store: Store) -> dict:
-    """Issue 5's baseline: Nova's per-instance calls, and one transaction for every row."""
+    """The Nova-style baseline: Nova's per-instance calls, and one transaction for every row."""
     return _nova(store, every_row=True)
 
 
@@ -348,9 +348,10 @@ def markdown(result: dict) -> str:
         (f"One sync of a host with N domains on libvirt's test driver, half of them running, all "
         f"recorded by a first sync; then 1% of the running ones were destroyed and as many "
         f"shut-off ones started behind vmpower's back, so the sync has 2% real work. Records in "
-        f"SQLite (WAL, synchronous=FULL) on the results' filesystem. nova-style is issue 5's "
-        f"baseline (per instance a lookup, an info() and a commit); \"changed rows\" commits only "
-        f"the rows that change, as Nova itself does. Each implementation runs in a fresh process; "
+        f"SQLite (WAL, synchronous=FULL) on the results' filesystem. nova-style is the baseline, "
+        f"Nova's access pattern (per instance a lookup, an info() and a commit); \"changed rows\" "
+        f"commits only the rows that change, as Nova itself does. Each implementation runs in a "
+        f"fresh process; "
         f"time is the best of {best_of} runs, memory the tracemalloc peak of the "
         f"Python heap during one more. The test driver answers in-process (about 5 µs for a "
         f"lookup and an info(), against about 200 µs from libvirtd over its socket), which "
