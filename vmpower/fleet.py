@@ -13,8 +13,8 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
-from typing import Any, Callable
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
 
 from vmpower.core import fleet as core
 from vmpower.core.settings import ConfigError

@@ -24,7 +24,8 @@ import logging
 import queue
 import threading
 import time
-from typing import TYPE_CHECKING, Callable, NamedTuple
+from collections.abc import Callable
+from typing import TYPE_CHECKING, NamedTuple
 from xml.etree import ElementTree
 
 from vmpower.core.mapping import live_state

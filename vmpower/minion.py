@@ -14,8 +14,7 @@ import math
 import os
 import sqlite3
 import time
-from collections.abc import Iterator, Mapping
-from typing import Callable
+from collections.abc import Callable, Iterator, Mapping
 
 from vmpower.core.settings import ConfigError, Settings, merge, parse_settings
 from vmpower.hypervisor import HypervisorError

@@ -21,8 +21,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import Sequence
-from typing import Callable
+from collections.abc import Callable, Sequence
 
 from vmpower import hostinfo
 from vmpower.core.conduct import ENFORCE, OBSERVED, conduct, observed_reason

@@ -62,6 +62,29 @@ def test_the_version_has_one_home():
     assert spelled == ["vmpower/__init__.py"]
 
 
+def test_the_python_floor_agrees_everywhere():
+    """setup.cfg's python_requires is a floor that the tested Salt releases allow (Salt 3008
+    needs 3.10), every Python its classifiers name is at or above it, and ruff lints for it."""
+    import configparser
+    import re
+    from pathlib import Path
+
+    repo = Path(vmpower.__file__).resolve().parents[1]
+    cfg = configparser.ConfigParser()
+    cfg.read(repo / "setup.cfg")
+    requires = cfg["options"]["python_requires"].strip()
+    assert re.fullmatch(r">=3\.\d+", requires), requires
+    floor = (3, int(requires.rsplit(".", 1)[1]))
+    assert floor >= (3, 10)
+    named = [(3, int(line.rsplit(".", 1)[1]))
+             for line in (c.strip() for c in cfg["metadata"]["classifiers"].splitlines())
+             if re.fullmatch(r"Programming Language :: Python :: 3\.\d+", line)]
+    assert named and all(version >= floor for version in named), named
+    target = re.search(r'^target-version = "py3(\d+)"', (repo / "pyproject.toml").read_text(),
+                       re.MULTILINE)
+    assert target and (3, int(target.group(1))) == floor
+
+
 def test_a_pip_upgrade_under_the_running_library_needs_a_restart(tmp_path, monkeypatch):
     """The running library's own files changed on disk (pip install --upgrade)."""
     package = tmp_path / "site" / "vmpower"

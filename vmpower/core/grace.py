@@ -13,8 +13,8 @@ finds a VM off for less than it waits too), see ``vmpower.core.rules``.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import Callable, Generic, TypeVar
+from collections.abc import Callable, Iterator
+from typing import Generic, TypeVar
 
 from vmpower.core.model import Transition
 

@@ -25,8 +25,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Mapping
-from typing import Callable
+from collections.abc import Callable, Mapping
 
 from vmpower.core.reconnect import Reconnect
 from vmpower.eventloop.failures import Failures

@@ -28,7 +28,7 @@ import itertools
 import logging
 import threading
 import time
-from typing import Callable, Optional
+from collections.abc import Callable
 
 from vmpower.core.burst import BurstGuard
 from vmpower.core.grace import StopGrace
@@ -48,8 +48,8 @@ STUCK_AFTER = 10.0  # a blocking libvirt call running this long means libvirtd i
 # The raw queue's "event" for a VIR_DOMAIN_EVENT_ID_REBOOT callback (lifecycle events are ints).
 REBOOT = None
 
-RawEvent = tuple[float, float, str, str, Optional[int], int]  # (time, monotonic, uuid, name, event, detail)
-Deliver = Callable[[list[dict]], Optional[bool]]  # True sent, False refused, None not now
+RawEvent = tuple[float, float, str, str, int | None, int]  # (time, monotonic, uuid, name, event, detail)
+Deliver = Callable[[list[dict]], bool | None]  # True sent, False refused, None not now
 
 # seq of the published lifecycle events: increasing across every watcher of the process.
 _sequence = itertools.count(1)
