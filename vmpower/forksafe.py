@@ -5,9 +5,9 @@ A Salt minion forks a process for every job. When the minion also runs libvirt's
 holding one of its locks (the event loop's own, GLib's main context, a connection's). The
 child gets a copy of the lock, held by a thread that does not exist in the child, and its first
 libvirt call that needs it (opening a connection registers its socket in the event loop; every
-RPC updates that registration) waits forever. That was the hung ``vmpower.reconcile``: forked
-right after an automatic restart and a pillar refresh, when the beacon's loop thread was busy
-with the restart's events and its reconnection.
+RPC updates that registration) waits forever. A ``vmpower.reconcile`` forked right after an
+automatic restart and a pillar refresh is the typical case: the beacon's loop thread is then
+busy with the restart's events and its reconnection, and the job hangs.
 
 ``run_iteration()`` is one iteration of the loop, run by the loop's thread
 (``vmpower.eventloop``). A fork first asks the thread to leave libvirt (it wakes the loop with a
