@@ -96,3 +96,62 @@ def test_a_corrupt_store_acts_on_nothing(minion, testdriver, tmp_path):
     with pytest.raises(CommandExecutionError, match="the vmpower store .* is unreadable"):
         mods["vmpower.sync"]()
     assert dom.isActive()  # ...but not without its records
+
+
+def _recorded_stopped_then_started(minion, testdriver):
+    """A domain vmpower recorded stopped, then started behind its back: a sync powers it off
+    unless pillar holds it."""
+    dom = testdriver.define("web", start=False)
+    minion()["vmpower.sync"]()
+    dom.create()
+    return dom
+
+
+def _skipped(report, dom):
+    return {s["name"]: s["reason"] for s in report["skipped"]}.get(dom.name(), "")
+
+
+@pytest.mark.parametrize("spelling", ["upper case", "no dashes", "upper case, no dashes"])
+def test_a_lock_under_a_uuid_key_in_any_spelling_holds(minion, testdriver, spelling):
+    dom = _recorded_stopped_then_started(minion, testdriver)
+    key = dom.UUIDString()
+    key = key.upper() if "upper" in spelling else key
+    key = key.replace("-", "") if "no dashes" in spelling else key
+    mods = minion(pillar={"vmpower": {"instances": {key: {"task_state": "maintenance"}}}})
+    report = mods["vmpower.sync"]()
+    assert dom.isActive()
+    assert "task_state=maintenance" in _skipped(report, dom)
+    with pytest.raises(CommandExecutionError, match="task_state=maintenance"):
+        mods["vmpower.stop"](dom.name())
+
+
+def test_a_lock_under_the_name_holds_beside_an_entry_under_the_uuid(minion, testdriver):
+    dom = _recorded_stopped_then_started(minion, testdriver)
+    instances = {dom.name(): {"task_state": "maintenance"}, dom.UUIDString(): {"vm_state": "stopped"}}
+    report = minion(pillar={"vmpower": {"instances": instances}})["vmpower.sync"]()
+    assert dom.isActive()
+    assert "task_state=maintenance" in _skipped(report, dom)
+
+
+def test_a_bad_entry_under_the_name_is_reported_beside_an_entry_under_the_uuid(minion, testdriver):
+    dom = _recorded_stopped_then_started(minion, testdriver)
+    instances = {dom.name(): {"vm_state": "sideways"}, dom.UUIDString(): {"vm_state": "stopped"}}
+    report = minion(pillar={"vmpower": {"instances": instances}})["vmpower.sync"]()
+    assert dom.isActive()
+    assert f"vmpower:instances:{dom.name()}:vm_state must be one of" in _skipped(report, dom)
+
+
+def test_entries_that_conflict_leave_the_vm_alone_and_name_both_keys(minion, testdriver):
+    dom = _recorded_stopped_then_started(minion, testdriver)
+    uuid_key = dom.UUIDString().upper()
+    instances = {dom.name(): {"vm_state": "active"}, uuid_key: {"vm_state": "stopped"},
+                 dom.UUIDString(): {"vm_state": "stopped"}}
+    mods = minion(pillar={"vmpower": {"instances": instances}})
+    report = mods["vmpower.sync"]()
+    assert dom.isActive()
+    reason = _skipped(report, dom)
+    for key in (dom.name(), uuid_key, dom.UUIDString()):
+        assert f"vmpower:instances:{key}" in reason, reason
+    with pytest.raises(CommandExecutionError, match=f"vmpower:instances:{dom.name()}"):
+        mods["vmpower.stop"](dom.name())
+    assert dom.isActive()

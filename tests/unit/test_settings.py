@@ -8,8 +8,10 @@ from vmpower.core import arguments
 from vmpower.core.model import Transition, VmState
 from vmpower.core.settings import (
     ConfigError,
+    InstancePolicy,
     OnCrash,
     OnGuestShutdown,
+    OnHostShutdown,
     Settings,
     merge,
     normalize_uuid,
@@ -37,11 +39,74 @@ def test_a_full_configuration():
     assert error is None and lab.managed is False and lab.on_guest_shutdown is OnGuestShutdown.IGNORE
 
 
-def test_uuid_keys_win_over_names():
-    settings = parse_settings({"instances": {"web1": {"task_state": "x"},
-                                             "0b6d0e1c-0000-4000-8000-000000000001": {"managed": False}}})
-    policy, _ = settings.policy_for("0b6d0e1c-0000-4000-8000-000000000001", "web1")
-    assert policy.managed is False and policy.task_state == ""
+UUID = "6695eb01-f6a4-8304-79aa-97f2502e193f"  # as libvirt gives it: lower case, dashed
+
+
+@pytest.mark.parametrize("key", [UUID, UUID.upper(), UUID.replace("-", ""),
+                                 UUID.upper().replace("-", ""), "6695EB01-f6a4-8304-79AA-97f2502e193f"])
+def test_a_uuid_key_in_any_spelling_names_the_vm(key):
+    settings = parse_settings({"instances": {key: {"task_state": "maintenance"}}})
+    policy, error = settings.policy_for(UUID, "web1")
+    assert error is None and policy.task_state == "maintenance"
+    assert settings.policy_for("0b6d0e1c-0000-4000-8000-000000000001", "web2") == (InstancePolicy(), None)
+
+
+@pytest.mark.parametrize("key", [UUID, UUID.upper(), UUID.replace("-", "")])
+def test_entries_under_the_name_and_the_uuid_that_agree_are_merged(key):
+    settings = parse_settings({"instances": {
+        "web1": {"vm_state": "stopped", "on_host_shutdown": "stop"},
+        key: {"vm_state": "stopped", "managed": False}}})
+    policy, error = settings.policy_for(UUID, "web1")
+    assert error is None
+    assert (policy.vm_state, policy.managed, policy.on_host_shutdown) == (
+        VmState.STOPPED, False, OnHostShutdown.STOP)
+
+
+@pytest.mark.parametrize("key", [UUID, UUID.upper()])
+@pytest.mark.parametrize("name_entry,uuid_entry", [
+    ({"task_state": "maintenance"}, {"managed": False}),
+    ({"managed": False}, {"task_state": "maintenance"}),
+    ({"task_state": "maintenance"}, {"vm_state": "stopped"}),
+    ({"vm_state": "stopped", "task_state": "maintenance"}, {"vm_state": "stopped"}),
+])
+def test_a_lock_under_either_key_holds(name_entry, uuid_entry, key):
+    settings = parse_settings({"instances": {"web1": name_entry, key: uuid_entry}})
+    policy, error = settings.policy_for(UUID, "web1")
+    assert error is None and policy.task_state == "maintenance"
+
+
+@pytest.mark.parametrize("entries,keys,what", [
+    ({"web1": {"vm_state": "active"}, UUID: {"vm_state": "stopped"}},
+     ("web1", UUID), "vm_state"),
+    ({"web1": {"on_guest_shutdown": "ignore"}, UUID.upper(): {"on_guest_shutdown": "restart"}},
+     ("web1", UUID.upper()), "on_guest_shutdown"),
+    ({UUID.upper(): {"vm_state": "active"}, UUID.replace("-", ""): {"vm_state": "stopped"}},
+     (UUID.upper(), UUID.replace("-", "")), "vm_state"),
+    ({"web1": {"task_state": "maintenance"}, UUID: {"task_state": "backup"}},
+     ("web1", UUID), "task_state"),
+    # Each fine alone; together a pinned-active VM that is stopped when it crashes.
+    ({"web1": {"vm_state": "active"}, UUID: {"on_crash": "stop"}},
+     ("web1", UUID), "contradicts"),
+])
+def test_entries_that_conflict_take_the_vm_out_of_vmpowers_hands(entries, keys, what):
+    settings = parse_settings({"instances": {**entries, "web2": {"vm_state": "stopped"}}})
+    _, error = settings.policy_for(UUID, "web1")
+    assert error is not None and what in error, error
+    for key in keys:
+        assert f"vmpower:instances:{key}" in error, error
+    other, error2 = settings.policy_for("0b6d0e1c-0000-4000-8000-000000000001", "web2")
+    assert error2 is None and other.vm_state is VmState.STOPPED
+
+
+@pytest.mark.parametrize("entries,bad", [
+    ({"web1": {"vm_state": "sideways"}, UUID: {"vm_state": "active"}}, "web1"),
+    ({"web1": {"vm_state": "active"}, UUID.upper(): {"colour": "blue"}}, UUID.upper()),
+    ({"web1": "active", UUID: None}, "web1"),
+])
+def test_a_bad_entry_under_either_key_is_reported(entries, bad):
+    settings = parse_settings({"instances": entries})
+    _, error = settings.policy_for(UUID, "web1")
+    assert error is not None and f"vmpower:instances:{bad}" in error, error
 
 
 @pytest.mark.parametrize("raw,message", [

@@ -10,7 +10,7 @@ import dataclasses
 import enum
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from vmpower.core.model import VmState, parse_enum
@@ -78,24 +78,45 @@ class Settings:
     restart_limit: int = DEFAULT_RESTART_LIMIT
     restart_backoff: float = DEFAULT_RESTART_BACKOFF
     stop_grace: float = DEFAULT_STOP_GRACE
+    # ``vmpower:instances``, by instance key (``instance_key``: a UUID in libvirt's spelling,
+    # or a name as written): the policy of each key's entries, or why they are bad, and the
+    # entries as written, for a VM named by two keys (its UUID and its name).
     instances: Mapping[str, InstancePolicy] = dataclasses.field(default_factory=dict)
     instance_errors: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    instance_entries: Mapping[str, tuple[tuple[str, Any], ...]] = dataclasses.field(
+        default_factory=dict)
     mode: str = "enforce"  # vmpower:mode: enforce, or observe (record and report, never act)
+    # The policies of VMs named by two keys, combined once per Settings (a sync asks per VM).
+    _combined: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
 
     def policy_for(self, uuid: str, name: str) -> tuple[InstancePolicy, str | None]:
-        """The policy for one domain, looked up by UUID first, then by name.
+        """The policy for one domain: every ``vmpower:instances`` entry that names it, by its
+        UUID in any spelling or by its name, combined (``combine_entries``).
 
-        Returns ``(policy, error)``; when ``error`` is set the pillar for this VM is bad and
-        nothing may be done to it.
+        Returns ``(policy, error)``; when ``error`` is set the pillar for this VM is bad, or
+        two of its entries disagree, and nothing may be done to it.
         """
         if not self.instances and not self.instance_errors:
             return DEFAULT_POLICY, None  # the common case, asked once per VM by every sync
+        keys: list[str] = []
         for key in (uuid, name):
+            if key not in self.instance_entries:
+                key = instance_key(key)
+            if key in self.instance_entries and key not in keys:
+                keys.append(key)
+        if not keys:
+            return DEFAULT_POLICY, None
+        if len(keys) == 1:
+            key = keys[0]
             if key in self.instance_errors:
                 return DEFAULT_POLICY, self.instance_errors[key]
-            if key in self.instances:
-                return self.instances[key], None
-        return DEFAULT_POLICY, None
+            return self.instances[key], None
+        pair = tuple(keys)
+        combined = self._combined.get(pair)
+        if combined is None:
+            combined = self._combined[pair] = combine_entries(
+                self.instance_entries[keys[0]] + self.instance_entries[keys[1]])
+        return combined
 
     def restart_delay(self, restarts_so_far: int) -> float:
         """Seconds to wait before the next automatic restart: none for the first, then doubling."""
@@ -157,9 +178,10 @@ INSTANCE_KEYS = ("vm_state", "task_state", "managed", "on_guest_shutdown", "on_c
                  "on_host_shutdown")
 
 
-def parse_instance(key: str, raw: Any) -> InstancePolicy:
-    """Validate one ``vmpower:instances:<key>`` entry."""
-    where = f"vmpower:instances:{key}"
+def parse_instance(key: str, raw: Any, where: str | None = None) -> InstancePolicy:
+    """Validate one ``vmpower:instances:<key>`` entry; ``where`` names it in errors instead
+    (entries of one VM merged)."""
+    where = where or f"vmpower:instances:{key}"
     if raw is None:
         return DEFAULT_POLICY
     if not isinstance(raw, Mapping):
@@ -200,6 +222,61 @@ def parse_instance(key: str, raw: Any) -> InstancePolicy:
                           on_host_shutdown)
 
 
+def instance_key(key: str) -> str:
+    """The key under which a ``vmpower:instances`` entry is filed: a UUID in libvirt's spelling
+    (lower case, dashed), however it was written; a name as it is."""
+    if UUID_RE.match(key.strip()):
+        return normalize_uuid(key)
+    return key
+
+
+def _unset(field: str, value: Any) -> bool:
+    # What parse_instance reads as not given: null, and an empty task_state (no lock).
+    return value is None or (field == "task_state" and not value)
+
+
+def combine_entries(entries: Sequence[tuple[str, Any]]) -> tuple[InstancePolicy, str | None]:
+    """One VM's policy from the ``vmpower:instances`` entries that name it, as
+    ``(key as written, entry)`` pairs: ``(policy, error)`` as ``Settings.policy_for`` gives it.
+
+    A bad entry makes the VM's pillar bad, whichever key it is under. Entries that agree are
+    merged key by key, so a lock (``task_state``) in either holds. Entries that give one
+    setting two values leave the VM out of vmpower's hands, with an error naming both keys:
+    vmpower cannot tell which the operator meant.
+    """
+    policies, errors = [], []
+    for key, raw in entries:
+        try:
+            policies.append(parse_instance(key, raw))
+        except ConfigError as exc:
+            errors.append(str(exc))
+    if errors:
+        return DEFAULT_POLICY, "; ".join(errors)
+    if len(entries) == 1:
+        return policies[0], None
+    merged: dict[str, Any] = {}
+    given_by: dict[str, str] = {}
+    conflicts = []
+    for key, raw in entries:
+        for field, value in (raw or {}).items():
+            if _unset(field, value):
+                continue
+            if field not in merged:
+                merged[field], given_by[field] = value, key
+            elif merged[field] != value:
+                conflicts.append(f"{field} is {merged[field]} under vmpower:instances:"
+                                 f"{given_by[field]} but {value} under vmpower:instances:{key}")
+    named = [f"vmpower:instances:{key}" for key, _ in entries]
+    where = f"{', '.join(named[:-1])} and {named[-1]}"
+    if conflicts:
+        return DEFAULT_POLICY, (f"{where} name the same VM and disagree: {'; '.join(conflicts)}; "
+                                f"nothing is done to it until they agree")
+    try:
+        return parse_instance(where, merged, where), None
+    except ConfigError as exc:
+        return DEFAULT_POLICY, f"{exc} (merged, as they name the same VM)"
+
+
 def merge(*layers: Any) -> Any:
     """Layers of ``vmpower:`` settings merged key by key, the last layer winning.
 
@@ -238,14 +315,19 @@ def parse_settings(raw: Mapping | None) -> Settings:
     if not isinstance(instances_raw, Mapping):
         raise ConfigError(f"vmpower:instances must be a mapping of VM name or UUID to settings, "
                           f"not {type(instances_raw).__name__}")
-    instances: dict[str, InstancePolicy] = {}
-    errors: dict[str, str] = {}
+    # Every spelling of one UUID is filed under the same key, and its entries are combined.
+    entries: dict[str, list[tuple[str, Any]]] = {}
     for key, value in instances_raw.items():
         key = str(key)
-        try:
-            instances[key] = parse_instance(key, value)
-        except ConfigError as exc:
-            errors[key] = str(exc)
+        entries.setdefault(instance_key(key), []).append((key, value))
+    instances: dict[str, InstancePolicy] = {}
+    errors: dict[str, str] = {}
+    for key, written in entries.items():
+        policy, error = combine_entries(written)
+        if error is None:
+            instances[key] = policy
+        else:
+            errors[key] = error
     return Settings(
         uri=_string(raw, "uri", DEFAULT_URI),
         store=_store(raw),
@@ -256,6 +338,7 @@ def parse_settings(raw: Mapping | None) -> Settings:
         stop_grace=stop_grace(raw),
         instances=instances,
         instance_errors=errors,
+        instance_entries={key: tuple(written) for key, written in entries.items()},
         mode=_mode(raw.get("mode")),
     )
 
