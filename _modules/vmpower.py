@@ -275,6 +275,9 @@ def reset_state(name, vm_state=None):
     The operator's way out, as Nova's reset-state: clear a ``task_state`` vmpower set (an
     interrupted ``vmpower.stop``, say) and take a VM out of ``error``. Audited.
 
+    A record holding a value this version of vmpower does not know (a newer version's
+    ``vm_state``, a hand edit) is set right: give ``vm_state`` when it is the unknown one.
+
     A ``task_state`` set in pillar is the operator's own lock: vmpower never clears it.
 
     name

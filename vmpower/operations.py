@@ -330,6 +330,8 @@ class HostOperations:
         policy, error = self._policy(uuid, dom.name if dom else record.name)
         decision = decide(record, live, self.host, policy, self.settings, at, error, facts)
         if decision.skipped:
+            if decision.warning:
+                log.warning("vmpower: %s: %s", record.name, decision.reason)
             return Outcome({**self._report(record, decision), "skipped": True})
         if stale:
             reason = (f"event {transition.value} is stale: the domain is "
@@ -439,6 +441,8 @@ class HostOperations:
                 if decision.skipped:
                     report["skipped"].append({"uuid": uuid, "name": dom.name,
                                               "reason": decision.reason})
+                    if decision.warning:  # a person must look (a record it cannot read)
+                        log.warning("vmpower: %s: %s", dom.name, decision.reason)
                 elif (decision.action is not Action.NONE or decision.observed or decision.outcome
                       or decision.recheck):
                     to_lock.append(uuid)

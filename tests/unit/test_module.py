@@ -155,3 +155,25 @@ def test_entries_that_conflict_leave_the_vm_alone_and_name_both_keys(minion, tes
     with pytest.raises(CommandExecutionError, match=f"vmpower:instances:{dom.name()}"):
         mods["vmpower.stop"](dom.name())
     assert dom.isActive()
+
+
+def test_a_record_this_version_cannot_read_is_skipped_and_the_sync_goes_on(load_minion, testdriver):
+    import sqlite3
+
+    odd, other = testdriver.define("odd", start=False), testdriver.define("other", start=False)
+    loaded = load_minion(TEST_URI, stop_timeout=0)
+    mods = loaded.functions
+    mods["vmpower.sync"]()
+    db = sqlite3.connect(loaded.store_path)
+    with db:  # as a newer vmpower sharing the store might have written it
+        db.execute("UPDATE instances SET vm_state = 'hibernated' WHERE uuid = ?", (odd.UUIDString(),))
+    db.close()
+    odd.create()
+    other.create()
+    report = mods["vmpower.sync"]()
+    assert odd.isActive() and not other.isActive()
+    assert "vm_state='hibernated'" in _skipped(report, odd)
+    assert mods["vmpower.reconcile"](odd.UUIDString())["skipped"]
+    with pytest.raises(CommandExecutionError, match="vm_state='hibernated'"):
+        mods["vmpower.start"](odd.name())
+    assert mods["vmpower.history"](odd.name())

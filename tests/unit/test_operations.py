@@ -4,7 +4,7 @@ start and history, with the rules deciding."""
 import libvirt
 import pytest
 
-from vmpower.core.model import Cause, Transition
+from vmpower.core.model import Cause, Transition, VmState
 from vmpower.core.settings import parse_settings
 from vmpower.hypervisor import Hypervisor, UnknownDomain
 from vmpower.operations import HostOperations, OperationError
@@ -232,3 +232,67 @@ def test_get_info_reports_libvirts_units(store, testdriver):
 def test_status_reports_a_broken_connection_without_failing(store):
     status = operations(store, uri="test:///nonexistent/path.xml").status()
     assert status["connected"] is False and "cannot connect" in status["error"]
+
+
+def _write_by_hand(location, uuid, column, value):
+    """Put ``value`` into one column of one record, past vmpower (its database's own driver)."""
+    if "://" in location:
+        import psycopg
+        with psycopg.connect(location, autocommit=True) as db:
+            db.execute(f"UPDATE instances SET {column} = %s WHERE uuid = %s", (value, uuid))
+        return
+    import sqlite3
+    db = sqlite3.connect(location)
+    with db:
+        db.execute(f"UPDATE instances SET {column} = ? WHERE uuid = ?", (value, uuid))
+    db.close()
+
+
+def _read_by_hand(location, uuid, column):
+    if "://" in location:
+        import psycopg
+        with psycopg.connect(location, autocommit=True) as db:
+            return db.execute(f"SELECT {column} FROM instances WHERE uuid = %s", (uuid,)).fetchone()[0]
+    import sqlite3
+    db = sqlite3.connect(location)
+    try:
+        return db.execute(f"SELECT {column} FROM instances WHERE uuid = ?", (uuid,)).fetchone()[0]
+    finally:
+        db.close()
+
+
+@pytest.mark.parametrize("column,value", [("vm_state", "hibernated"), ("power_state", "frozen"),
+                                          ("off_reason", "cosmic_ray")])
+def test_an_unknown_stored_value_takes_only_that_vm_out_of_vmpowers_hands(
+        store_location, testdriver, caplog, column, value):
+    odd, other = testdriver.define("odd", start=False), testdriver.define("other", start=False)
+    with open_store(store_location) as store:
+        ops = operations(store)
+        ops.sync()  # both recorded stopped
+        _write_by_hand(store_location, odd.UUIDString(), column, value)
+        history = store.history(odd.UUIDString())
+        odd.create()
+        other.create()  # both started behind vmpower's back: a sync powers them off...
+
+        report = ops.sync()
+        assert not other.isActive()  # ...the one whose record this version reads,
+        assert other.name() in [a["name"] for a in report["actions"]]
+        assert odd.isActive()  # not the other
+        [skipped] = [s for s in report["skipped"] if s["name"] == odd.name()]
+        assert f"{column}={value!r}" in skipped["reason"], skipped
+        assert f"{column}={value!r}" in caplog.text
+
+        reconciled = ops.reconcile(odd.UUIDString(), Transition.STARTED)
+        assert reconciled["skipped"] and f"{column}={value!r}" in reconciled["reason"]
+        with pytest.raises(OperationError, match=f"{column}={value!r}"):
+            ops.stop(odd.name())
+        assert odd.isActive()
+        assert odd.name() in [row["name"] for row in ops.overview()]
+        # Nothing written over it, nothing audited: a newer vmpower may own that value.
+        assert _read_by_hand(store_location, odd.UUIDString(), column) == value
+        assert store.history(odd.UUIDString()) == history
+
+        # The operator's way out: reset_state with the vm_state meant.
+        ops.reset_state(odd.name(), vm_state=VmState.STOPPED)
+        ops.sync()
+        assert not odd.isActive()

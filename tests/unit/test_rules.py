@@ -15,7 +15,15 @@ from vmpower.core.model import OFF as OFF_STATES
 from vmpower.core.model import LiveState, Record, Transition
 from vmpower.core.model import PowerState as P
 from vmpower.core.model import VmState as V
-from vmpower.core.rules import RESTART_RESET_AFTER, Action, Facts, adopt, decide
+from vmpower.core.rules import (
+    RESTART_RESET_AFTER,
+    Action,
+    Facts,
+    adopt,
+    decide,
+    refuse_power,
+    reset,
+)
 from vmpower.core.settings import InstancePolicy, OnCrash, OnGuestShutdown, Settings, parse_instance
 
 HOST = "minion-a"
@@ -168,6 +176,46 @@ def test_bad_pillar_takes_the_vm_out_of_vmpowers_hands():
                       pillar_error="vmpower:instances:vm1:vm_state must be one of ...")
     assert decision.skipped and nothing(decision)
     assert "bad pillar" in decision.reason
+
+
+# Values a newer vmpower on a shared store, or a hand edit, may leave in a record; this version
+# knows none of them. (SQLite keeps text put in a number column as text.)
+UNKNOWN_VALUES = [("vm_state", "hibernated"), ("power_state", "frozen"),
+                  ("off_reason", "cosmic_ray"), ("restart_count", "many"),
+                  ("off_since", "yesterday"), ("version", None)]
+
+
+@pytest.mark.parametrize("field,value", UNKNOWN_VALUES)
+@pytest.mark.parametrize("power", list(P))
+def test_an_unknown_stored_value_takes_the_vm_out_of_vmpowers_hands(field, value, power):
+    stored = record(V.STOPPED, P.SHUTDOWN).replace(**{field: value})
+    for facts in (SYNC, event_facts(power)):
+        decision = decide(stored, live(power), HOST, DEFAULT, SETTINGS, NOW, facts=facts)
+        assert decision.skipped and nothing(decision), decision
+        assert decision.warning  # logged, every time: a person must look
+        assert f"{field}={value!r}" in decision.reason and "does not know" in decision.reason
+
+
+@pytest.mark.parametrize("wanted", [V.ACTIVE, V.STOPPED])
+@pytest.mark.parametrize("field,value", UNKNOWN_VALUES)
+def test_stop_and_start_are_refused_on_a_record_with_an_unknown_value(field, value, wanted):
+    refusal = refuse_power("vm1", record(**{field: value}), DEFAULT, None, wanted)
+    assert refusal and f"{field}={value!r}" in refusal and "reset_state" in refusal
+
+
+def test_reset_state_replaces_unknown_values_with_a_vm_state_the_operator_gives():
+    stored = record(vm_state="hibernated", power_state="frozen", off_reason="cosmic_ray",
+                    restart_count="many")
+    without = reset(stored, live(P.RUNNING), DEFAULT)
+    assert without.refused and "vm_state=" in without.reason and "hibernated" in without.reason
+    answer = reset(stored, live(P.RUNNING), DEFAULT, V.ACTIVE)
+    assert not answer.refused
+    assert dict(answer.fields) == {"vm_state": V.ACTIVE, "power_state": P.RUNNING,
+                                   "off_reason": "", "restart_count": 0, "last_restart_at": 0.0}
+    fixed = stored.replace(**answer.fields)
+    assert not decide(fixed, live(P.RUNNING), HOST, DEFAULT, SETTINGS, NOW, facts=SYNC).skipped
+    # Only the value this version knows is kept; one it cannot set right is refused.
+    assert reset(record(version="seven"), live(P.RUNNING), DEFAULT, V.ACTIVE).refused
 
 
 def test_pillar_pin_overrides_and_rewrites_the_recorded_vm_state():

@@ -114,6 +114,29 @@ class LiveState:
         return self.power_state is PowerState.CRASHED or self.reason in ("crashed", "failed")
 
 
+class UnknownValue(str):
+    """A stored ``vm_state`` or ``power_state`` that this version of vmpower does not know: a
+    newer version wrote it into a store they share, or someone edited the record by hand.
+
+    Kept as it was read, so it is shown as it is (``.value``, as the enums have) and never
+    mistaken for a state this version knows; a record holding one is left alone
+    (``rules.unknown_values``).
+    """
+
+    __slots__ = ()
+
+    @property
+    def value(self) -> str:
+        return str(self)
+
+
+def stored_state(states: dict, value):
+    """The member of ``states`` (a map from value to enum member) stored as ``value``, or an
+    ``UnknownValue``."""
+    member = states.get(value)
+    return member if member is not None else UnknownValue(value)
+
+
 # The live state of a domain libvirt no longer knows (undefined, or gone with its host).
 GONE = LiveState(PowerState.NOSTATE, "undefined")
 
@@ -131,7 +154,9 @@ class Record(NamedTuple):
     set a vmpower ``task_state``: a JSON text ``{"host", "boot_id", "pid", "start_time",
     "since"}`` (``vmpower.hostinfo``), "" for none. ``off_reason`` is why vmpower believes the
     domain went off, when libvirt's state cannot say it later: ``host_shutdown`` (the host
-    asked: libvirt-guests, ``virsh shutdown``, a reboot), "" otherwise. A tuple, because a sync
+    asked: libvirt-guests, ``virsh shutdown``, a reboot), "" otherwise. Read from a store, a
+    ``vm_state`` or ``power_state`` this version does not know is an ``UnknownValue``, and a
+    record with any unknown value is left alone (``rules.unknown_values``). A tuple, because a sync
     reads one per domain of the host, and a tuple is several times cheaper to build than a
     frozen dataclass.
     """

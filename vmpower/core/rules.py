@@ -144,8 +144,59 @@ class Decision:
     retry_in: float | None = None
 
 
-def _skip(reason: str) -> Decision:
-    return Decision(Action.NONE, reason, skipped=True)
+def _skip(reason: str, warning: bool = False) -> Decision:
+    return Decision(Action.NONE, reason, skipped=True, warning=warning)
+
+
+# The off reasons vmpower writes (``Record.off_reason``).
+OFF_REASONS = frozenset({"", HOST_SHUTDOWN})
+# What each field of a record must hold for this version to read it; ``updated_at`` is only
+# shown to people, and written afresh with every change.
+_TEXT_FIELDS = ("uuid", "name", "host", "task_state", "boot_id", "task_owner")
+_WHOLE_FIELDS = ("version", "restart_count")
+_NUMBER_FIELDS = ("last_restart_at", "off_since")
+# Those that reset_state cannot set right: the record's identity and its compare-and-set.
+_NOT_RESETTABLE = ("uuid", "name", "host", "version")
+
+
+def _unknown_fields(record: Record) -> dict[str, object]:
+    """The fields of ``record`` whose value this version does not know, with those values."""
+    unknown: dict[str, object] = {}
+    if not isinstance(record.vm_state, VmState):
+        unknown["vm_state"] = record.vm_state
+    if not isinstance(record.power_state, PowerState):
+        unknown["power_state"] = record.power_state
+    for field in _TEXT_FIELDS:
+        if not isinstance(getattr(record, field), str):
+            unknown[field] = getattr(record, field)
+    for field in _WHOLE_FIELDS + _NUMBER_FIELDS:
+        value = getattr(record, field)
+        if isinstance(value, bool) or not isinstance(value, int if field in _WHOLE_FIELDS
+                                                     else (int, float)):
+            unknown[field] = value
+    if record.off_reason not in OFF_REASONS and "off_reason" not in unknown:
+        unknown["off_reason"] = record.off_reason
+    return unknown
+
+
+def unknown_values(record: Record) -> str | None:
+    """The values of ``record`` that this version of vmpower does not know, in words
+    (``vm_state='hibernated'``), or None when it knows them all.
+
+    A newer vmpower sharing the store, or a hand edit, can leave one. What vmpower would do
+    with it cannot be told, so the VM is left alone (nothing done, nothing written over it)
+    until a person sets it right (``reset``) or vmpower is upgraded.
+    """
+    unknown = _unknown_fields(record)
+    if not unknown:
+        return None
+    return ", ".join(f"{field}={value!r}" for field, value in unknown.items())
+
+
+def _unknown_reason(unknown: str) -> str:
+    return (f"the record holds what this version of vmpower does not know ({unknown}; written "
+            f"by a newer vmpower sharing the store, or by hand): hands off, nothing written, "
+            f"until it is set right (vmpower.reset_state with vm_state=, or an upgrade)")
 
 
 def owner_text(task_owner: str) -> str:
@@ -231,8 +282,14 @@ def refuse_power(name: str, record: Record | None, policy: InstancePolicy,
 
     A task_state whose owner is known to be gone does not refuse: the operation takes over,
     and its own task_state replaces the stale one (audited). Nothing is started that lives
-    elsewhere (migrated away from here, or owned by a host that runs it).
+    elsewhere (migrated away from here, or owned by a host that runs it). A record holding a
+    value this version does not know refuses both.
     """
+    unknown = unknown_values(record) if record is not None else None
+    if unknown:
+        return (f"{name}: its record holds what this version of vmpower does not know "
+                f"({unknown}): vmpower does not act on it until it is set right "
+                f"(vmpower.reset_state {name} vm_state=<state>)")
     if pillar_error:
         return f"{name}: {pillar_error}"
     if not policy.managed:
@@ -275,7 +332,8 @@ def reset(record: Record, live: LiveState, policy: InstancePolicy,
     ``vm_state`` sets it; without it a VM in ``error`` takes the vm_state its power state
     means (running -> active, shut off -> stopped) and any other vm_state is kept. Leaving
     ``error`` (or setting a vm_state) starts the restart count afresh. A pillar task_state is
-    the operator's own lock: vmpower never clears it.
+    the operator's own lock: vmpower never clears it. A record holding values this version
+    does not know has them replaced (``_reset_unknown``).
     """
     if policy.task_state:
         return Reset({}, f"task_state={policy.task_state} is set in pillar: vmpower never clears "
@@ -283,6 +341,8 @@ def reset(record: Record, live: LiveState, policy: InstancePolicy,
     if vm_state is not None and policy.vm_state not in (None, vm_state):
         return Reset({}, f"pillar pins vm_state={policy.vm_state.value}: it cannot be reset to "
                          f"{vm_state.value}", refused=True)
+    if _unknown_fields(record):
+        return _reset_unknown(record, live, policy, vm_state)
     fields: dict = {}
     notes = []
     if record.task_state:
@@ -301,6 +361,41 @@ def reset(record: Record, live: LiveState, policy: InstancePolicy,
     if not fields:
         return Reset({}, "nothing to reset: no task_state, and vm_state is not error")
     return Reset(fields, "reset by the operator: " + "; ".join(notes))
+
+
+def _reset_unknown(record: Record, live: LiveState, policy: InstancePolicy,
+                   vm_state: VmState | None) -> Reset:
+    """``reset`` of a record holding values this version does not know: each is replaced by
+    what is known (the vm_state the operator gives, or pillar pins; the live power state; no
+    off reason, restart count, off spell or task), and the VM is vmpower's again."""
+    unknown = _unknown_fields(record)
+    described = unknown_values(record)
+    stuck = [field for field in _NOT_RESETTABLE if field in unknown]
+    if stuck:
+        return Reset({}, f"the record holds what this version of vmpower does not know "
+                         f"({described}); reset_state cannot set {', '.join(stuck)} right: "
+                         f"repair or remove the record in the store", refused=True)
+    target = vm_state or policy.vm_state or (None if "vm_state" in unknown else record.vm_state)
+    if target is None:
+        return Reset({}, f"the record holds vm_state={record.vm_state!r}, which this version of "
+                         f"vmpower does not know: give the vm_state it is to have "
+                         f"(vmpower.reset_state <name> vm_state=<state>)", refused=True)
+    fields: dict = {}
+    if target is not record.vm_state:
+        fields["vm_state"] = target
+    if "power_state" in unknown:
+        fields["power_state"] = live.power_state
+    if "off_reason" in unknown:
+        fields["off_reason"] = ""
+    if "restart_count" in unknown or "last_restart_at" in unknown:
+        fields.update(restart_count=0, last_restart_at=0.0)
+    if "off_since" in unknown or "boot_id" in unknown:
+        fields.update(off_since=0.0, boot_id="")
+    if "task_state" in unknown or "task_owner" in unknown:
+        fields.update(task_state="", task_owner="")
+    now_known = ", ".join(f"{field}={getattr(value, 'value', value)!r}"
+                          for field, value in fields.items())
+    return Reset(fields, f"reset by the operator: {described} replaced ({now_known})")
 
 
 def autostart_warning(policy: InstancePolicy, autostart: bool | None) -> str | None:
@@ -323,6 +418,9 @@ def decide(record: Record, live: LiveState, host: str, policy: InstancePolicy,
 
     ``at`` is the wall clock (restart back-off); the grace runs on ``facts.clock``.
     """
+    unknown = unknown_values(record)
+    if unknown:
+        return _skip(_unknown_reason(unknown), warning=True)
     if pillar_error:
         return _skip(f"bad pillar, nothing done: {pillar_error}")
     if policy.task_state:

@@ -17,7 +17,7 @@ import time
 from collections.abc import Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
-from vmpower.core.model import Cause, PowerState, Record, VmState
+from vmpower.core.model import Cause, PowerState, Record, VmState, stored_state
 from vmpower.core.settings import POSTGRES_SCHEMES, store_scheme
 
 if TYPE_CHECKING:  # typing.Self is Python 3.11's; typing_extensions is no runtime dependency
@@ -169,7 +169,9 @@ _POWER_STATES = {state.value: state for state in PowerState}
 
 def _row_to_record(row: Sequence) -> Record:
     # Positional, in COLUMNS order (Record's field order): a sync reads every record of the host.
-    return Record(row[0], row[1], row[2], _VM_STATES[row[3]], _POWER_STATES[row[4]], *row[5:])
+    # A state this version does not know is kept as it is; the rules leave that VM alone.
+    return Record(row[0], row[1], row[2], stored_state(_VM_STATES, row[3]),
+                  stored_state(_POWER_STATES, row[4]), *row[5:])
 
 
 def _plain(value):
