@@ -98,25 +98,24 @@ class Settings:
         """
         if not self.instances and not self.instance_errors:
             return DEFAULT_POLICY, None  # the common case, asked once per VM by every sync
-        keys: list[str] = []
-        for key in (uuid, name):
-            if key not in self.instance_entries:
-                key = instance_key(key)
-            if key in self.instance_entries and key not in keys:
-                keys.append(key)
-        if not keys:
+        entries = self.instance_entries
+        if uuid not in entries and _maybe_other_spelling(uuid):
+            uuid = instance_key(uuid)
+        if name not in entries and _maybe_other_spelling(name):
+            name = instance_key(name)
+        by_uuid, by_name = uuid in entries, name in entries and name != uuid
+        if by_uuid and by_name:
+            pair = (uuid, name)
+            combined = self._combined.get(pair)
+            if combined is None:
+                combined = self._combined[pair] = combine_entries(entries[uuid] + entries[name])
+            return combined
+        key = uuid if by_uuid else name if by_name else None
+        if key is None:
             return DEFAULT_POLICY, None
-        if len(keys) == 1:
-            key = keys[0]
-            if key in self.instance_errors:
-                return DEFAULT_POLICY, self.instance_errors[key]
-            return self.instances[key], None
-        pair = tuple(keys)
-        combined = self._combined.get(pair)
-        if combined is None:
-            combined = self._combined[pair] = combine_entries(
-                self.instance_entries[keys[0]] + self.instance_entries[keys[1]])
-        return combined
+        if key in self.instance_errors:
+            return DEFAULT_POLICY, self.instance_errors[key]
+        return self.instances[key], None
 
     def restart_delay(self, restarts_so_far: int) -> float:
         """Seconds to wait before the next automatic restart: none for the first, then doubling."""
@@ -228,6 +227,13 @@ def instance_key(key: str) -> str:
     if UUID_RE.match(key.strip()):
         return normalize_uuid(key)
     return key
+
+
+def _maybe_other_spelling(key: str) -> bool:
+    """Whether ``key`` may be a UUID in another spelling than libvirt's: 32 characters, or 36
+    not all lower case. A sync asks it for every VM's UUID and name: a length and a case
+    test, where a regular expression would cost several times more."""
+    return len(key) == 32 or (len(key) == 36 and not key.islower())
 
 
 def _unset(field: str, value: Any) -> bool:
