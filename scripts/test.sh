@@ -22,7 +22,9 @@ VMPOWER_SALT="$salt" bash "$here/scripts/setup.sh" || exit $?
 venv_3008="${VMPOWER_VENV:-$here/.venv}"
 venv_3006="${VMPOWER_VENV_3006:-$here/.venv-3006}"
 logs="$(mktemp -d)"
-trap 'rm -rf "$logs"' EXIT
+# Lanes still running when this script is stopped are stopped with it (scripts/lane.sh passes
+# the signal on to pytest as an interrupt, so that its fixtures stop what they started).
+trap 'kill -TERM "${lane_pids[@]}" 2>/dev/null; wait; rm -rf "$logs"' EXIT
 summary=()
 status=0
 
@@ -36,26 +38,78 @@ meaning() {
   esac
 }
 
-run_part() {  # <label> <venv> <pytest arguments...>
-  local label="$1" venv="$2"
-  shift 2
-  local log="$logs/$(echo "$label" | tr -c 'a-zA-Z0-9' _).log" began=$SECONDS
-  echo "=== $label: pytest $* ($("$venv/bin/python" -c 'import salt.version; print("salt", salt.version.__version__)'))"
-  "$venv/bin/python" -m pytest -ra "$@" 2>&1 | tee "$log"
-  local rc=${PIPESTATUS[0]}
+passed=0 failed=0 skipped=0
+
+record_part() {  # <label> <pytest exit status> <seconds> <log>: the summary lines of one part
+  local label="$1" rc="$2" took="$3" log="$4"
   # pytest's own last line ("=== 1840 passed, 3 skipped in 37.8s ===", without the "=" under -q).
   local last
   last="$(grep -E '(passed|failed|errors?|skipped|deselected|no tests ran).* in [0-9.]+s' "$log" \
           | tail -1 | sed -E 's/^=+ //; s/ =+$//')"
-  summary+=("$label: $(meaning "$rc") after $((SECONDS - began)) s: ${last:-no pytest summary line}")
+  summary+=("$label: $(meaning "$rc") after $took s: ${last:-no pytest summary line}")
+  local count word
+  while read -r count word; do
+    case "$word" in
+      passed) passed=$((passed + count)) ;;
+      failed|error|errors) failed=$((failed + count)) ;;
+      skipped) skipped=$((skipped + count)) ;;
+    esac
+  done < <(grep -oE '[0-9]+ (passed|failed|errors?|skipped)' <<<"$last")
   # ... and the failing tests by name (-ra's short summary), so that the end of a long CI log
-  # says which tests failed on which release.
+  # says which tests failed where.
   local failing
   while IFS= read -r failing; do
     summary+=("  $failing")
   done < <(grep -E '^(FAILED|ERROR) [^ ]+\.py' "$log" | cut -c1-240)
   [ "$rc" -eq 0 ] || status=1
 }
+
+run_part() {  # <label> <venv> <pytest arguments...>: in the foreground, its output as it comes
+  local label="$1" venv="$2"
+  shift 2
+  local log="$logs/$(echo "$label" | tr -c 'a-zA-Z0-9' _).log" began=$SECONDS
+  echo "=== $label: pytest $* ($("$venv/bin/python" -c 'import salt.version; print("salt", salt.version.__version__)'))"
+  "$venv/bin/python" -m pytest -ra "$@" 2>&1 | tee "$log"
+  record_part "$label" "${PIPESTATUS[0]}" "$((SECONDS - began))" "$log"
+}
+
+# A lane: pytest in namespaces of its own (scripts/lane.sh), with a libvirtd of its own and
+# loopback to itself, so that lanes run side by side and share nothing but the machine's
+# cores. Its output goes to its log, printed whole when it ends.
+lane_root() { echo "${VMPOWER_LANES_DIR:-/tmp}/vpl-$1"; }
+
+declare -A lane_args=() lane_logs=() lane_began=()
+lane_pids=()
+
+run_lane() {  # <name> <venv> <pytest arguments...>: started in the background
+  local name="$1" venv="$2"
+  shift 2
+  local root
+  root="$(lane_root "$name")"
+  lane_args[$name]="$*"
+  lane_logs[$name]="$logs/$name.log"
+  bash "$here/scripts/lane.sh" "$root" "$venv/bin/python" -m pytest -ra -p no:cacheprovider \
+    --basetemp="$root/t" "$@" >"${lane_logs[$name]}" 2>&1 &
+  lane_pids+=("$!")
+  lane_began[$!]=$SECONDS
+  lane_name[$!]=$name
+}
+declare -A lane_name=()
+
+# The lanes of the whole suite, on two releases. Each lane starts its own daemons, so the work is
+# cut where it costs least to start twice; the real-daemon tests, which mostly wait, are split
+# across several lanes. Salt-free tests run once, on the newest release.
+lanes_3008=(
+  "3008-core|tests/unit tests/bench"
+  "3008-real|tests/real tests/daemons/test_harness.py tests/daemons/test_dry_run_real.py tests/daemons/test_upgrade.py"
+  "3008-d1|tests/daemons/test_master_away.py tests/daemons/test_crash_loop.py tests/daemons/test_event_path.py tests/daemons/test_boot_storm.py"
+  "3008-d2|tests/daemons/test_end_to_end.py tests/daemons/test_fleet_real.py tests/daemons/test_migration.py tests/daemons/test_host_shutdown.py tests/daemons/test_beacon_real.py"
+)
+lanes_3006=(
+  "3006-unit|tests/unit tests/real tests/daemons/test_harness.py tests/daemons/test_dry_run_real.py tests/daemons/test_upgrade.py"
+  "3006-d1|tests/daemons/test_master_away.py tests/daemons/test_crash_loop.py tests/daemons/test_event_path.py tests/daemons/test_boot_storm.py"
+  "3006-d2|tests/daemons/test_end_to_end.py tests/daemons/test_fleet_real.py tests/daemons/test_migration.py tests/daemons/test_host_shutdown.py tests/daemons/test_beacon_real.py"
+)
 
 if [ $# -gt 0 ]; then
   if [ "$salt" = 3006 ]; then
@@ -65,14 +119,41 @@ if [ $# -gt 0 ]; then
   fi
 else
   if [ "$salt" != 3006 ]; then
-    run_part "Salt 3008, whole suite" "$venv_3008" tests
+    for lane in "${lanes_3008[@]}"; do
+      # shellcheck disable=SC2086  # the paths are words
+      run_lane "${lane%%|*}" "$venv_3008" ${lane#*|}
+    done
   fi
   if [ "$salt" != 3008 ]; then
-    run_part "Salt 3006, unit + real + daemons" "$venv_3006" tests/unit tests/real tests/daemons
+    for lane in "${lanes_3006[@]}"; do
+      # shellcheck disable=SC2086
+      run_lane "${lane%%|*}" "$venv_3006" ${lane#*|}
+    done
   fi
+  echo "=== ${#lane_pids[@]} lanes side by side: ${lane_name[*]}"
+  # Each lane's log, whole, as it ends.
+  left=${#lane_pids[@]}
+  while [ "$left" -gt 0 ]; do
+    ended=""
+    wait -n -p ended "${lane_pids[@]}"
+    rc=$?
+    if [ -z "$ended" ]; then
+      [ "$rc" -eq 127 ] && break  # no lane left to wait for
+      continue  # woken by a signal
+    fi
+    left=$((left - 1))
+    name="${lane_name[$ended]}"
+    took=$((SECONDS - lane_began[$ended]))
+    echo
+    echo "=== lane $name ended after $took s ($(meaning "$rc")): pytest ${lane_args[$name]}"
+    cat "${lane_logs[$name]}"
+    record_part "lane $name" "$rc" "$took" "${lane_logs[$name]}"
+  done
 fi
 
 echo
 echo "=== summary"
 printf '%s\n' "${summary[@]}"
+# One plain line for whoever reads only the end: every part's counts added up.
+echo "tests: $passed passed, $failed failed, $skipped skipped"
 exit "$status"
