@@ -41,6 +41,7 @@ from pathlib import Path
 import psutil
 import pytest
 import salt.utils.dictupdate
+from saltfactories.daemons.minion import SaltMinion
 
 from .helpers import (
     DEFAULT_URI,
@@ -235,6 +236,16 @@ def salt_run_cli(salt_master):
 # ---------------------------------------------------------------------------------------------
 # Minions
 # ---------------------------------------------------------------------------------------------
+class KeptAliveMinion(SaltMinion):
+    """A salt-minion started as its service starts it: ``salt-minion`` runs the minion in a
+    child process and starts a new child whenever one exits asking to be restarted, as Salt
+    3006's minion does after it gave up on a lost master (``master_tries``). salt-factories
+    passes ``--disable-keepalive``, which turns such a minion into one that is gone."""
+
+    def get_script_args(self):
+        return [arg for arg in super().get_script_args() if arg != "--disable-keepalive"]
+
+
 class MinionFactory:
     """Starts salt-minions attached to the session master.
 
@@ -298,13 +309,15 @@ class MinionFactory:
 
     def create(self, minion_id: str, *, uri="default", vmpower: dict | None = None,
                beacons: dict | None = None, overrides: dict | None = None,
-               entry_point: bool = True, python: Path | None = None):
+               entry_point: bool = True, python: Path | None = None, keepalive: bool = False):
         """A minion factory, not started. ``uri`` (``None``: leave ``vmpower:uri`` out of the
         config), ``vmpower`` (more of the minion's ``vmpower:`` section), ``beacons`` (the
         minion's ``beacons:`` setting, e.g. ``{"vmpower": beacon_config(uri=...)}``),
         ``overrides`` (any other minion config), ``entry_point=False``: run it with a Python
         that has Salt and libvirt-python but not vmpower (file_roots install path);
-        ``python``: run it with that Python (e.g. one with vmpower installed from a wheel)."""
+        ``python``: run it with that Python (e.g. one with vmpower installed from a wheel);
+        ``keepalive=True``: run it as its service does, under Salt's keepalive parent, which
+        starts the minion again when it exits to be restarted (salt-factories turns that off)."""
         config = self.config(uri, vmpower, beacons, overrides)
         # Every minion keeps its records in a store of its own, outside its cachedir (as the
         # default /var/lib/vmpower is), unless the test names one (a fleet's DSN).
@@ -312,12 +325,15 @@ class MinionFactory:
             "store", str(Path(self.salt_factories.root_dir) / "stores" / minion_id / "records.sqlite"))
         if python is None and not entry_point:
             python = self.python_without_vmpower()
+        factory_class = KeptAliveMinion if keepalive else SaltMinion
         if python is None:
             _check_socket_room(Path(self.salt_factories.root_dir), minion_id)
-            return self.salt_master.salt_minion_daemon(minion_id, overrides=config)
+            return self.salt_master.salt_minion_daemon(minion_id, overrides=config,
+                                                       factory_class=factory_class)
         manager, root = self._manager_for(Path(python))
         _check_socket_room(root, minion_id)
-        return manager.salt_minion_daemon(minion_id, master=self.salt_master, overrides=config)
+        return manager.salt_minion_daemon(minion_id, master=self.salt_master, overrides=config,
+                                          factory_class=factory_class)
 
     @contextlib.contextmanager
     def started(self, minion_id: str, **kwargs) -> Iterator:
