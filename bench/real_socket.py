@@ -3,13 +3,13 @@
 Part 1 (``bench/sync_scale.py``) runs libvirt's test driver inside the measuring process, where
 a lookup costs a function call. Here the same scenario, the same implementations and the same
 checks of the work done run against ``test+unix:///default``: the test driver hosted by a real
-libvirtd (started through ``vmpower_lab``, under the machine's libvirtd lock), so every libvirt
+libvirtd (started through ``vmpower_lab``), so every libvirt
 call is a round trip over libvirtd's UNIX socket, as on a real host. vmpower makes one bulk
 listing whatever N is; the Nova-style baseline makes a lookup and an ``info()`` per VM (and a
 commit per row), so the gap widens with the round trips.
 
-Needs root (it starts libvirtd). Run it, as every benchmark that starts libvirtd, under
-``flock /tmp/vmpower-real.lock``.
+Needs root (it starts libvirtd). Where another libvirtd of the tests runs, run it in a lane of
+its own (``bash scripts/lane.sh ROOT ...``).
 """
 
 from __future__ import annotations

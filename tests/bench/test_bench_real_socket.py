@@ -1,7 +1,7 @@
 """The smoke run of the real-socket benchmark (part 5): a sync through a real libvirtd's
 socket (``test+unix:///default``) against the Nova-style baseline, at its smallest size. Shapes
-and the work done, never timings. It starts a real libvirtd: run under
-``flock /tmp/vmpower-real.lock`` like tests/real.
+and the work done, never timings. It starts a real libvirtd, like tests/real:
+one run per lane (scripts/lane.sh).
 """
 
 import json
