@@ -664,10 +664,15 @@ def _off_books(record: Record, power: PowerState, facts: Facts) -> dict:
     if power in (PowerState.SHUTDOWN, PowerState.CRASHED):
         if record.power_state.is_off and record.off_since and record.boot_id == facts.boot_id:
             return {}
-        return {"off_since": facts.clock, "boot_id": facts.boot_id, "off_reason": ""}
-    if power is PowerState.NOSTATE:
+        books = {"off_since": facts.clock, "boot_id": facts.boot_id, "off_reason": ""}
+    elif power is PowerState.NOSTATE:
         return {}
-    return {"off_since": 0.0, "off_reason": "", "boot_id": facts.boot_id}
+    else:
+        books = {"off_since": 0.0, "off_reason": "", "boot_id": facts.boot_id}
+    if record.last_restart_at and record.boot_id != facts.boot_id:
+        # A monotonic time of another boot means nothing in this one: the back-off starts now.
+        books["last_restart_at"] = facts.clock
+    return books
 
 
 def _audit_action(decision: Decision) -> str:

@@ -166,7 +166,7 @@ def test_the_grace_holds_a_sync_and_a_hard_reboot_is_harmless(store, testdriver)
 def test_a_pinned_vm_that_stays_off_is_restarted_once_the_grace_is_over(store, testdriver):
     dom = testdriver.define("web")
     clock = Clock()
-    ops = operations(store, clock, instances={dom.name(): {"vm_state": "active"}})
+    ops = operations(store, clock, restart_backoff=20, instances={dom.name(): {"vm_state": "active"}})
     ops.sync()
     dom.destroy()
     ops.sync()
@@ -174,12 +174,15 @@ def test_a_pinned_vm_that_stays_off_is_restarted_once_the_grace_is_over(store, t
     report = ops.sync()
     assert actions(report) == {dom.name(): "start"} and dom.isActive()
     assert store.get(dom.UUIDString()).restart_count == 1
-    # The second restart backs off (10 s): retried on time, not at the next periodic sync.
+    # The second restart backs off (20 s from the first, on the monotonic clock; the grace is
+    # over 5 s before): retried on time, not at the next periodic sync.
     dom.destroy()
     assert ops.sync()["retry_at"] > 0
     clock.step(15)
     report = ops.sync()
-    assert report["actions"] == [] and 0 < report["retry_at"] - time.time() <= 10
+    assert report["actions"] == [] and 0 < report["retry_at"] - time.time() <= 5.001  # rounded
+    clock.step(5)
+    assert actions(ops.sync()) == {dom.name(): "start"} and dom.isActive()
 
 
 def test_a_host_reboot_neither_records_them_stopped_nor_fights_their_return(store, path,

@@ -244,7 +244,8 @@ class TestGuestShutdownPolicies:
         policy = InstancePolicy(on_guest_shutdown=OnGuestShutdown.RESTART)
         decision = decide(record(), live(P.SHUTDOWN), HOST, policy, SETTINGS, NOW, facts=KNOWN_OFF)
         assert decision.action is Action.START
-        assert decision.outcome == {"restart_count": 1, "last_restart_at": NOW}
+        # When, on this boot's monotonic clock: the back-off of the next restart runs on it.
+        assert decision.outcome == {"restart_count": 1, "last_restart_at": CLOCK, "boot_id": BOOT}
 
     @pytest.mark.parametrize("power,reason", [(P.CRASHED, "panicked"), (P.SHUTDOWN, "crashed"),
                                               (P.SHUTDOWN, "failed")])
@@ -273,11 +274,12 @@ class TestPinnedActive:
         settings = Settings(restart_backoff=10, restart_limit=5)
         # The second restart waits 10 s after the first, the third 20 s after the second.
         for restarts, delay in ((1, 10), (2, 20), (3, 40)):
-            rec = record(power=P.SHUTDOWN, restart_count=restarts, last_restart_at=NOW)
-            early = decide(rec, live(P.SHUTDOWN), HOST, self.policy, settings, NOW + delay - 1,
-                           facts=KNOWN_OFF)
+            rec = record(power=P.SHUTDOWN, restart_count=restarts, last_restart_at=CLOCK - delay + 1)
+            early = decide(rec, live(P.SHUTDOWN), HOST, self.policy, settings, NOW, facts=KNOWN_OFF)
             assert early.action is Action.NONE and "backs off" in early.reason
-            due = decide(rec, live(P.SHUTDOWN), HOST, self.policy, settings, NOW + delay, facts=KNOWN_OFF)
+            assert early.retry_in == 1
+            rec = rec.replace(last_restart_at=CLOCK - delay)
+            due = decide(rec, live(P.SHUTDOWN), HOST, self.policy, settings, NOW, facts=KNOWN_OFF)
             assert due.action is Action.START
             assert due.outcome["restart_count"] == restarts + 1
 
@@ -292,11 +294,54 @@ class TestPinnedActive:
                          settings, NOW, facts=KNOWN_OFF)
         assert errored.action is Action.NONE and not errored.outcome
 
+    def test_the_back_off_runs_on_the_monotonic_clock_not_the_wall_clock(self):
+        """Restarted once; it goes off again and 11 s pass on the host's monotonic clock while
+        the wall clock steps back an hour (NTP, a hand-set date): the 10 s back-off is over."""
+        settings = Settings(restart_backoff=10, restart_limit=5)
+        first = decide(record(power=P.SHUTDOWN), live(P.SHUTDOWN), HOST, self.policy, settings,
+                       NOW, facts=KNOWN_OFF)
+        assert first.action is Action.START
+        restarted = record(power=P.SHUTDOWN, **first.outcome)
+        later = dataclasses.replace(KNOWN_OFF, clock=CLOCK + 11)
+        again = decide(restarted, live(P.SHUTDOWN), HOST, self.policy, settings, NOW - 3600 + 11,
+                       facts=later)
+        assert again.action is Action.START, again.reason
+        assert again.outcome["restart_count"] == 2
+
+    def test_a_wall_clock_last_restart_starts_the_back_off_again_from_now(self):
+        """As an older vmpower wrote it: ahead of the monotonic clock, so it cannot be placed.
+        Conservative but live: the restart waits one back-off from now, never for ever."""
+        settings = Settings(restart_backoff=10, restart_limit=5)
+        rec = record(power=P.SHUTDOWN, restart_count=2, last_restart_at=NOW - 5)
+        decision = decide(rec, live(P.SHUTDOWN), HOST, self.policy, settings, NOW, facts=KNOWN_OFF)
+        assert decision.action is Action.NONE and decision.retry_in == 20
+        assert decision.observed["last_restart_at"] == CLOCK
+        rebased = rec.replace(**decision.observed)
+        later = dataclasses.replace(KNOWN_OFF, clock=CLOCK + 20)
+        due = decide(rebased, live(P.SHUTDOWN), HOST, self.policy, settings, NOW, facts=later)
+        assert due.action is Action.START and due.outcome["restart_count"] == 3
+
+    def test_a_restart_of_another_boot_counts_from_when_this_boot_first_saw_it(self):
+        """The host rebooted: the monotonic time of the last restart belongs to the boot before.
+        The back-off and the count's reset both start again from the first look in this boot."""
+        settings = Settings(restart_backoff=10, restart_limit=5)
+        rec = record(restart_count=2, boot_id="boot-0", last_restart_at=CLOCK - 10 * RESTART_RESET_AFTER)
+        seen = decide(rec, live(P.RUNNING), HOST, self.policy, settings, NOW, facts=SYNC)
+        assert seen.observed == {"last_restart_at": CLOCK, "boot_id": BOOT}
+        rec = rec.replace(**seen.observed)
+        crashed = rec.replace(power_state=P.SHUTDOWN)
+        soon = dataclasses.replace(KNOWN_OFF, clock=CLOCK + 5)
+        decision = decide(crashed, live(P.SHUTDOWN), HOST, self.policy, settings, NOW, facts=soon)
+        assert decision.action is Action.NONE and decision.retry_in == 15
+        later = dataclasses.replace(SYNC, clock=CLOCK + RESTART_RESET_AFTER)
+        kept_running = decide(rec, live(P.RUNNING), HOST, self.policy, settings, NOW, facts=later)
+        assert kept_running.observed == {"restart_count": 0}
+
     def test_a_vm_that_keeps_running_earns_its_count_back(self):
-        rec = record(restart_count=2, last_restart_at=NOW - RESTART_RESET_AFTER)
+        rec = record(restart_count=2, last_restart_at=CLOCK - RESTART_RESET_AFTER)
         decision = decide(rec, live(P.RUNNING), HOST, self.policy, SETTINGS, NOW, facts=SYNC)
         assert decision.observed == {"restart_count": 0}
-        recent = rec.replace(last_restart_at=NOW - 1)
+        recent = rec.replace(last_restart_at=CLOCK - 1)
         assert not decide(recent, live(P.RUNNING), HOST, self.policy, SETTINGS, NOW,
                           facts=SYNC).observed
 

@@ -402,7 +402,7 @@ class TestRenames:
 class TestBackOffOnTime:
     def test_a_backed_off_restart_says_when_to_retry(self):
         settings = Settings(restart_backoff=10)
-        rec = record(power=P.SHUTDOWN, restart_count=2, last_restart_at=NOW - 5)
+        rec = record(power=P.SHUTDOWN, restart_count=2, last_restart_at=CLOCK - 5)
         decision = decide(rec, LiveState(P.SHUTDOWN, "shutdown"), HOST, PINNED, settings, NOW,
                           facts=EVENT)
         assert nothing(decision) and decision.retry_in == 15.0

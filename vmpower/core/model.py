@@ -145,12 +145,15 @@ class Record(NamedTuple):
     """What vmpower has recorded about one domain.
 
     ``restart_count`` and ``last_restart_at`` carry the restart back-off of a VM pinned
-    ``active``; they are reset when the VM is started on purpose.
+    ``active``; they are reset when the VM is started on purpose. ``last_restart_at`` is the
+    host's ``time.monotonic()`` at the last automatic restart (a wall clock stepped back would
+    stretch the back-off).
 
     ``off_since`` is the host's ``time.monotonic()`` when vmpower first saw the domain off
     (0.0 while it runs, or when unknown); ``boot_id`` is the host's boot id
-    (``/proc/sys/kernel/random/boot_id``) when ``power_state``/``off_since`` were last written,
-    so a monotonic value from another boot or host is never trusted. ``task_owner`` says who
+    (``/proc/sys/kernel/random/boot_id``) when ``power_state``/``off_since`` (and
+    ``last_restart_at``) were last written, so a monotonic value from another boot or host is
+    never trusted. ``task_owner`` says who
     set a vmpower ``task_state``: a JSON text ``{"host", "boot_id", "pid", "start_time",
     "since"}`` (``vmpower.hostinfo``), "" for none. ``off_reason`` is why vmpower believes the
     domain went off, when libvirt's state cannot say it later: ``host_shutdown`` (the host

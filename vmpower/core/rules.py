@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import json
+import math
 from collections.abc import Mapping
 
 from vmpower.core.model import (
@@ -416,7 +417,8 @@ def decide(record: Record, live: LiveState, host: str, policy: InstancePolicy,
            facts: Facts = NO_FACTS) -> Decision:
     """Decide what to do about one VM, given its record and its live state read just now.
 
-    ``at`` is the wall clock (restart back-off); the grace runs on ``facts.clock``.
+    ``at`` is the wall clock, for what people read; every duration (the grace, the restart
+    back-off) runs on ``facts.clock``, this host's monotonic clock in the boot ``facts.boot_id``.
     """
     unknown = unknown_values(record)
     if unknown:
@@ -473,8 +475,9 @@ def decide(record: Record, live: LiveState, host: str, policy: InstancePolicy,
         observed["vm_state"] = policy.vm_state
         notes.append(f"pillar pins vm_state={policy.vm_state.value}")
         vm_state = policy.vm_state
+    since_restart = _since_restart(record, live, facts, observed)
     if (power is PowerState.RUNNING and record.restart_count
-            and at - record.last_restart_at >= RESTART_RESET_AFTER):
+            and since_restart >= RESTART_RESET_AFTER):
         observed["restart_count"] = 0
         notes.append(f"ran {RESTART_RESET_AFTER:.0f}s since its last restart: restart count reset")
 
@@ -510,8 +513,8 @@ def decide(record: Record, live: LiveState, host: str, policy: InstancePolicy,
 
     if vm_state is VmState.ACTIVE:
         if off:
-            return _active_but_off(record, live, policy, settings, at, facts, off_for,
-                                   host_shutdown, result)
+            return _active_but_off(record, live, policy, settings, facts, off_for,
+                                   since_restart, host_shutdown, result)
         if power is PowerState.SUSPENDED:
             return result(Action.POWER_OFF, "vm_state=active but the guest is suspended: "
                           "stopping it", {"vm_state": VmState.STOPPED})
@@ -572,6 +575,25 @@ def _off_spell(record: Record, live: LiveState, facts: Facts, settings: Settings
     return 0.0
 
 
+def _since_restart(record: Record, live: LiveState, facts: Facts, observed: dict) -> float:
+    """Seconds since vmpower last restarted the domain, on this host's monotonic clock.
+
+    ``last_restart_at`` is trusted only from this boot of this host (``boot_id``) and when it
+    is not ahead of the clock (a value of another boot or host, or a wall-clock time written by
+    an older vmpower). Otherwise the back-off starts again from now, and ``observed`` writes
+    that down: a restart is never let through early, and never waits longer than one back-off.
+    """
+    if not record.restart_count and not record.last_restart_at:
+        return math.inf
+    if (facts.boot_id and record.boot_id == facts.boot_id
+            and 0 < record.last_restart_at <= facts.clock):
+        return facts.clock - record.last_restart_at
+    if live.power_state is PowerState.NOSTATE:
+        return 0.0  # nothing to restart or reset; written down once the domain is back
+    observed.update(last_restart_at=facts.clock, boot_id=facts.boot_id)
+    return 0.0
+
+
 def _host_shut_down(record: Record, facts: Facts) -> bool:
     """Whether the host, not the guest, shut the domain down: the event says the host asked,
     an earlier decision said so, the host is shutting down now, or the record was last written
@@ -607,9 +629,11 @@ def _held(what: str, live: LiveState, facts: Facts, host_shutdown: bool,
 
 
 def _active_but_off(record: Record, live: LiveState, policy: InstancePolicy,
-                    settings: Settings, at: float, facts: Facts, off_for: float,
+                    settings: Settings, facts: Facts, off_for: float, since_restart: float,
                     host_shutdown: bool, result) -> Decision:
-    """Rule 5 for a VM meant to run whose guest is off: stop, restart or ignore, per pillar."""
+    """Rule 5 for a VM meant to run whose guest is off: stop, restart or ignore, per pillar.
+
+    The restart back-off counts ``since_restart`` seconds on the monotonic clock."""
     what = "crashed" if live.is_crash else "shut down"
     off = f"vm_state=active but the guest {what} (libvirt reason: {live.reason})"
     if host_shutdown and policy.on_host_shutdown is OnHostShutdown.STOP:
@@ -643,10 +667,11 @@ def _active_but_off(record: Record, live: LiveState, policy: InstancePolicy,
         return result(Action.NONE, f"{off}: restarted {restarts} times already, the limit is "
                       f"{settings.restart_limit}: vm_state=error, a person should look",
                       {"vm_state": VmState.ERROR}, recheck=True, warning=True)
-    wait = settings.restart_delay(restarts) - (at - record.last_restart_at)
+    wait = settings.restart_delay(restarts) - since_restart
     if wait > 0:
         return result(Action.NONE, f"{off}: restart {restarts + 1} of {settings.restart_limit} "
                       f"backs off for {wait:.0f}s more; retried then", retry_in=wait)
     return result(Action.START, f"{off}: starting it again, restart {restarts + 1} of "
                   f"{settings.restart_limit} ({policy_text})",
-                  {"restart_count": restarts + 1, "last_restart_at": at}, recheck=True)
+                  {"restart_count": restarts + 1, "last_restart_at": facts.clock,
+                   "boot_id": facts.boot_id}, recheck=True)
