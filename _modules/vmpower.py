@@ -81,12 +81,15 @@ def _run(operation, *args, **kwargs):
 def _announce_sync():
     """Say on the minion's own bus that a sync starts: it answers the beacon's
     ``master_reconnected`` resync, which is fired again until one does (never raised)."""
-    from vmpower.eventloop.delivery import SYNC_STARTED, masterless
+    from vmpower.eventloop.delivery import SYNC_STARTED, masterless, sync_started
+    from vmpower.hostinfo import boot_id
 
     if masterless(__opts__):
         return
     try:
-        __salt__["event.fire"]({"started": time.time()}, SYNC_STARTED)
+        # The monotonic clock with the boot id: a wall clock stepped back would make this
+        # sync look older than the resync it answers.
+        __salt__["event.fire"](sync_started(boot_id(), time.monotonic(), time.time()), SYNC_STARTED)
     except Exception as exc:  # pylint: disable=broad-except
         log.debug("vmpower: could not announce the sync on the minion's bus: %s", exc)
 

@@ -12,8 +12,9 @@ A link that flaps (a wrong ``publish_port`` makes ``status.master`` report the m
 ``master_alive_interval``) would otherwise cost a full sync each time: at most one return is
 announced per ``spacing`` seconds.
 
-Pure: the caller gives the time (any one clock, the same for every call) and fires the resync
-when ``due`` says so.
+Pure: the caller gives the time and fires the resync when ``due`` says so. The time is the
+host's monotonic clock, the same for every call: on the wall clock, a step back would hold the
+next return's resync back for as long as the step.
 """
 
 from __future__ import annotations

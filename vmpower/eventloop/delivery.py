@@ -12,7 +12,9 @@ signing in again: ``salt/auth/creds``). While the link is down the
 minion drops every event it would forward, beacon events included; so when it comes back every
 watcher fires a ``master_reconnected`` resync, and the reactor's sync catches up. Each sync
 announces on the minion's bus that it started (``SYNC_STARTED``); a resync no sync answered is
-fired again (``vmpower.core.reconnect`` says when).
+fired again (``vmpower.core.reconnect`` says when). Those times run on the host's monotonic
+clock (a sync's start comes from another process: with the boot id, so a time of another boot
+is never compared), never on the wall clock, which NTP or a person may step back.
 
 Beacon management: ``beacons.disable_beacon`` and its kin change the minion's ``beacons``
 setting, which a beacon's ``__opts__`` may not share (Salt 3006's loader works on a deep copy),
@@ -27,6 +29,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 
+from vmpower import hostinfo
 from vmpower.core.reconnect import Reconnect
 from vmpower.eventloop.failures import Failures
 
@@ -44,8 +47,14 @@ BEACONS_CHANGED = tuple(f"/salt/minion/minion_{what}_complete" for what in (
     "beacon_add", "beacon_modify", "beacon_delete", "beacon_enabled", "beacon_disabled",
     "beacons_enabled", "beacons_disabled", "beacon_reset"))
 # What ``vmpower.sync`` fires on the minion's own bus (never forwarded to the master) as it
-# starts, with ``started`` (time.time()): it answers a master_reconnected resync.
+# starts (``sync_started()``): it answers a master_reconnected resync.
 SYNC_STARTED = "vmpower/sync/started"
+
+
+def sync_started(boot_id: str, monotonic: float, wall: float) -> dict:
+    """The data of ``SYNC_STARTED``: when the sync started on the host's monotonic clock, in
+    the boot ``boot_id``, and on the wall clock (``started``, for people)."""
+    return {"monotonic": monotonic, "boot_id": boot_id, "started": wall}
 
 
 def masterless(opts: Mapping) -> bool:
@@ -124,7 +133,11 @@ class MasterLink(threading.Thread):
     it (``beacons``)."""
 
     def __init__(self, opts: Mapping, on_back: Callable[[], None], failures: Failures,
-                 clock: Callable[[], float] = time.time):
+                 clock: Callable[[], float] = time.time,
+                 monotonic: Callable[[], float] = time.monotonic,
+                 boot_id: Callable[[], str] = hostinfo.boot_id):
+        """``clock`` (the wall clock) only stamps what people read (``changed_at``); the
+        resyncs' spacing and retries run on ``monotonic``, in the boot ``boot_id``."""
         super().__init__(name="vmpower-master-link", daemon=True)
         self._opts = dict(opts)
         self._on_back = on_back
@@ -133,6 +146,8 @@ class MasterLink(threading.Thread):
         self.changed_at: float | None = None  # while all is well)
         self.reconnections = 0
         self._clock = clock
+        self._monotonic = monotonic
+        self._boot_id = boot_id()
         self.resyncs = Reconnect()
         self.beacons: Mapping | None = None  # None: Salt has not changed the setting since
 
@@ -145,21 +160,23 @@ class MasterLink(threading.Thread):
                     while True:
                         event = bus.get_event(wait=LISTEN_WAIT, full=True)
                         if event:
-                            self._heard(event.get("tag", ""), self._clock(), event.get("data"))
-                        self._announce(self._clock())
+                            self._heard(event.get("tag", ""), event.get("data"))
+                        self._announce()
             except Exception as exc:  # pylint: disable=broad-except
                 self._failures.note("master_link", "cannot listen on the minion's bus for the "
                                     "master's comings and goings: %s", exc)
                 time.sleep(5)
 
-    def _heard(self, tag: str, at: float, data=None) -> None:
+    def _heard(self, tag: str, data=None) -> None:
+        """One event of the minion's bus, heard now."""
+        at = self._clock()
         if tag in BEACONS_CHANGED:
             if isinstance(data, Mapping) and isinstance(data.get("beacons"), Mapping):
                 self.beacons = data["beacons"]
         elif tag == SYNC_STARTED:
-            started = data.get("started") if isinstance(data, Mapping) else None
-            if isinstance(started, (int, float)) and not isinstance(started, bool):
-                self.resyncs.answered(float(started))
+            started = self._sync_started(data)
+            if started is not None:
+                self.resyncs.answered(started)
         elif tag.startswith(MASTER_DISCONNECTED):
             if self.connected is not False:
                 log.info("vmpower: the minion lost its master; events fired meanwhile are "
@@ -173,8 +190,19 @@ class MasterLink(threading.Thread):
             else:
                 self.connected = True
 
-    def _announce(self, now: float) -> None:
-        if self.connected is True and self.resyncs.due(now):
+    def _sync_started(self, data) -> float | None:
+        """When a sync started, on this host's monotonic clock; None when it cannot be told (a
+        time of another boot, or an announcement without one, as an older vmpower makes it):
+        such a sync answers nothing, and the resync is asked again."""
+        if not isinstance(data, Mapping) or data.get("boot_id") != self._boot_id:
+            return None
+        started = data.get("monotonic")
+        if isinstance(started, bool) or not isinstance(started, (int, float)):
+            return None
+        return float(started)
+
+    def _announce(self) -> None:
+        if self.connected is True and self.resyncs.due(self._monotonic()):
             if self.resyncs.tries:
                 log.info("vmpower: no sync answered the master_reconnected resync yet; asking "
                          "again (%d of %d)", self.resyncs.tries, self.resyncs.retries)
