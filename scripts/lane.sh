@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Run a command in a test lane of its own: new mount and network namespaces in which this
+# Run a command in a test lane of its own: new PID, mount and network namespaces in which this
 # machine's libvirt directories (/etc/libvirt, /run, /var/lib/libvirt, /var/cache/libvirt,
 # /var/log/libvirt) are fresh directories under ROOT, and loopback is the lane's own. So two
 # lanes each start a libvirtd of their own at qemu:///system (with its own guests, pid files
@@ -8,8 +8,10 @@
 #
 #   bash scripts/lane.sh ROOT COMMAND [ARG...]
 #
-# ROOT is emptied first. As root, Linux only (unshare(1), mount(8), ip(8)). The namespaces,
-# their mounts and every daemon started in them end with the lane's last process.
+# ROOT is emptied first. As root, Linux only (unshare(1), mount(8), ip(8)). When the command
+# ends, or the lane is stopped (SIGTERM or SIGINT, passed on to the command as an interrupt so
+# that pytest's fixtures stop what they started), every process left in the lane is killed by
+# the kernel with its PID namespace: a lane never leaves a daemon behind.
 set -euo pipefail
 if [ $# -lt 2 ]; then
   echo "usage: $0 ROOT COMMAND [ARG...]" >&2
@@ -31,10 +33,11 @@ if [ "${VMPOWER_IN_LANE:-}" != "$1" ]; then
     cp -a /etc/libvirt/. "$root/etc/"
   fi
   exec env VMPOWER_IN_LANE="$root" \
-    unshare --mount --net --propagation private --fork --kill-child=SIGINT -- bash "$0" "$@"
+    unshare --pid --mount-proc --mount --net --propagation private --fork \
+      --kill-child=SIGINT -- bash "$0" "$@"
 fi
 
-# Inside the namespaces.
+# Inside the namespaces, as their PID 1.
 root="$1"
 shift
 ip link set lo up
@@ -49,4 +52,13 @@ done
 if ! grep -qE '^\s*cgroup_controllers' /etc/libvirt/qemu.conf 2>/dev/null; then
   echo 'cgroup_controllers = [ ]' >>/etc/libvirt/qemu.conf
 fi
-exec "$@"
+set -m  # the command in a job of its own, so that it hears SIGINT (a plain background job ignores it)
+"$@" &
+child=$!
+trap 'kill -INT "$child" 2>/dev/null' INT TERM
+while true; do
+  wait "$child"
+  status=$?
+  kill -0 "$child" 2>/dev/null || break  # else a signal woke the wait: wait on
+done
+exit "$status"

@@ -133,15 +133,21 @@ else
   echo "=== ${#lane_pids[@]} lanes side by side: ${lane_name[*]}"
   # Each lane's log, whole, as it ends.
   left=${#lane_pids[@]}
+  running=("${lane_pids[@]}")
   while [ "$left" -gt 0 ]; do
     ended=""
-    wait -n -p ended "${lane_pids[@]}"
+    wait -n -p ended "${running[@]}"
     rc=$?
     if [ -z "$ended" ]; then
       [ "$rc" -eq 127 ] && break  # no lane left to wait for
       continue  # woken by a signal
     fi
     left=$((left - 1))
+    still=("${running[@]}")
+    running=()
+    for pid in "${still[@]}"; do
+      [ "$pid" = "$ended" ] || running+=("$pid")
+    done
     name="${lane_name[$ended]}"
     took=$((SECONDS - lane_began[$ended]))
     echo
