@@ -207,37 +207,45 @@ def _test(test):
     return _check(arguments.flag, test, "test")
 
 
-def reconcile(uuid, transition=None, reason=None, test=None):
+def reconcile(uuid, transition=None, reason=None, test=None, seq=None):
     """
     Decide about one domain on its live state, as a lifecycle event asks.
 
-    The event is only a trigger: the decision is made on what libvirt says now, and an event
-    whose transition no longer matches the live state is dropped as stale. A VM still within
-    ``stop_grace`` of going off, or in a restart back-off, is decided again at ``retry_at``.
+    The event is only a trigger, never a fact: Salt does not authenticate the minion id in a
+    beacon's tag, and anyone can run this by hand. What this minion's own beacon journaled as
+    the event ``seq`` (its transition, libvirt's reason, when libvirt called back) is
+    believed, if it is the beacon's latest word on the domain; an event it did not observe
+    changes nothing but a re-check of the live state, with ``stop_grace``. An event whose
+    observed transition no longer matches the live state is dropped as stale. A VM still
+    within ``stop_grace`` of going off, or in a restart back-off, is decided again at
+    ``retry_at``.
 
     uuid
         The domain's UUID.
     transition
-        What the event claimed: started, stopped, paused, resumed, suspended or crashed.
+        What the event claims (started, stopped, paused, resumed, suspended or crashed):
+        reported, never believed.
     reason
-        The event's reason (``host_shutdown``, ``migrated``...): a hint the rules weigh
-        (a shutdown the host asked for follows ``on_host_shutdown``).
+        What the event claims as its reason (``host_shutdown``, ``migrated``...): reported,
+        never believed.
     test
         A dry run: say what would be done and why, and change nothing (no record, no audit
         entry).
+    seq
+        The event's ``seq``, as the beacon numbered it (the reactor passes it).
 
     CLI Example:
 
     .. code-block:: bash
 
-        salt '*' vmpower.reconcile uuid=6695eb01-f6a4-8304-79aa-97f2502e193f transition=stopped
-        salt '*' vmpower.reconcile uuid=6695eb01-f6a4-8304-79aa-97f2502e193f \
-            transition=stopped reason=host_shutdown
+        salt '*' vmpower.reconcile uuid=6695eb01-f6a4-8304-79aa-97f2502e193f
+        salt '*' vmpower.reconcile uuid=6695eb01-f6a4-8304-79aa-97f2502e193f seq=42
         salt '*' vmpower.reconcile uuid=6695eb01-f6a4-8304-79aa-97f2502e193f test=True
     """
     test = _test(test)
     result = _run("reconcile", _check(arguments.uuid, uuid), _check(arguments.transition, transition),
-                  reason=_check(arguments.word, reason, "reason"), test=test)
+                  reason=_check(arguments.word, reason, "reason"), test=test,
+                  seq=_check(arguments.seq, seq))
     return result if test else _wake_up_for(result)
 
 

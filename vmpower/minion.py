@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator, Mapping
 
 from vmpower.core.settings import ConfigError, Settings, merge, parse_settings
 from vmpower.hypervisor import HypervisorError
+from vmpower.journal import Journal, journal_path
 from vmpower.operations import HostOperations, OperationError
 from vmpower.store import Store, StoreError, open_store
 
@@ -143,10 +144,11 @@ def event_loop_status_path(opts: Mapping) -> str:
 
 @contextlib.contextmanager
 def operations(opts: Mapping, pillar: Mapping) -> Iterator[HostOperations]:
-    """HostOperations for this minion, with its store open for the length of the block."""
+    """HostOperations for this minion, with its store open for the length of the block, and
+    the journal of what its beacon observed."""
     current = settings(opts, pillar)
-    with open_minion_store(opts, current) as store:
-        yield HostOperations(current, opts["id"], store)
+    with open_minion_store(opts, current) as store, Journal(journal_path(opts["cachedir"])) as journal:
+        yield HostOperations(current, opts["id"], store, journal=journal)
 
 
 def sync_schedule(current: Settings, splay: int = 0) -> dict:

@@ -25,6 +25,7 @@ from collections.abc import Callable, Sequence
 
 from vmpower import hostinfo
 from vmpower.core.conduct import ENFORCE, OBSERVED, conduct, observed_reason
+from vmpower.core.journal import Belief, Observation, believe
 from vmpower.core.mapping import is_stale
 from vmpower.core.model import (
     GONE,
@@ -53,6 +54,7 @@ from vmpower.core.rules import (
 from vmpower.core.settings import InstancePolicy, Settings
 from vmpower.eventloop import read_status
 from vmpower.hypervisor import Hypervisor, LiveDomain
+from vmpower.journal import Journal, JournalError
 from vmpower.store import Change, Note, Store, describe_holder
 
 log = logging.getLogger(__name__)
@@ -89,6 +91,8 @@ class HostOperations:
 
     ``clock`` is the host's monotonic clock and ``boot_id`` a function giving the host's boot
     id, injected so tests can step them; ``alive`` tells whether a ``task_owner`` runs.
+    ``journal`` is what this host's beacon observed (None: nothing, so a reconcile believes
+    no event's claims and decides as a sync would).
     """
 
     def __init__(self, settings: Settings, host: str, store: Store,
@@ -96,10 +100,12 @@ class HostOperations:
                  clock: Callable[[], float] = time.monotonic,
                  boot_id: Callable[[], str] = hostinfo.boot_id,
                  alive: Callable[[str], bool | None] | None = None,
-                 stopping: Callable[[], bool | None] = hostinfo.host_stopping):
+                 stopping: Callable[[], bool | None] = hostinfo.host_stopping,
+                 journal: Journal | None = None):
         self.settings = settings
         self.host = host
         self.store = store
+        self.journal = journal
         self._hypervisor = hypervisor
         self._clock = clock
         self._boot_id = boot_id
@@ -146,9 +152,20 @@ class HostOperations:
         return self.settings.policy_for(uuid, name)
 
     def _base_facts(self, boot_id: str, name: str = "", event: Transition | None = None,
-                    event_reason: str = "") -> Facts:
+                    event_reason: str = "", event_at: float | None = None) -> Facts:
         return Facts(clock=self._clock(), boot_id=boot_id, name=name, event=event,
-                     event_reason=event_reason)
+                     event_reason=event_reason, event_at=event_at)
+
+    def _believe(self, uuid: str, seq: int | None, boot_id: str) -> Belief:
+        """What this host's beacon observed of the event ``seq`` that it may be believed in."""
+        entry = later = None
+        if seq is not None and self.journal is not None:
+            try:
+                entry, later = self.journal.read(seq, uuid)
+            except JournalError as exc:  # nothing believed: the live state and the grace decide
+                log.warning("vmpower: cannot read the journal %s: %s", self.journal.path, exc)
+                return Belief(None, f"this host's journal cannot be read ({exc})")
+        return believe(seq, uuid, entry, later, boot_id, self.settings.uri, self._clock())
 
     def _owner_alive(self, task_owner: str, boot_id: str) -> bool | None:
         if not task_owner:
@@ -226,8 +243,11 @@ class HostOperations:
         def finish(power: PowerState | Exception) -> Outcome:
             if isinstance(power, Exception):
                 return self._failed(record, decision, cause, at, fields, power)
+            # From the record as decided: an off spell the decision dated (from what the
+            # beacon observed) is kept when the domain was already off.
+            books = _off_books(record.replace(**fields), power, facts)
             fields["power_state"] = power
-            fields.update(_off_books(record, power, facts))
+            fields.update(books)
             return self._outcome(record, decision, cause, at, fields, result)
         return Acted(record.uuid, finish)
 
@@ -296,7 +316,7 @@ class HostOperations:
 
     def _decide_held(self, hv: Hypervisor, uuid: str, cause: Cause, record: Record | None,
                      dom: LiveDomain | None, boot_id: str,
-                     transition: Transition | None = None, event_reason: str = "",
+                     observation: Observation | None = None, preface: str = "",
                      fresh: bool = True, test: bool = False,
                      reread: dict[str, LiveDomain | None] | None = None) -> Outcome | Acted:
         """Decide about one domain and act; the caller holds its instance lock.
@@ -304,14 +324,19 @@ class HostOperations:
         ``record`` was read under that lock; ``dom`` is the domain as read just now (``fresh``)
         or as a sync's listing gave it, in which case it is read again before any action
         (``reread``: states read under the lock in bulk, taken instead of a ``find``).
+        ``observation`` is what this host's beacon observed of the event being reconciled;
+        ``preface`` goes before the decision's reason (what was made of the event's claims).
         """
         at = now()
         live = dom.state if dom else GONE
+        transition = observation.transition if observation is not None else None
         stale = transition is not None and is_stale(transition, live)
-        # The event's reason is kept even when the event is stale: the rules read it only to
+        # The observed reason is kept even when the event is stale: the rules read it only to
         # hold back (a migration arriving, a host shutdown), never to act.
         base = self._base_facts(boot_id, dom.name if dom else "",
-                                None if stale else transition, event_reason)
+                                None if stale else transition,
+                                observation.reason if observation is not None else "",
+                                None if stale or observation is None else observation.monotonic)
         # A sync's listing is decided on the facts that cost no libvirt call; what acts, takes
         # a domain over or needs more is read again, uncached, with every fact, below.
         facts = (self._full_facts(hv, uuid, record, live, base) if fresh
@@ -328,14 +353,16 @@ class HostOperations:
             record = (self._adoption(dom, policy, cause, at, facts).after if test  # not written
                       else self._adopt(dom, policy, cause, at, facts))
         policy, error = self._policy(uuid, dom.name if dom else record.name)
-        decision = decide(record, live, self.host, policy, self.settings, at, error, facts)
+        decision = _prefaced(decide(record, live, self.host, policy, self.settings, at, error, facts),
+                             preface)
         if decision.skipped:
             if decision.warning:
                 log.warning("vmpower: %s: %s", record.name, decision.reason)
             return Outcome({**self._report(record, decision), "skipped": True})
         if stale:
-            reason = (f"event {transition.value} is stale: the domain is "
-                      f"{live.power_state.value} now; nothing done")
+            reason = (f"{preface}; " if preface else "") + (
+                f"event {transition.value} (as this host observed it) is stale: the domain is "
+                f"{live.power_state.value} now; nothing done")
             return Outcome({**self._report(record, decision), "action": "dropped", "reason": reason},
                            note=None if test else Note(record, cause, "dropped", reason))
         if decision.recheck or (not fresh and (decision.action is not Action.NONE
@@ -345,7 +372,8 @@ class HostOperations:
             state = found.state if found else GONE
             if state != live or not fresh:
                 facts = self._full_facts(hv, uuid, record, state, base)
-                decision = decide(record, state, self.host, policy, self.settings, now(), error, facts)
+                decision = _prefaced(decide(record, state, self.host, policy, self.settings, now(),
+                                            error, facts), preface)
         return self._carry_out(hv, record, decision, cause, at, base, test)
 
     def _record(self, outcomes: Sequence[Outcome]) -> None:
@@ -364,18 +392,31 @@ class HostOperations:
 
     # The operations
     def reconcile(self, uuid: str, transition: Transition | None = None,
-                  cause: Cause = Cause.EVENT, reason: str = "", test: bool = False) -> dict:
-        """Decide about one domain on its live state now; ``transition`` (and ``reason``) are
-        what an event claimed: only hints, checked against the live state. ``test``: say what
-        would be done, and change nothing (no record, no audit entry)."""
+                  cause: Cause = Cause.EVENT, reason: str = "", test: bool = False,
+                  seq: int | None = None) -> dict:
+        """Decide about one domain on its live state now, as the event ``seq`` asks.
+
+        An event is a trigger, never a fact: ``transition`` and ``reason`` are what it claims,
+        and are reported, never believed. What this host's beacon journaled as the event
+        ``seq`` (its transition, reason, and when libvirt called back) is believed, if it is
+        the beacon's latest word on the domain; otherwise the domain is re-checked on its live
+        state and its record, with the grace, as a sync would. ``test``: say what would be
+        done, and change nothing (no record, no audit entry)."""
         boot_id = self._boot_id()
         with self.connect() as hv, self.store.lock(uuid):
+            belief = self._believe(uuid, seq, boot_id)
+            preface = _claims_text(transition, reason, seq, belief)
             [outcome] = self._settle(hv, [self._decide_held(hv, uuid, cause, self.store.get(uuid),
-                                                            hv.find(uuid), boot_id, transition,
-                                                            reason, test=test)])
+                                                            hv.find(uuid), boot_id,
+                                                            belief.observation, preface,
+                                                            test=test)])
             if not test:
                 self._record([outcome])
         result = outcome.report
+        observation = belief.observation
+        if observation is not None:
+            result["observed"] = {"seq": observation.seq, "transition": observation.transition.value,
+                                  "reason": observation.reason}
         if test:
             result["test"] = True
         if self.settings.mode != ENFORCE:
@@ -673,6 +714,33 @@ def _off_books(record: Record, power: PowerState, facts: Facts) -> dict:
         # A monotonic time of another boot means nothing in this one: the back-off starts now.
         books["last_restart_at"] = facts.clock
     return books
+
+
+def _claims_text(transition: Transition | None, reason: str, seq: int | None,
+                 belief: Belief) -> str:
+    """What a reconcile made of its event's claims, in words ("" when there were none, or they
+    are what this host observed)."""
+    claimed = ", ".join(part for part in (transition.value if transition else "",
+                                          f"reason {reason}" if reason else "") if part)
+    observation = belief.observation
+    if observation is None:
+        if not claimed:
+            return ""
+        log.info("vmpower: an event claims %s: not believed (%s); re-checking the live state",
+                 claimed, belief.why)
+        return (f"the event's claims ({claimed}) are not what this host observed ({belief.why}): "
+                f"re-checked on the live state")
+    if claimed and (transition not in (None, observation.transition)
+                    or reason not in ("", observation.reason)):
+        log.warning("vmpower: event seq %s claims %s, but this host's beacon observed %s (%s)",
+                    seq, claimed, observation.transition.value, observation.reason)
+        return (f"the event claims {claimed}; this host observed {observation.transition.value} "
+                f"({observation.reason}), which is what counts")
+    return ""
+
+
+def _prefaced(decision: Decision, preface: str) -> Decision:
+    return dataclasses.replace(decision, reason=f"{preface}; {decision.reason}") if preface else decision
 
 
 def _audit_action(decision: Decision) -> str:

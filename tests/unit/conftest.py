@@ -53,6 +53,27 @@ class TestDriver:
 
 
 @pytest.fixture
+def journal(tmp_path):
+    """A journal of observed events, as a host's beacon writes it (``journal_event``) and its
+    reconciles read it."""
+    from vmpower.journal import Journal
+
+    with Journal(str(tmp_path / "journal.sqlite")) as opened:
+        yield opened
+
+
+def journal_event(journal, uuid, transition, reason, at, boot_id, uri=TEST_URI):
+    """Journal one lifecycle event as the beacon does when it fires it: ``transition`` and
+    ``reason`` as it observed them, libvirt having called back at ``at`` on the host's
+    monotonic clock in the boot ``boot_id``. Returns the event's ``seq``."""
+    from vmpower.core.journal import Observation
+
+    [seq] = journal.append([Observation(0, boot_id, uri, uuid, transition, reason, at,
+                                        1_800_000_000.0 + at)])
+    return seq
+
+
+@pytest.fixture
 def testdriver():
     driver = TestDriver()
     yield driver

@@ -5,11 +5,16 @@ before and after); observe mode records the truth and audits what it would have 
 never acts."""
 
 import sqlite3
+import time
 
 import pytest
 from salt.exceptions import CommandExecutionError
 
-from .conftest import TEST_URI
+from vmpower import hostinfo
+from vmpower.core.model import Transition
+from vmpower.journal import Journal, journal_path
+
+from .conftest import TEST_URI, journal_event
 
 
 @pytest.fixture
@@ -67,7 +72,11 @@ def test_reconcile_test_true_changes_nothing(minion, testdriver):
     ret = mods["vmpower.reconcile"](off.UUIDString(), transition="started", test=True)
     assert (ret["action"], ret["result"], ret["test"]) == ("power_off", "test: would power off", True)
     assert snapshot(store) == before and off.isActive()
-    stale = mods["vmpower.reconcile"](off.UUIDString(), transition="stopped", test=True)
+    # A stop the beacon observed and journaled before the domain started again: stale.
+    with Journal(journal_path(loaded.opts["cachedir"])) as journal:
+        seq = journal_event(journal, off.UUIDString(), Transition.STOPPED, "destroyed",
+                            time.monotonic(), hostinfo.boot_id())
+    stale = mods["vmpower.reconcile"](off.UUIDString(), transition="stopped", seq=seq, test=True)
     assert stale["action"] == "dropped"  # stale: said, and no audit entry written
     assert snapshot(store) == before
     with pytest.raises(CommandExecutionError, match="test must be true or false"):

@@ -10,7 +10,7 @@ from vmpower.hypervisor import Hypervisor, UnknownDomain
 from vmpower.operations import HostOperations, OperationError
 from vmpower.store import open_store
 
-from .conftest import TEST_URI
+from .conftest import TEST_URI, journal_event
 
 HOST = "minion-1"
 
@@ -37,10 +37,17 @@ class Clock:
 BOOT = "boot-1"
 
 
-def operations(store, clock=None, boot_id=BOOT, alive=None, stopping=False, **settings):
+def operations(store, clock=None, boot_id=BOOT, alive=None, stopping=False, journal=None,
+               **settings):
     return HostOperations(parse_settings({"uri": TEST_URI, "stop_timeout": 0, **settings}), HOST,
                           store, clock=clock or Clock(), boot_id=lambda: boot_id, alive=alive,
-                          stopping=lambda: stopping)
+                          stopping=lambda: stopping, journal=journal)
+
+
+def observed_stop(journal, clock, dom, reason="guest_shutdown", ago=15.0):
+    """The stop of ``dom`` as this host's beacon journaled it: libvirt called back ``ago``
+    seconds ago, and the beacon fired it once stop_grace (15 s) was over."""
+    return journal_event(journal, dom.UUIDString(), Transition.STOPPED, reason, clock() - ago, BOOT)
 
 
 def test_sync_adopts_every_domain_then_finds_nothing_to_do(store, testdriver):
@@ -142,23 +149,38 @@ def test_a_record_whose_domain_is_gone_is_recorded_as_nostate(store, testdriver)
     assert store.get(dom.UUIDString()).power_state.value == "nostate"
 
 
-def test_reconcile_drops_a_stale_event_and_says_why(store, testdriver):
+def test_reconcile_drops_a_stale_event_and_says_why(store, testdriver, journal):
     dom = testdriver.define("web")
-    ops = operations(store)
+    clock = Clock()
+    ops = operations(store, clock, journal=journal)
     ops.sync()
-    result = ops.reconcile(dom.UUIDString(), Transition.STOPPED)  # a forged or late event
+    seq = observed_stop(journal, clock, dom)  # observed, and the domain started since: late
+    result = ops.reconcile(dom.UUIDString(), Transition.STOPPED, seq=seq)
     assert result["action"] == "dropped" and "stale" in result["reason"]
     assert dom.isActive()
     assert ops.history(dom.UUIDString())[-1]["action"] == "dropped"
 
 
-def test_reconcile_acts_on_a_true_event(store, testdriver):
+def test_reconcile_rechecks_on_an_event_this_host_did_not_observe(store, testdriver, journal):
     dom = testdriver.define("web")
-    ops = operations(store)
+    ops = operations(store, journal=journal)
+    ops.sync()
+    result = ops.reconcile(dom.UUIDString(), Transition.STOPPED, seq=99)  # forged
+    assert result["action"] == "none" and dom.isActive()
+    assert "not what this host observed (seq 99 is not in this host's journal" in result["reason"]
+    assert "in sync" in result["reason"] and "observed" not in result
+
+
+def test_reconcile_acts_on_a_true_event(store, testdriver, journal):
+    dom = testdriver.define("web")
+    clock = Clock()
+    ops = operations(store, clock, journal=journal)
     ops.sync()
     dom.destroy()
-    result = ops.reconcile(dom.UUIDString(), Transition.STOPPED)
+    seq = observed_stop(journal, clock, dom, "destroyed")
+    result = ops.reconcile(dom.UUIDString(), Transition.STOPPED, reason="destroyed", seq=seq)
     assert result["vm_state"] == "stopped" and result["transition"] == "stopped"
+    assert result["observed"] == {"seq": seq, "transition": "stopped", "reason": "destroyed"}
     assert ops.history(dom.UUIDString())[-1]["cause"] == Cause.EVENT.value
 
 
@@ -173,12 +195,13 @@ def test_reconcile_of_a_locked_vm_writes_nothing(store, testdriver):
     assert store.get(dom.UUIDString()).power_state.value == "running"
 
 
-def test_pinned_active_restarts_a_guest_that_shut_down(store, testdriver):
+def test_pinned_active_restarts_a_guest_that_shut_down(store, testdriver, journal):
     dom = testdriver.define("web")
-    ops = operations(store, instances={dom.name(): {"vm_state": "active"}})
+    clock = Clock()
+    ops = operations(store, clock, journal=journal, instances={dom.name(): {"vm_state": "active"}})
     ops.sync()
     dom.shutdown()
-    result = ops.reconcile(dom.UUIDString(), Transition.STOPPED)
+    result = ops.reconcile(dom.UUIDString(), Transition.STOPPED, seq=observed_stop(journal, clock, dom))
     assert result["action"] == "start" and dom.isActive()
     record = store.get(dom.UUIDString())
     assert (record.vm_state.value, record.power_state.value, record.restart_count) == ("active", "running", 1)

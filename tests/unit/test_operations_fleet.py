@@ -18,7 +18,7 @@ from vmpower.operations import HostOperations, OperationError
 from vmpower.store import Change, open_store
 
 from .conftest import TEST_URI
-from .test_operations import BOOT, HOST, Clock, operations
+from .test_operations import BOOT, HOST, Clock, observed_stop, operations
 
 
 @pytest.fixture
@@ -207,18 +207,18 @@ def test_a_host_reboot_neither_records_them_stopped_nor_fights_their_return(stor
     assert store.get(doms[0].UUIDString()).off_reason == ""
 
 
-def test_a_host_shutdown_event_follows_on_host_shutdown(store, testdriver):
+def test_a_host_shutdown_event_follows_on_host_shutdown(store, testdriver, journal):
     dom = testdriver.define("web")
-    ops = operations(store)
+    clock = Clock()
+    ops = operations(store, clock, journal=journal)
     ops.sync()
     dom.shutdown()
-    result = ops.reconcile(dom.UUIDString(), transition=None, reason="host_shutdown")
+    seq = observed_stop(journal, clock, dom, "host_shutdown")  # as this host's beacon saw it
+    result = ops.reconcile(dom.UUIDString(), seq=seq)
     assert result["action"] == "none" and "on_host_shutdown=ignore" in result["reason"]
     assert store.get(dom.UUIDString()).vm_state is VmState.ACTIVE
-    stop = operations(store, instances={dom.name(): {"on_host_shutdown": "stop"}})
-    from vmpower.core.model import Transition
-    assert stop.reconcile(dom.UUIDString(), Transition.STOPPED, reason="host_shutdown")[
-        "vm_state"] == "stopped"
+    stop = operations(store, clock, journal=journal, instances={dom.name(): {"on_host_shutdown": "stop"}})
+    assert stop.reconcile(dom.UUIDString(), seq=seq)["vm_state"] == "stopped"
 
 
 def test_a_pinned_vm_is_not_restarted_while_the_host_shuts_down(store, testdriver):

@@ -34,8 +34,9 @@ BOOT = "boot-1"
 CLOCK = 5_000.0  # the host's monotonic clock now
 # The facts a sync has read (libvirt's default <on_crash>, no migration, this boot).
 SYNC = Facts(clock=CLOCK, boot_id=BOOT, on_crash="destroy", migrating=False)
-# ... and those of a reconcile for a non-stale stopped event: off for stop_grace at least.
-KNOWN_OFF = dataclasses.replace(SYNC, event=Transition.STOPPED)
+# ... and those of a reconcile for a non-stale stopped event that this host's beacon observed
+# (journaled) stop_grace ago: off for stop_grace.
+KNOWN_OFF = dataclasses.replace(SYNC, event=Transition.STOPPED, event_at=CLOCK - SETTINGS.stop_grace)
 # Keys of ``observed`` that keep the off spell's books, tested in test_rules_fleet.py.
 BOOKKEEPING = {"off_since", "boot_id", "off_reason"}
 
@@ -74,8 +75,11 @@ def live(power, reason=None):
 
 
 def event_facts(power):
-    """The facts of a reconcile for the (non-stale) event that brought the domain there."""
-    return dataclasses.replace(SYNC, event=Transition.STOPPED if power in OFF_STATES else None)
+    """The facts of a reconcile for the (non-stale) event that brought the domain there, as
+    this host's beacon observed it stop_grace ago."""
+    if power not in OFF_STATES:
+        return SYNC
+    return KNOWN_OFF
 
 
 def changes(decision):

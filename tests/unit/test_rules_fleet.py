@@ -35,7 +35,8 @@ RESTART = parse_instance("vm1", {"on_guest_shutdown": "restart", "on_crash": "re
 HOST_STOP = parse_instance("vm1", {"on_host_shutdown": "stop"})
 POLICIES = {"default": DEFAULT, "pinned": PINNED, "restart": RESTART}
 SYNC = Facts(clock=CLOCK, boot_id=BOOT, on_crash="destroy", migrating=False)
-EVENT = dataclasses.replace(SYNC, event=Transition.STOPPED)
+# A stopped event this host's beacon observed (journaled) stop_grace ago.
+EVENT = dataclasses.replace(SYNC, event=Transition.STOPPED, event_at=CLOCK - SETTINGS.stop_grace)
 OFF_STATES = [LiveState(P.SHUTDOWN, "shutdown"), LiveState(P.SHUTDOWN, "destroyed"),
               LiveState(P.SHUTDOWN, "crashed"), LiveState(P.CRASHED, "panicked"),
               LiveState(P.SHUTDOWN, "failed")]

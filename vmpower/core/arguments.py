@@ -57,6 +57,18 @@ def transition(value: Any) -> Transition | None:
         raise ConfigError(str(exc)) from None
 
 
+def seq(value: Any) -> int | None:
+    """An event's ``seq``: a whole number of at least 1 (digits from the reactor), or None."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value.strip())
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"seq must be an event's sequence number (a whole number of at least "
+                          f"1), not {value!r}")
+    return value
+
+
 def vm_state(value: Any) -> VmState | None:
     if value is None or value == "":
         return None

@@ -13,6 +13,10 @@ alone, unless it runs here and its owner does not run it); then a domain that li
 (shut off ``migrated``/``saved``) is recorded only; then the table of rules 4-8, where every
 action on a VM that went off waits for ``stop_grace`` and a host's shutdown or libvirt's own
 crash handling is recorded, not acted on.
+
+An event's claims are never among the facts: ``Facts.event*`` is what this host's own beacon
+observed and journaled (``vmpower.core.journal``), and a reconcile with nothing observed decides
+on the live state and the record alone, like a sync.
 """
 
 from __future__ import annotations
@@ -91,11 +95,13 @@ class Facts:
 
     ``clock`` and ``boot_id`` are this host's monotonic clock and boot id now: the grace is
     measured on them, and a record written in another boot is known to be. ``name`` is the
-    domain's live name ("" when it is gone or unknown). ``event`` and ``event_reason`` are
-    those of the lifecycle event being reconciled, already checked not stale. The last three
-    are read only when a decision needs them (a sync reads them under the instance lock of the
-    few VMs that change); ``None`` means "not read", and a decision that needs one asks for a
-    ``recheck``:
+    domain's live name ("" when it is gone or unknown). ``event``, ``event_reason`` and
+    ``event_at`` are what this host's own beacon observed of the lifecycle event being
+    reconciled, as its journal says (``vmpower.core.journal``), never what the event claims:
+    the transition (already checked not stale), libvirt's reason, and when libvirt called back
+    on ``clock``. The last four are read only when a decision needs them (a sync reads them
+    under the instance lock of the few VMs that change); ``None`` means "not read", and a
+    decision that needs one asks for a ``recheck``:
 
     ``migrating``
         libvirt reports an active migration job for the domain.
@@ -114,6 +120,7 @@ class Facts:
     name: str = ""
     event: Transition | None = None
     event_reason: str = ""
+    event_at: float | None = None
     migrating: bool | None = None
     on_crash: str | None = None
     owner_alive: bool | None = None
@@ -483,7 +490,7 @@ def decide(record: Record, live: LiveState, host: str, policy: InstancePolicy,
 
     elsewhere = lives_elsewhere(live)
     off = power in OFF and not elsewhere
-    off_for = _off_spell(record, live, facts, settings, observed, off)
+    off_for = _off_spell(record, live, facts, observed, off)
     host_shutdown = off and _host_shut_down(record, facts)
     if host_shutdown and record.off_reason != HOST_SHUTDOWN:
         observed["off_reason"] = HOST_SHUTDOWN
@@ -545,28 +552,27 @@ def decide(record: Record, live: LiveState, host: str, policy: InstancePolicy,
     return result(why=f"vm_state=deleted and power_state={power.value}: in sync")
 
 
-def _off_spell(record: Record, live: LiveState, facts: Facts, settings: Settings,
-               observed: dict, off: bool) -> float:
+def _off_spell(record: Record, live: LiveState, facts: Facts, observed: dict, off: bool) -> float:
     """How long the domain has been known off (seconds on this host's monotonic clock), and
     the bookkeeping of its off spell into ``observed``.
 
     The record's ``off_since`` is trusted only from this boot of this host (``boot_id``) and
-    for a record that says off: anything else starts the spell now. A non-stale
-    ``stopped``/``crashed`` event counts as ``stop_grace`` at least: the beacon held it back
-    that long. While the domain runs (or is paused, suspended) the spell is over, and the
-    record learns it was seen alive in this boot.
+    for a record that says off: anything else starts the spell now. A ``stopped``/``crashed``
+    event this host's beacon observed (``facts.event_at``, on this boot's monotonic clock)
+    dates the spell from when libvirt called back, if that was earlier. While the domain runs
+    (or is paused, suspended) the spell is over, and the record learns it was seen alive in
+    this boot.
     """
     if off:
         trusted = (record.off_since > 0 and facts.boot_id and record.boot_id == facts.boot_id
                    and record.power_state in OFF and record.off_since <= facts.clock)
-        if trusted:
-            off_for = facts.clock - record.off_since
-        else:
-            observed.update(off_since=facts.clock, boot_id=facts.boot_id)
-            off_for = 0.0
-        if facts.event in (Transition.STOPPED, Transition.CRASHED):
-            off_for = max(off_for, settings.stop_grace)
-        return off_for
+        since = record.off_since if trusted else facts.clock
+        if (facts.event in (Transition.STOPPED, Transition.CRASHED) and facts.event_at is not None
+                and 0 < facts.event_at < since):
+            since = facts.event_at
+        if not trusted or since != record.off_since:
+            observed.update(off_since=since, boot_id=facts.boot_id)
+        return facts.clock - since
     if live.power_state is not PowerState.NOSTATE and live.power_state not in OFF:
         if record.off_since or record.off_reason:
             observed.update(off_since=0.0, off_reason="")
@@ -595,9 +601,10 @@ def _since_restart(record: Record, live: LiveState, facts: Facts, observed: dict
 
 
 def _host_shut_down(record: Record, facts: Facts) -> bool:
-    """Whether the host, not the guest, shut the domain down: the event says the host asked,
-    an earlier decision said so, the host is shutting down now, or the record was last written
-    in an earlier boot of this host (the host went down with it)."""
+    """Whether the host, not the guest, shut the domain down: this host's beacon observed the
+    host ask (``facts.event_reason``, from its journal, never an event's claim), an earlier
+    decision said so, the host is shutting down now, or the record was last written in an
+    earlier boot of this host (the host went down with it)."""
     return (facts.event_reason == HOST_SHUTDOWN or record.off_reason == HOST_SHUTDOWN
             or facts.host_stopping is True
             or bool(facts.boot_id and record.boot_id and record.boot_id != facts.boot_id))

@@ -11,8 +11,8 @@ The parts, each readable alone:
 - ``native``: libvirt's default event implementation and its one thread;
 - ``watcher``: one connection's state machine on a thread of its own (connect, register,
   keepalive, reconnect with back-off, deregister, close: everything that can block), the
-  translation of its events, the STOPPED grace (``vmpower.core.grace``) and storms
-  (``vmpower.core.burst``);
+  translation of its events, the STOPPED grace (``vmpower.core.grace``), storms
+  (``vmpower.core.burst``) and the journal of what it observed (``vmpower.journal``);
 - ``delivery``: the immediate path through the minion's bus, and the master link's news;
 - ``status``: the status file that ``vmpower.status`` reads in job processes;
 - ``config``: Salt's beacon configuration into the core's settings;
@@ -37,6 +37,7 @@ from vmpower.eventloop.failures import Failures
 from vmpower.eventloop.native import HAS_LIBVIRT, THREAD_NAME, ensure_running  # noqa: F401
 from vmpower.eventloop.status import read_status, write_json
 from vmpower.eventloop.watcher import Watcher, lifecycle_data, resync_data  # noqa: F401
+from vmpower.journal import Journal, journal_path
 
 log = logging.getLogger(__name__)
 
@@ -70,10 +71,18 @@ class EventLoop:
                 current = None
             if current is None:
                 current = self._watchers[settings.name] = Watcher(
-                    settings, stop_grace, deliver=self._delivery(settings, opts))
+                    settings, stop_grace, deliver=self._delivery(settings, opts),
+                    journal=self._journal(opts))
             else:
                 current.configure(settings, stop_grace)
             return current
+
+    @staticmethod
+    def _journal(opts: Mapping | None) -> Journal | None:
+        """The journal of the minion's observations, which its reconcile jobs read."""
+        if opts is None or not opts.get("cachedir"):
+            return None  # no minion around it (tests): nothing is journaled
+        return Journal(journal_path(opts["cachedir"]))
 
     def _delivery(self, settings: BeaconSettings, opts: Mapping | None):
         if opts is None or masterless(opts) or "id" not in opts or "sock_dir" not in opts:

@@ -19,24 +19,33 @@ watcher's thread translates (``vmpower.core.mapping``), holds STOPPED back
 ``deliver`` (the minion's event bus, as ``event.send`` does) as soon as an event is known, or,
 when that is off or fails, into the outbox that ``beacon()`` returns at its next tick. Each
 event goes one way or the other, never both.
+
+Before a round's events go out, the watcher writes them in the host's journal
+(``vmpower.journal``), which numbers them (``seq``): what its beacon observed (the transition,
+libvirt's reason, when libvirt called back on the monotonic clock) is what a reconcile
+believes of an event, and nothing the event itself claims. Every gap in the watch (connected,
+disconnected, closed, events dropped, a burst begun) is journaled too.
 """
 
 from __future__ import annotations
 
 import collections
-import itertools
+import contextlib
 import logging
 import threading
 import time
 from collections.abc import Callable
 
+from vmpower import hostinfo
 from vmpower.core.burst import BurstGuard
 from vmpower.core.grace import StopGrace
+from vmpower.core.journal import GAP, Observation
 from vmpower.core.mapping import LifecycleTranslator, translate_reboot
 from vmpower.core.model import LifecycleEvent
 from vmpower.core.settings import DEFAULT_STOP_GRACE, BeaconSettings
 from vmpower.eventloop import native
 from vmpower.eventloop.failures import Failures
+from vmpower.journal import Journal, JournalError
 
 libvirt = native.libvirt
 log = logging.getLogger("vmpower.eventloop")
@@ -50,9 +59,41 @@ REBOOT = None
 
 RawEvent = tuple[float, float, str, str, int | None, int]  # (time, monotonic, uuid, name, event, detail)
 Deliver = Callable[[list[dict]], bool | None]  # True sent, False refused, None not now
+# What a round fires and journals: (data to fire or None, row to journal or None).
+Pending = tuple[dict | None, Observation | None]
+# Resyncs whose gap in the watch is journaled with them (a burst's is journaled as it begins;
+# master_reconnected is a gap in the delivery, not in what the beacon observed).
+GAP_RESYNCS = frozenset({"connected", "reconnected", "restarted", "overflow"})
 
-# seq of the published lifecycle events: increasing across every watcher of the process.
-_sequence = itertools.count(1)
+
+class _Numbering:
+    """``seq`` of the fired events: increasing across every watcher of the process and, through
+    the journal, which numbers what it journals after its own last row, across processes."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.last = 0
+
+    def assign(self, rows: list[Observation], journal: Journal | None) -> tuple[list[int], Exception | None]:
+        """Numbers for ``rows``, journaled if ``journal`` can be written (else counted on from
+        the last number known); and why the journal could not be written, if it could not."""
+        with self._lock:  # one watcher at a time: numbers follow the order they are journaled
+            numbers, error = None, None
+            if journal is not None:
+                try:
+                    numbers = journal.append(rows, after=self.last)
+                except JournalError as exc:
+                    error = exc
+                    with contextlib.suppress(*JournalError):
+                        self.last = max(self.last, journal.last_seq())
+            if numbers is None:
+                numbers = list(range(self.last + 1, self.last + 1 + len(rows)))
+            if numbers:
+                self.last = numbers[-1]
+            return numbers, error
+
+
+_numbering = _Numbering()
 
 
 def lifecycle_data(event: LifecycleEvent, seq: int, uri: str) -> dict:
@@ -87,18 +128,24 @@ class Watcher:
 
     ``stop_grace`` is the grace in effect when the beacon has none of its own
     (``vmpower:stop_grace``). ``clock`` stamps the events (epoch seconds); ``monotonic`` runs
-    the grace, the burst guard and the back-off; tests pass their own. ``deliver`` is the
-    immediate path (None: only ``drain()``).
+    the grace, the burst guard and the back-off, and stamps what is journaled, with the host's
+    ``boot_id``; tests pass their own. ``deliver`` is the immediate path (None: only
+    ``drain()``); ``journal`` is where the host's observations go (None: nowhere, so no
+    reconcile believes any of its events).
     """
 
     def __init__(self, settings: BeaconSettings, stop_grace: float = DEFAULT_STOP_GRACE,
                  clock: Callable[[], float] = time.time,
                  monotonic: Callable[[], float] = time.monotonic,
-                 deliver: Deliver | None = None):
+                 deliver: Deliver | None = None, journal: Journal | None = None,
+                 boot_id: Callable[[], str] = hostinfo.boot_id):
         self.settings = settings
         self._clock = clock
         self._monotonic = monotonic
         self._deliver = deliver
+        self._journal = journal
+        self._boot_id = boot_id()
+        self._journal_failed = False  # a round was not journaled: the next begins with a gap
         self._cond = threading.Condition(threading.Lock())
         # Shared with the event thread and Salt's side, under _cond:
         self._raw: collections.deque[RawEvent] = collections.deque()
@@ -121,9 +168,11 @@ class Watcher:
         self._next_check = 0.0
         self._failures = 0  # consecutive failed connection attempts
         self._translator = LifecycleTranslator()
-        self._grace: StopGrace[LifecycleEvent] = StopGrace(settings.grace(stop_grace), monotonic)
+        # Each held STOPPED with the monotonic time libvirt called back.
+        self._grace: StopGrace[tuple[LifecycleEvent, float]] = StopGrace(settings.grace(stop_grace),
+                                                                        monotonic)
         self._burst = BurstGuard(settings.burst_limit)
-        self._pending: list[dict] = []
+        self._pending: list[Pending] = []
         # Read by health() from any thread (plain attributes, each written by one thread).
         self.state = "connecting"
         self.state_since = clock()
@@ -266,7 +315,8 @@ class Watcher:
                 "delivered_immediately": self.delivered_immediately,
                 "delivered_by_tick": self.delivered_by_tick,
                 "last_resync": self.last_resync, "failed_attempts": self._failures,
-                "failures": self.failures.counts(), "last_error": self.last_error}
+                "failures": self.failures.counts(), "last_error": self.last_error,
+                "journal": self._journal.path if self._journal is not None else None}
 
     # The thread.
     def _run(self) -> None:
@@ -429,6 +479,7 @@ class Watcher:
         conn, self._conn = self._conn, None
         if conn is None:
             return
+        self._gap("disconnected")  # from now on events are missed, until a resync
         for callback_id in self._callback_ids:
             self._quietly("deregister", conn.domainEventDeregisterAny, callback_id)
         self._callback_ids = []
@@ -464,15 +515,16 @@ class Watcher:
             if self._burst.swallowed == 1:  # the burst begins: its resync covers the held stops too
                 dropped = self._grace.drop()
                 self._burst.swallowed += len(dropped)
+                self._gap("burst")  # what the beacon sees from now on is not journaled one by one
             return
         lifecycle = LifecycleEvent(timestamp, uuid, name, translation.transition, translation.reason,
                                    translation.libvirt_event, translation.libvirt_detail)
-        for ready in self._grace.offer(uuid, translation.transition, lifecycle, at):
-            self._emit(lifecycle_data(ready, next(_sequence), self.uri))
+        for ready, called_back in self._grace.offer(uuid, translation.transition, (lifecycle, at), at):
+            self._emit_lifecycle(ready, called_back)
 
     def _release_due(self, now: float) -> None:
-        for ready in self._grace.due(now):
-            self._emit(lifecycle_data(ready, next(_sequence), self.uri))
+        for ready, called_back in self._grace.due(now):
+            self._emit_lifecycle(ready, called_back)
         swallowed = self._burst.due(now)
         if swallowed is not None:
             self.coalesced += swallowed
@@ -480,16 +532,58 @@ class Watcher:
 
     def _resync(self, reason: str, lost: int) -> None:
         self.last_resync = {"reason": reason, "lost": lost, "at": self._clock()}
-        self._emit(resync_data(reason, lost))
+        gap = self._row("", GAP, reason, self._monotonic(), self._clock()) if reason in GAP_RESYNCS else None
+        self._pending.append((resync_data(reason, lost), gap))
 
-    def _emit(self, data: dict) -> None:
-        self._pending.append(data)
+    def _emit_lifecycle(self, event: LifecycleEvent, called_back: float) -> None:
+        """Fire ``event`` (numbered when it is journaled), libvirt having called back at
+        ``called_back`` on the monotonic clock."""
+        self._pending.append((lifecycle_data(event, 0, self.uri),
+                              self._row(event.uuid, event.transition, event.reason, called_back,
+                                        event.timestamp)))
+
+    def _gap(self, reason: str) -> None:
+        """Journal a gap in the watch (nothing is fired for it)."""
+        self._pending.append((None, self._row("", GAP, reason, self._monotonic(), self._clock())))
+
+    def _row(self, uuid: str, transition, reason: str, monotonic: float, timestamp: float) -> Observation:
+        return Observation(0, self._boot_id, self.uri, uuid, transition, reason, monotonic, timestamp)
+
+    def _journal_round(self, pending: list[Pending]) -> list[dict]:
+        """Journal and number the round's rows; what is to be fired, in order."""
+        rows = [row for _data, row in pending if row is not None]
+        resumed = self._journal is not None and self._journal_failed and bool(rows)
+        if resumed:  # a round went unjournaled: what came before it is not the latest word
+            rows.insert(0, self._row("", GAP, "journal", self._monotonic(), self._clock()))
+        numbers, error = _numbering.assign(rows, self._journal)
+        if error is not None:
+            self._journal_failed = True
+            self.failures.note("journal", "cannot write the journal of observed events %s: %s; "
+                               "until it can, reconciles believe none of this beacon's events "
+                               "and wait out the grace", self._journal.path, error)
+        elif self._journal is not None and rows:
+            self._journal_failed = False
+            self.failures.forget("journal")
+        numbered = iter(numbers[1:] if resumed else numbers)
+        out = []
+        for data, row in pending:
+            seq = next(numbered) if row is not None else None
+            if data is None:
+                continue
+            if data["tag"] != "resync":
+                data["seq"] = seq
+            out.append(data)
+        return out
 
     def _flush(self) -> None:
-        """Deliver what is pending: at once if possible, else through the next tick."""
+        """Journal what is pending, then deliver it: at once if possible, else through the
+        next tick."""
         if not self._pending:
             return
-        pending, self._pending = self._pending, []
+        pending = self._journal_round(self._pending)
+        self._pending = []
+        if not pending:
+            return
         deliver = self._deliver if self.settings.immediate else None
         with self._cond:
             queued = bool(self._outbox)
