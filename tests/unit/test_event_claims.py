@@ -10,11 +10,13 @@ import time
 
 import libvirt
 import pytest
+from salt.exceptions import CommandExecutionError
 
+from vmpower import hostinfo
 from vmpower.core.model import Transition
 from vmpower.core.settings import BeaconSettings, parse_settings
 from vmpower.eventloop import Watcher
-from vmpower.journal import Journal
+from vmpower.journal import Journal, journal_path
 from vmpower.operations import HostOperations
 from vmpower.store import open_store
 
@@ -240,3 +242,21 @@ def test_the_beacons_own_journal_is_what_reconcile_believes(store, testdriver, t
             assert rebooted.state()[0] == libvirt.VIR_DOMAIN_RUNNING
     finally:
         watcher.retire()
+
+
+def test_the_module_reads_the_minions_journal_by_the_seq_the_reactor_passes(load_minion, testdriver):
+    """Through Salt's loader: the reactor passes the event's data as text; the module finds
+    the minion's journal in its cachedir, where the minion's beacon writes it."""
+    dom = testdriver.define("web")
+    loaded = load_minion(TEST_URI, stop_timeout=0, stop_grace=GRACE)
+    mods = loaded.functions
+    mods["vmpower.sync"]()
+    dom.destroy()
+    with Journal(journal_path(loaded.opts["cachedir"])) as journal:
+        seq = journal_event(journal, dom.UUIDString(), Transition.STOPPED, "destroyed",
+                            time.monotonic() - GRACE, hostinfo.boot_id())
+    result = mods["vmpower.reconcile"](uuid=dom.UUIDString(), transition="stopped",
+                                       reason="destroyed", seq=str(seq))
+    assert result["observed"]["seq"] == seq and result["vm_state"] == "stopped", result
+    with pytest.raises(CommandExecutionError, match="seq must be an event's sequence number"):
+        mods["vmpower.reconcile"](uuid=dom.UUIDString(), seq="soon")
