@@ -135,6 +135,13 @@ def _wait(condition: Callable[[], bool], what: str) -> None:
         time.sleep(POLL)
 
 
+def _settle(watcher: eventloop.Watcher) -> None:
+    """Wait for the watcher's thread to handle every callback made so far, or fail clearly: a
+    drain after a settle that gave up would count a run short of its events."""
+    if not watcher.settle():
+        raise RuntimeError("the watcher's thread did not end a round within settle()'s timeout")
+
+
 class Count:
     """A lifecycle callback that counts and does nothing else: the floor's."""
 
@@ -276,7 +283,7 @@ def stream_vmpower(host: Host, events: int, watcher: eventloop.Watcher) -> dict:
 
     def consume() -> bool:
         seen = watcher.events_seen  # read first: every callback counted by now is in this drain
-        watcher.settle()
+        _settle(watcher)
         tally.add(watcher.drain())
         return seen >= events
 
@@ -303,7 +310,7 @@ def replay(batches: Sequence[Sequence[tuple]], watcher: eventloop.Watcher) -> di
         for args in batch:
             watcher.lifecycle_callback(*args)
         enqueued = time.perf_counter()
-        watcher.settle()  # the watcher's thread translates; its time counts as the drain's
+        _settle(watcher)  # the watcher's thread translates; its time counts as the drain's
         fired = watcher.drain()
         drain_seconds += time.perf_counter() - enqueued
         callback_seconds += enqueued - started
@@ -316,7 +323,7 @@ def storm(host: Host, burst: int, watcher: eventloop.Watcher) -> dict:
     host.perform(burst)
     _wait(lambda: watcher.events_seen >= burst, f"{burst:,} callbacks")
     started = time.perf_counter()
-    watcher.settle()
+    _settle(watcher)
     fired = watcher.drain()  # kept until the end: the beacon's result is part of its peak
     drain_seconds = time.perf_counter() - started
     tally = Tally()

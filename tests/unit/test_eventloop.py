@@ -780,3 +780,36 @@ def test_a_watcher_whose_beacon_salt_disabled_is_closed_at_once(tmp_path):
     loop.close_idle()
     assert watcher.settle() and watcher.state == "closed"
     watcher.retire()
+
+
+def test_settle_waits_for_callbacks_made_while_a_round_runs(testdriver, monkeypatch):
+    """Callbacks that arrive while the thread is in a round are the next round's; settle()
+    called then returns only once that next round is over, even when the thread takes the lock
+    for it before settle()'s waiter wakes (a drain after settle() would otherwise miss them)."""
+    watcher = eventloop.Watcher(BeaconSettings(uri=NO_DAEMON_URI, stop_grace=0))
+    step = watcher._step
+    in_round = threading.Event()
+
+    def slow_step(raw, *args):
+        if raw:
+            in_round.set()
+            time.sleep(0.2)  # a round long enough for more callbacks to queue behind it
+        return step(raw, *args)
+
+    monkeypatch.setattr(watcher, "_step", slow_step)
+    try:
+        dom = testdriver.define("behind", start=False)
+        misses = 0
+        for _ in range(5):
+            in_round.clear()
+            watcher.lifecycle_callback(None, dom, L.VIR_DOMAIN_EVENT_STARTED,
+                                       L.VIR_DOMAIN_EVENT_STARTED_BOOTED, None)
+            assert in_round.wait(5)
+            watcher.lifecycle_callback(None, dom, L.VIR_DOMAIN_EVENT_STOPPED,
+                                       L.VIR_DOMAIN_EVENT_STOPPED_DESTROYED, None)
+            assert watcher.settle()
+            transitions = [event["transition"] for event in watcher.drain() if "transition" in event]
+            misses += transitions != ["started", "stopped"]
+        assert misses == 0
+    finally:
+        watcher.retire()

@@ -154,7 +154,8 @@ class Watcher:
         self._poked = False
         self._wanted = True  # False once Salt closed the beacon, until its next drain()
         self._close_requested = False  # sticky until the thread has disconnected
-        self._rounds = 0  # rounds of the thread so far (settle() waits for one more)
+        self._rounds = 0  # rounds of the thread that have ended (settle() waits for one more)
+        self._rounds_started = 0
         self._retired = False
         self._pending_settings: tuple[BeaconSettings, float] | None = None
         self._master_reconnected = False
@@ -294,11 +295,12 @@ class Watcher:
         """Wait until the thread has handled everything queued so far (tests, benchmarks);
         False if it did not within ``timeout`` (it is blocked in libvirt)."""
         with self._cond:
-            target = self._rounds + 1
+            # The first round to start after this call takes everything queued so far; rounds
+            # end in the order they start, so it is over once that many rounds are.
+            target = self._rounds_started + 1
             self._poked = True
             self._cond.notify_all()
-            return self._cond.wait_for(lambda: self._rounds >= target and not self._raw
-                                       and not self._poked, timeout)
+            return self._cond.wait_for(lambda: self._rounds >= target, timeout)
 
     def health(self) -> dict:
         """The watcher's state and counters, as ``vmpower.status`` reports them."""
@@ -325,6 +327,7 @@ class Watcher:
                 if not self._poked:
                     self._cond.wait(self._wait_time())
                 self._poked = False
+                self._rounds_started += 1
                 raw, self._raw = self._raw, collections.deque()
                 lost, self._unreported_drops = self._unreported_drops, 0
                 wanted, retired = self._wanted, self._retired
