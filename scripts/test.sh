@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # The second command: set everything up on a fresh Debian machine (as root) and run the test
-# suite on both tested Salt releases: the whole suite (the pure core, the modules through Salt's
-# loader, a real libvirtd with real QEMU guests, real Salt daemons, the benchmarks' smoke run) on
-# Salt 3008 in .venv, then the unit tests and the real-libvirt and real-daemon tests (tests/unit,
-# tests/real, tests/daemons) on Salt 3006 LTS in .venv-3006. Both parts always run; the exit
-# status is 0 only if both passed, and the end shows each part's pytest summary line and the
-# names of its failing tests.
+# suite on both tested Salt releases: the pure core, the modules through Salt's loader, a real
+# libvirtd with real QEMU guests, real Salt daemons and the benchmarks' smoke run on Salt 3008
+# in .venv, and everything that goes through Salt (tests/unit, tests/real, tests/daemons) again
+# on Salt 3006 LTS in .venv-3006. The work runs in lanes side by side (scripts/lane.sh): each a
+# pytest run with a libvirtd, a loopback and processes of its own. The exit status is 0 only if
+# every lane passed; the end shows each lane's pytest summary line, the names of its failing
+# tests, and one line adding up the counts.
 #
-# Extra arguments go to pytest and run on one release only: Salt 3008, or 3006 with
-# VMPOWER_SALT=3006 (e.g. `bash scripts/test.sh tests/unit -x`,
+# Extra arguments go to pytest and run on one release only, in the foreground, outside any
+# lane: Salt 3008, or 3006 with VMPOWER_SALT=3006 (e.g. `bash scripts/test.sh tests/unit -x`,
 # `VMPOWER_SALT=3006 bash scripts/test.sh tests/daemons/test_harness.py`).
 set -uo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -100,7 +101,7 @@ declare -A lane_name=()
 # cut where it costs least to start twice; the real-daemon tests, which mostly wait, are split
 # across several lanes. Salt-free tests run once, on the newest release.
 lanes_3008=(
-  "3008-core|tests/unit tests/bench"
+  "3008-core|tests/core tests/unit tests/bench"
   "3008-real|tests/real tests/daemons/test_harness.py tests/daemons/test_dry_run_real.py tests/daemons/test_upgrade.py"
   "3008-d1|tests/daemons/test_master_away.py tests/daemons/test_crash_loop.py tests/daemons/test_event_path.py tests/daemons/test_boot_storm.py"
   "3008-d2|tests/daemons/test_end_to_end.py tests/daemons/test_fleet_real.py tests/daemons/test_migration.py tests/daemons/test_host_shutdown.py tests/daemons/test_beacon_real.py"
