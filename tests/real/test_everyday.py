@@ -18,6 +18,9 @@ import sys
 import libvirt
 import pytest
 
+from vmpower.core.settings import BeaconSettings
+from vmpower.eventloop import Watcher
+from vmpower.journal import Journal, journal_path
 from vmpower_lab import lab
 
 from ..daemons.helpers import read_record
@@ -312,23 +315,44 @@ def test_host_shutdown_of_every_guest_then_all_started_powers_none_off(load_mini
                                                                          make_guest, store):
     """The host shuts every guest down (SIGTERM to each QEMU, as a host's shutdown does: libvirt
     reports SHUTDOWN "on host request" and the beacon's ``stopped`` says ``host_shutdown``),
-    each event is reconciled with that reason (as the reactor passes it), a sync follows;
-    then every guest is started again, as libvirt-guests or autostart does at boot. Under the
-    default ``on_host_shutdown: ignore`` none is recorded stopped and none is powered off."""
+    each event is reconciled by its ``seq`` (as the reactor passes it; reconcile believes the
+    reason because the beacon's journal says so), a sync follows; then every guest is started
+    again, as libvirt-guests or autostart does at boot. Under the default
+    ``on_host_shutdown: ignore`` none is recorded stopped and none is powered off."""
     guests = [make_guest("acpi", f"-{number}") for number in range(3)]
-    vmpower = load_minion(URI, store=store, stop_grace=0).functions
-    for _, dom in guests:
-        lab.wait_guest_ready(dom)
-    vmpower["vmpower.sync"]()
-    audit = {guest.uuid: len(vmpower["vmpower.history"](guest.uuid)) for guest, _ in guests}
+    minion = load_minion(URI, store=store, stop_grace=0)
+    vmpower = minion.functions
+    # The beacon's event watcher, journaling where the minion's beacon does.
+    watcher = Watcher(BeaconSettings(uri=URI, stop_grace=0),
+                      journal=Journal(journal_path(minion.opts["cachedir"])))
+    fired = []
 
-    for guest, _ in guests:
-        os.kill(lab.qemu_pid(guest.name), signal.SIGTERM)
-    for guest, dom in guests:
-        assert lab.wait_for_state(dom, SHUTOFF) == libvirt.VIR_DOMAIN_SHUTOFF_SHUTDOWN
-        ret = vmpower["vmpower.reconcile"](guest.uuid, "stopped", reason="host_shutdown")
-        assert ret["action"] == "none", ret
-        assert "on_host_shutdown=ignore" in ret["reason"], ret
+    def stopped(uuid):
+        assert watcher.settle()
+        fired.extend(watcher.drain())
+        return [e for e in fired if e.get("uuid") == uuid and e.get("transition") == "stopped"]
+
+    try:
+        wait_until(lambda: watcher.settle() and fired.extend(watcher.drain()) is None
+                   and any(e["tag"] == "resync" for e in fired), 60, "the watcher to connect")
+        for _, dom in guests:
+            lab.wait_guest_ready(dom)
+        vmpower["vmpower.sync"]()
+        audit = {guest.uuid: len(vmpower["vmpower.history"](guest.uuid)) for guest, _ in guests}
+
+        for guest, _ in guests:
+            os.kill(lab.qemu_pid(guest.name), signal.SIGTERM)
+        for guest, dom in guests:
+            assert lab.wait_for_state(dom, SHUTOFF) == libvirt.VIR_DOMAIN_SHUTOFF_SHUTDOWN
+            [event] = wait_until(lambda guest=guest: stopped(guest.uuid), 60,
+                                 f"the beacon's stopped event of {guest.name}")
+            assert event["reason"] == "host_shutdown", event
+            ret = vmpower["vmpower.reconcile"](guest.uuid, "stopped", reason="host_shutdown",
+                                               seq=event["seq"])
+            assert ret["action"] == "none", ret
+            assert "on_host_shutdown=ignore" in ret["reason"], ret
+    finally:
+        watcher.retire()
     down = vmpower["vmpower.sync"]()
     for guest, _ in guests:
         assert about(down, guest.uuid)["actions"] == [], down
