@@ -39,6 +39,7 @@ from .helpers import (
     beacon_config,
     beacon_events,
     build_wheel,
+    events_since,
     fire_beacon_event,
     history,
     loader_dirs,
@@ -77,9 +78,24 @@ def pillar(salt_master, pillar_tree, event_listener, minion, data):
 
 def wait_started(event_listener, salt_master, guest, since):
     """Wait for the beacon's ``started`` of ``guest`` (libvirt's RESUMED, fired just before it,
-    is then on the bus too), so that later waits only see what happens afterwards."""
-    return wait_for_lifecycle(event_listener, salt_master.id, BEACON_MINION, "started",
-                              guest.uuid, since)
+    is then on the bus too) and for the return of the reactor's reconcile of each of them, so
+    that later waits only see what happens afterwards: on a busy machine a reconcile of the boot
+    could otherwise run inside what the test looks at next (and drop its event as stale there)."""
+    started = wait_for_lifecycle(event_listener, salt_master.id, BEACON_MINION, "started",
+                                 guest.uuid, since)
+
+    def every_event_reconciled():
+        fired = beacon_events(event_listener, BEACON_MINION, since, guest.uuid,
+                              daemon_id=salt_master.id)
+        returns = [event for event in events_since(event_listener, since,
+                                                   f"salt/job/*/ret/{BEACON_MINION}",
+                                                   salt_master.id)
+                   if event.data.get("fun") == "vmpower.reconcile"
+                   and reconcile_of(guest.uuid)(event.data.get("return"))]
+        return len(returns) >= len(fired)
+
+    wait_until(every_event_reconciled, 60, f"the reconcile of each boot event of {guest.name}")
+    return started
 
 
 def reconcile_of(uuid, **expected):
