@@ -4,10 +4,9 @@ real guest shuts down; when it is back, the minion's vmpower beacon fires a
 
 The minion runs as the README tells operators to configure it: ``master_alive_interval`` set
 (without it a ZeroMQ minion never notices that its master went away) and its ``publish_port``
-the master's (``status.master`` checks that port). Two ways back: the minion process keeps
-trying the lost master (``master_tries: -1`` on Salt 3006), or, with Salt's default
-``master_tries`` under Salt's keepalive parent as a service runs it, Salt 3006 restarts the
-minion. The session's master is stopped and started again in place; it answers again before
+the master's (``status.master`` checks that port). Two set-ups: ``master_tries: -1`` on
+Salt 3006 (the minion keeps trying the lost master), and Salt's default ``master_tries`` under
+Salt's keepalive parent, as a service runs the minion. The session's master is stopped and started again in place; it answers again before
 each test ends.
 Asserted: the resync and the record, not how long anything took.
 """
@@ -64,11 +63,17 @@ def test_a_guest_that_stops_while_the_master_is_away_is_recorded_once_it_is_back
         everyone_answers(salt_master)
 
 
+@pytest.mark.xfail(
+    SALT_MAJOR == 3006, strict=True,
+    reason="Salt 3006.29 with the default master_tries: once its master is gone the minion "
+           "waits for good in its sign-in ('Connecting to master. Attempt 1 of 1', then "
+           "nothing), neither restarting nor reconnecting when the master is back; seen with "
+           "and without vmpower's beacon. Hence master_tries: -1 on 3006 (docs/configuration.md)")
 def test_a_minion_that_restarts_itself_after_losing_its_master_records_the_change(
         salt_master, minion_factory, libvirt_daemon, event_listener, make_guest):
     """Salt's default ``master_tries`` (1) and the minion run as its service runs it, under
-    Salt's keepalive parent: on Salt 3006 the minion gives up on the lost master and exits to be
-    started again, and the new minion process, with a new beacon, finds the guest off."""
+    Salt's keepalive parent, which starts the minion again when it exits to be restarted.
+    Whichever way the minion comes back, its beacon asks for a sync and the record is right."""
     overrides = {"master_alive_interval": 2, "publish_port": salt_master.config["publish_port"]}
     since = time.time()
     with minion_factory.started(MINION_ID_KEPT_ALIVE, uri=DEFAULT_URI, keepalive=True,
@@ -84,9 +89,8 @@ def test_a_minion_that_restarts_itself_after_losing_its_master_records_the_chang
                        back, 180, daemon_id=salt_master.id,
                        match=lambda data: data["reason"] in ("connected", "master_reconnected"))
         _the_record_is_stopped(salt_master, minion, event_listener, guest, back)
-        if SALT_MAJOR == 3006:
-            # The path this test is for: the minion that saw the guest stop is gone.
-            assert not before & _minion_processes(minion), "the minion process did not restart"
+        restarted = not before & _minion_processes(minion)
+        print(f"the minion process {'restarted' if restarted else 'stayed and reconnected'}")
         everyone_answers(salt_master)
 
 
