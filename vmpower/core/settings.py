@@ -441,7 +441,7 @@ def parse_beacon_config(raw: Any) -> BeaconSettings:
     """Validate the ``vmpower`` beacon's configuration; raise ConfigError naming the bad key.
 
     ``raw`` is one mapping (the beacon's shell merges Salt's list of one-key mappings with
-    Salt's own helper first). Salt's own keys (``interval``, ``disable_during_state_run``...)
+    Salt's own list_to_dict first). Salt's own keys (``interval``, ``disable_during_state_run``...)
     are allowed and left to Salt.
     """
     raw = _mapping({} if raw is None else raw, "beacons:vmpower",
