@@ -9,9 +9,10 @@
 #   bash scripts/lane.sh ROOT COMMAND [ARG...]
 #
 # ROOT is emptied first. As root, Linux only (unshare(1), mount(8), ip(8)). When the command
-# ends, or the lane is stopped (SIGTERM or SIGINT, passed on to the command as an interrupt so
-# that pytest's fixtures stop what they started), every process left in the lane is killed by
-# the kernel with its PID namespace: a lane never leaves a daemon behind.
+# ends, or the lane is stopped (this script's process killed: the lane's PID 1 passes an
+# interrupt on to the command, so that pytest's fixtures stop what they started), every process
+# left in the lane is killed by the kernel with its PID namespace: a lane never leaves a daemon
+# behind.
 set -euo pipefail
 if [ $# -lt 2 ]; then
   echo "usage: $0 ROOT COMMAND [ARG...]" >&2
@@ -20,21 +21,19 @@ fi
 
 if [ "${VMPOWER_IN_LANE:-}" != "$1" ]; then
   root="$1"
-  # Only this script's own leftovers are removed; a ROOT with anything else in it is refused.
-  if [ -e "$root" ] && [ ! -f "$root/.vmpower-lane" ]; then
-    echo "lane: $root exists and is not a vmpower test lane; refusing to empty it" >&2
-    exit 2
-  fi
-  rm -rf "$root"
+  # Nothing of an earlier lane on ROOT can still run (its PID namespace died with it).
+  rm -rf "$root" || { echo "lane: cannot empty $root" >&2; exit 2; }
   mkdir -p "$root"/{run,etc,lib,cache,log}
-  touch "$root/.vmpower-lane"
   # The lane's libvirt starts from this machine's configuration (qemu.conf and the rest).
   if [ -d /etc/libvirt ]; then
     cp -a /etc/libvirt/. "$root/etc/"
   fi
+  # unshare(1) ignores SIGINT and SIGTERM while it waits for the lane, and its child would
+  # inherit that: env puts them back, so the lane can be interrupted. When unshare itself dies
+  # (scripts/test.sh kills it to stop a lane), the lane's PID 1 gets SIGINT.
   exec env VMPOWER_IN_LANE="$root" \
     unshare --pid --mount-proc --mount --net --propagation private --fork \
-      --kill-child=SIGINT -- bash "$0" "$@"
+      --kill-child=SIGINT -- env --default-signal=INT,TERM bash "$0" "$@"
 fi
 
 # Inside the namespaces, as their PID 1.

@@ -23,9 +23,13 @@ VMPOWER_SALT="$salt" bash "$here/scripts/setup.sh" || exit $?
 venv_3008="${VMPOWER_VENV:-$here/.venv}"
 venv_3006="${VMPOWER_VENV_3006:-$here/.venv-3006}"
 logs="$(mktemp -d)"
-# Lanes still running when this script is stopped are stopped with it (scripts/lane.sh passes
-# the signal on to pytest as an interrupt, so that its fixtures stop what they started).
-trap 'kill -TERM "${lane_pids[@]}" 2>/dev/null; wait; rm -rf "$logs"' EXIT
+# Lanes still running when this script is stopped are stopped with it: killing a lane's
+# unshare(1), which ignores SIGINT and SIGTERM, makes the lane's PID 1 interrupt its pytest,
+# whose fixtures stop what they started, and then the lane's namespaces end.
+lane_pids=()
+trap 'kill -KILL "${lane_pids[@]}" 2>/dev/null; rm -rf "$logs"' EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
 summary=()
 status=0
 
@@ -80,7 +84,6 @@ run_part() {  # <label> <venv> <pytest arguments...>: in the foreground, its out
 lane_root() { echo "${VMPOWER_LANES_DIR:-/tmp}/vpl-$1"; }
 
 declare -A lane_args=() lane_logs=() lane_began=()
-lane_pids=()
 
 run_lane() {  # <name> <venv> <pytest arguments...>: started in the background
   local name="$1" venv="$2"
