@@ -403,7 +403,8 @@ def beacon_minion(minion_factory, salt_master, libvirt_daemon, event_listener, t
     store = tmp_path_factory.mktemp("beacon-minion") / "records.sqlite"
     with minion_factory.started(
             BEACON_MINION, uri=DEFAULT_URI,
-            vmpower={"sync_interval": NO_PERIODIC_SYNC, "stop_timeout": 30, "store": str(store)},
+            vmpower={"sync_interval": NO_PERIODIC_SYNC, "stop_timeout": 30, "store": str(store),
+                     "stop_grace": STOP_GRACE},
             beacons={"vmpower": beacon_config(uri=DEFAULT_URI, stop_grace=STOP_GRACE)}) as minion:
         wait_for_event(event_listener, f"salt/beacon/{BEACON_MINION}/vmpower/resync", before,
                        timeout=60, daemon_id=salt_master.id,

@@ -67,6 +67,10 @@ def test_crash_loop_of_a_pinned_vm_restarts_on_time_with_its_back_offs(
         record = wait_until(given_up, 180, "the VM to reach vm_state=error")
         assert record["restart_count"] == LIMIT, record
         entries = [e for e in history(beacon_minion, guest.uuid) if e["at"] >= since]
+        # The count starts at the operator's start (it resets restart_count); vmpower may have
+        # started the pinned VM itself just before, once its grace was over.
+        operator = [number for number, e in enumerate(entries) if e["cause"] == "api"]
+        entries = entries[operator[-1] + 1:] if operator else entries
         starts = [e for e in entries if e["action"] == "start"]
         assert len(starts) == LIMIT, entries
         for number, entry in enumerate(starts, 1):

@@ -282,7 +282,8 @@ def test_forged_stopped_event_for_another_minions_vm_changes_nothing(
         salt_master, beacon_minion, salt_minion, event_listener, make_guest):
     """6. ``vmpower-minion-b`` fires ``salt/beacon/vmpower-minion-1/vmpower/lifecycle/stopped``
     for a VM that minion 1 has recorded and that runs: the reactor runs ``vmpower.reconcile`` on
-    minion 1, which finds the domain running, drops the event as stale, and the VM runs on."""
+    minion 1, which believes nothing the event claims (its beacon journaled no such event),
+    re-checks the live state, finds the domain running, and the VM runs on untouched."""
     victim = salt_minion.id
     guest, dom = make_guest("stubborn")
     lab.wait_guest_ready(dom)
@@ -302,8 +303,8 @@ def test_forged_stopped_event_for_another_minions_vm_changes_nothing(
     wait_for_event(event_listener, tag, since, daemon_id=salt_master.id)
     ret = wait_for_job_return(event_listener, salt_master.id, victim, "vmpower.reconcile", since,
                               match=reconcile_of(guest.uuid))
-    assert ret["return"]["action"] == "dropped", ret
-    assert "event stopped is stale: the domain is running now" in ret["return"]["reason"]
+    assert ret["return"]["action"] == "none", ret
+    assert "not believed" in ret["return"]["reason"], ret
 
     assert dom.state()[0] == libvirt.VIR_DOMAIN_RUNNING
     assert lab.qemu_pid(guest.name) == pid
@@ -311,7 +312,7 @@ def test_forged_stopped_event_for_another_minions_vm_changes_nothing(
     assert (after["vm_state"], after["power_state"], after["version"]) == (
         record["vm_state"], record["power_state"], record["version"])
     new = history(salt_minion, guest.uuid)[len(audit):]
-    assert [(e["action"], e["cause"]) for e in new] == [("dropped", "event")], new
+    assert {e["action"] for e in new} <= {"none"}, new
 
 
 def test_sync_from_the_master_returns_both_hosts_summaries(
@@ -464,7 +465,7 @@ def test_scheduled_sync_catches_a_change_no_event_reported(salt_master, minion_f
     interval = 5
     before = time.time()
     with minion_factory.started(
-            minion_id, uri=DEFAULT_URI, vmpower={"sync_interval": interval},
+            minion_id, uri=DEFAULT_URI, vmpower={"sync_interval": interval, "stop_grace": STOP_GRACE},
             beacons={"vmpower": beacon_config(uri=DEFAULT_URI, stop_grace=STOP_GRACE)}) as minion:
         wait_for_event(event_listener, f"salt/beacon/{minion_id}/vmpower/resync", before,
                        daemon_id=salt_master.id, match=lambda data: data.get("reason") == "connected")

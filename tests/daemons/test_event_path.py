@@ -121,7 +121,7 @@ def test_events_reach_the_master_as_they_happen_not_at_the_tick(
     the master's bus within a wait much shorter than that, each exactly once."""
     minion_id = "vmpower-minion-i"
     since = time.time()
-    with minion_factory.started(minion_id, uri=DEFAULT_URI, vmpower={"sync_interval": 3600},
+    with minion_factory.started(minion_id, uri=DEFAULT_URI, vmpower={"sync_interval": 3600, "stop_grace": 1},
                                 beacons={"vmpower": beacon_config(uri=DEFAULT_URI, stop_grace=1)},
                                 overrides={"loop_interval": SLOW_TICK}) as minion:
         resync(event_listener, salt_master, minion_id, since, "connected", timeout=SLOW_TICK * 3)
@@ -154,7 +154,7 @@ def test_with_the_immediate_path_off_events_come_through_the_tick(
     """``immediate: false``: the same events arrive, through ``beacon()``, each once."""
     minion_id = "vmpower-minion-t"
     since = time.time()
-    with minion_factory.started(minion_id, uri=DEFAULT_URI, vmpower={"sync_interval": 3600},
+    with minion_factory.started(minion_id, uri=DEFAULT_URI, vmpower={"sync_interval": 3600, "stop_grace": 1},
                                 beacons={"vmpower": beacon_config(uri=DEFAULT_URI, stop_grace=1,
                                                                   immediate=False)}) as minion:
         resync(event_listener, salt_master, minion_id, since, "connected")

@@ -86,7 +86,7 @@ def _minion(fleet_master, salt_factories, minion_id, config):
 def host_a(fleet_master, salt_factories, libvirt_daemon, event_listener, fleet_store, metrics_file):
     before = time.time()
     config = minion_config(DEFAULT_URI, {"store": fleet_store, "sync_interval": 3600, "stop_timeout": 30,
-                                         "metrics_file": metrics_file},
+                                         "metrics_file": metrics_file, "stop_grace": STOP_GRACE},
                            {"vmpower": beacon_config(uri=DEFAULT_URI, stop_grace=STOP_GRACE)})
     factory = _minion(fleet_master, salt_factories, HOST_A, config)
     try:

@@ -48,7 +48,7 @@ def test_a_guest_that_stops_while_the_master_is_away_is_recorded_once_it_is_back
         overrides["master_tries"] = -1
     since = time.time()
     with minion_factory.started(MINION_ID, uri=DEFAULT_URI,
-                                vmpower={"sync_interval": 3600, "stop_timeout": 30},
+                                vmpower={"sync_interval": 3600, "stop_timeout": 30, "stop_grace": 2},
                                 beacons={"vmpower": beacon_config(uri=DEFAULT_URI, stop_grace=2)},
                                 overrides=overrides) as minion:
         guest, back = _stop_a_guest_while_the_master_is_away(salt_master, minion,
@@ -77,7 +77,7 @@ def test_a_minion_that_restarts_itself_after_losing_its_master_records_the_chang
     overrides = {"master_alive_interval": 2, "publish_port": salt_master.config["publish_port"]}
     since = time.time()
     with minion_factory.started(MINION_ID_KEPT_ALIVE, uri=DEFAULT_URI, keepalive=True,
-                                vmpower={"sync_interval": 3600, "stop_timeout": 30},
+                                vmpower={"sync_interval": 3600, "stop_timeout": 30, "stop_grace": 2},
                                 beacons={"vmpower": beacon_config(uri=DEFAULT_URI, stop_grace=2)},
                                 overrides=overrides) as minion:
         before = _minion_processes(minion)

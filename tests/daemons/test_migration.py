@@ -125,7 +125,8 @@ def host_minions(minion_factory, salt_master, event_listener, lab_hosts, fleet_d
             before = time.time()
             started[host] = stack.enter_context(minion_factory.started(
                 minion_id, uri=uri,
-                vmpower={"store": fleet_dsn, "sync_interval": 3600, "stop_timeout": 30},
+                vmpower={"store": fleet_dsn, "sync_interval": 3600, "stop_timeout": 30,
+                         "stop_grace": STOP_GRACE},
                 beacons={"vmpower": beacon_config(uri=uri, stop_grace=STOP_GRACE)}))
             wait_for_event(event_listener, f"salt/beacon/{minion_id}/vmpower/resync", before,
                            timeout=90, daemon_id=salt_master.id,
