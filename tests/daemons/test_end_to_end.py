@@ -304,7 +304,7 @@ def test_forged_stopped_event_for_another_minions_vm_changes_nothing(
     ret = wait_for_job_return(event_listener, salt_master.id, victim, "vmpower.reconcile", since,
                               match=reconcile_of(guest.uuid))
     assert ret["return"]["action"] == "none", ret
-    assert "not believed" in ret["return"]["reason"], ret
+    assert "are not what this host observed" in ret["return"]["reason"], ret
 
     assert dom.state()[0] == libvirt.VIR_DOMAIN_RUNNING
     assert lab.qemu_pid(guest.name) == pid
