@@ -15,6 +15,7 @@ import time
 
 import psutil
 import pytest
+from pytestshellutils.exceptions import FactoryTimeout
 
 from vmpower_lab import lab
 
@@ -142,7 +143,10 @@ def everyone_answers(salt_master):
     expected = set(keys.get("minions", []))
 
     def answered():
-        returns = salt_cmd(salt_master, "*", "test.ping", check=False, cli_timeout=10)
+        try:
+            returns = salt_cmd(salt_master, "*", "test.ping", check=False, cli_timeout=10)
+        except FactoryTimeout:
+            return False  # the salt CLI itself did not finish in time: ask again
         return expected <= {mid for mid, ret in returns.items() if ret is True}
     wait_until(answered, 180, f"every minion ({sorted(expected)}) to answer the master again",
                interval=2)
