@@ -73,6 +73,19 @@ def journal_event(journal, uuid, transition, reason, at, boot_id, uri=TEST_URI):
     return seq
 
 
+class Clock:
+    """The host's monotonic clock, stepped by the test."""
+
+    def __init__(self, at=1000.0):
+        self.at = at
+
+    def __call__(self):
+        return self.at
+
+    def step(self, seconds):
+        self.at += seconds
+
+
 @pytest.fixture
 def testdriver():
     driver = TestDriver()

@@ -14,21 +14,11 @@ from vmpower.core.settings import parse_settings
 from vmpower.operations import HostOperations
 from vmpower.store import open_store
 
-from .conftest import TEST_URI
+from .conftest import TEST_URI, Clock
 
 HOST = "minion-1"
 BOOT = "boot-1"
 
-
-class Clock:
-    def __init__(self, at=1000.0):
-        self.at = at
-
-    def __call__(self):
-        return self.at
-
-    def step(self, seconds):
-        self.at += seconds
 
 
 @pytest.fixture

@@ -20,24 +20,12 @@ from vmpower.journal import Journal, journal_path
 from vmpower.operations import HostOperations
 from vmpower.store import open_store
 
-from .conftest import TEST_URI, journal_event
+from .conftest import TEST_URI, Clock, journal_event
 
 HOST = "minion-1"
 BOOT = "boot-1"
 GRACE = 15.0
 
-
-class Clock:
-    """The host's monotonic clock, stepped by the test."""
-
-    def __init__(self, at=1000.0):
-        self.at = at
-
-    def __call__(self):
-        return self.at
-
-    def step(self, seconds):
-        self.at += seconds
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ from vmpower.hypervisor import Hypervisor, UnknownDomain
 from vmpower.operations import HostOperations, OperationError
 from vmpower.store import open_store
 
-from .conftest import TEST_URI, journal_event
+from .conftest import TEST_URI, Clock, journal_event
 
 HOST = "minion-1"
 
@@ -20,18 +20,6 @@ def store(tmp_path):
     with open_store(str(tmp_path / "records.sqlite")) as s:
         yield s
 
-
-class Clock:
-    """The host's monotonic clock, stepped by the test."""
-
-    def __init__(self, at=1000.0):
-        self.at = at
-
-    def __call__(self):
-        return self.at
-
-    def step(self, seconds):
-        self.at += seconds
 
 
 BOOT = "boot-1"
