@@ -83,7 +83,7 @@ run_part() {  # <label> <venv> <pytest arguments...>: in the foreground, its out
 # cores. Its output goes to its log, printed whole when it ends.
 lane_root() { echo "${VMPOWER_LANES_DIR:-/tmp}/vpl-$1"; }
 
-declare -A lane_args=() lane_logs=() lane_began=()
+declare -A lane_args=() lane_logs=() lane_began=() lane_name=()
 
 run_lane() {  # <name> <venv> <pytest arguments...>: started in the background
   local name="$1" venv="$2"
@@ -98,7 +98,6 @@ run_lane() {  # <name> <venv> <pytest arguments...>: started in the background
   lane_began[$!]=$SECONDS
   lane_name[$!]=$name
 }
-declare -A lane_name=()
 
 # The lanes of the whole suite, on two releases: on each, one lane for the real-daemon tests
 # (which mostly wait on Salt and libvirtd) and one for the rest. More lanes than that overload
