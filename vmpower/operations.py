@@ -18,10 +18,11 @@ VMs cheap.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 from vmpower import hostinfo
 from vmpower.core.conduct import ENFORCE, OBSERVED, conduct, observed_reason
@@ -58,6 +59,10 @@ from vmpower.journal import Journal, JournalError
 from vmpower.store import Change, Note, Store, describe_holder
 
 log = logging.getLogger(__name__)
+
+# How long a sync asked while another runs waits for it to end. Every libvirt call of a sync is
+# bounded, so a sync ends; the wait is bounded too, in case one is wedged.
+SYNC_QUEUE_WAIT = 900.0
 
 # A sync locks the records that change in chunks of this many: each chunk is one transaction,
 # and a host of thousands of new or changed VMs never holds thousands of lock files open.
@@ -322,8 +327,9 @@ class HostOperations:
         """Decide about one domain and act; the caller holds its instance lock.
 
         ``record`` was read under that lock; ``dom`` is the domain as read just now (``fresh``)
-        or as a sync's listing gave it, in which case it is read again before any action
-        (``reread``: states read under the lock in bulk, taken instead of a ``find``).
+        or, for a sync, as read in bulk after that record under the lock (``reread``; the
+        listing's only where the bulk read could not name it), decided first on the facts that
+        cost no libvirt call and read again with every fact before any action.
         ``observation`` is what this host's beacon observed of the event being reconciled;
         ``preface`` goes before the decision's reason (what was made of the event's claims).
         """
@@ -446,7 +452,57 @@ class HostOperations:
             report["mode"] = self.settings.mode
         retries: list[float] = []
         boot_id = self._boot_id()
-        with self.store.lock(f"host-{self.host}"), self.connect() as hv:
+        with self._sync_turn(test) as covered_by:
+            if covered_by:
+                report["queued"] = covered_by
+                return report
+            self._sync_held(report, retries, boot_id, test)
+        if retries:
+            report["retry_at"] = round(now() + min(retries), 3)
+        report["took"] = round(time.monotonic() - started, 6)
+        return report
+
+    @contextlib.contextmanager
+    def _sync_turn(self, test: bool) -> Iterator[str]:
+        """This host's turn to sync: yields "" holding the host's sync lock, or, when the ask
+        is already covered, why (and holds nothing).
+
+        A sync asked while another runs must not fail on the busy lock, nor be answered by a
+        sync that listed before it was asked: it queues behind the running one. At most one
+        sync waits: it takes the host's queue lock, waits for the sync lock, and gives the
+        queue lock up only once it holds the sync lock, before it lists. So an ask that finds
+        the queue lock held is covered by the waiting sync, which will list after it: the
+        asks that arrive while one sync runs are merged into one sync run after it. A dry run
+        changes nothing, and only waits as any lock does.
+        """
+        host_lock = f"host-{self.host}"
+        if test:
+            with self.store.lock(host_lock):
+                yield ""
+            return
+        with contextlib.ExitStack() as holding:
+            held, busy = holding.enter_context(self.store.try_locks([host_lock]))
+            if held:
+                yield ""
+                return
+            running = describe_holder(busy[host_lock])
+            with contextlib.ExitStack() as queue:
+                queued, waiting = queue.enter_context(self.store.try_locks([f"sync-queue-{self.host}"]))
+                if not queued:
+                    [holder] = waiting.values()
+                    log.info("vmpower: a sync of %s is running and another waits to run after "
+                             "it: this ask is merged into the waiting one", self.host)
+                    yield (f"merged: a sync of {self.host} is running ({running}) and the one "
+                           f"waiting to run after it ({describe_holder(holder)}) lists after this ask")
+                    return
+                log.info("vmpower: a sync of %s is running (%s): this one runs after it",
+                         self.host, running)
+                holding.enter_context(self.store.lock(host_lock, SYNC_QUEUE_WAIT))
+            yield ""
+
+    def _sync_held(self, report: dict, retries: list[float], boot_id: str, test: bool) -> None:
+        """The sync itself; the caller holds the host's sync lock."""
+        with self.connect() as hv:
             at = now()
             live = hv.list_all()
             records = self.store.for_host(self.host)
@@ -515,9 +571,12 @@ class HostOperations:
                     fresh = self.store.get_many(held) if held else {}
                     # Read again under the locks, in one round trip rather than one per domain.
                     reread = hv.find_listed(held) if held else {}
+                    # Decided on the domain as read after its record, never on the listing:
+                    # the event path may have written a newer record since the listing.
                     outcomes = self._settle(hv, [
                         self._decide_held(hv, uuid, Cause.SYNC, fresh.get(uuid),
-                                          None if live[uuid].state is GONE else live[uuid],
+                                          reread[uuid] if uuid in reread else (
+                                              None if live[uuid].state is GONE else live[uuid]),
                                           boot_id, fresh=False, test=test, reread=reread)
                         for uuid in held])
                     if not test:
@@ -526,10 +585,6 @@ class HostOperations:
                     self._report_outcome(report, outcome, counted=not test)
                     if outcome.retry_in is not None:
                         retries.append(outcome.retry_in)
-        if retries:
-            report["retry_at"] = round(now() + min(retries), 3)
-        report["took"] = round(time.monotonic() - started, 6)
-        return report
 
     @staticmethod
     def _warn(report: dict, uuid: str, name: str, reason: str) -> None:

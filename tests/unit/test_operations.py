@@ -1,6 +1,9 @@
 """HostOperations on libvirt's test driver and a real SQLite file: sync, reconcile, stop,
 start and history, with the rules deciding."""
 
+import threading
+import time
+
 import libvirt
 import pytest
 
@@ -307,3 +310,90 @@ def test_an_unknown_stored_value_takes_only_that_vm_out_of_vmpowers_hands(
         ops.reset_state(odd.name(), vm_state=VmState.STOPPED)
         ops.sync()
         assert not odd.isActive()
+
+
+class _ListingThen(Hypervisor):
+    """A hypervisor whose bulk listing is followed by ``then()``: what happens between a
+    sync's listing and its locks."""
+
+    then = staticmethod(lambda: None)
+
+    def list_all(self):
+        listed = super().list_all()
+        type(self).then()
+        return listed
+
+
+def test_a_sync_never_writes_its_listing_over_a_newer_record_from_the_event_path(store, testdriver):
+    dom = testdriver.define("web")
+    uuid = dom.UUIDString()
+    clock = Clock()
+    events = operations(store, clock)
+    events.sync()
+    dom.suspend()
+    events.reconcile(uuid)  # the event path records the pause
+    assert store.get(uuid).power_state.value == "paused"
+
+    def resumed_and_recorded():  # after the sync listed it paused
+        dom.resume()
+        events.reconcile(uuid)
+
+    class Listing(_ListingThen):
+        then = staticmethod(resumed_and_recorded)
+
+    sync = HostOperations(events.settings, HOST, store, hypervisor=Listing, clock=clock,
+                          boot_id=lambda: BOOT, stopping=lambda: False)
+    report = sync.sync()
+    record = store.get(uuid)
+    assert (record.power_state.value, record.vm_state.value) == ("running", "active")
+    assert report["updated"] == 0
+
+
+def _until(condition, what):
+    """Wait for ``condition()`` to hold (bounded only so that a broken build cannot hang)."""
+    deadline = time.monotonic() + 30
+    while not condition():
+        assert time.monotonic() < deadline, f"never: {what}"
+        time.sleep(0.005)
+
+
+def test_a_sync_asked_while_another_runs_runs_after_it_and_later_asks_merge(tmp_path, testdriver):
+    path = str(tmp_path / "records.sqlite")
+    listed, go = threading.Event(), threading.Event()
+
+    def hold_after_listing():
+        listed.set()
+        go.wait()
+
+    class Long(_ListingThen):
+        then = staticmethod(hold_after_listing)
+
+    settings = parse_settings({"uri": TEST_URI, "stop_timeout": 0})
+    reports = {}
+
+    def sync_in_thread(name, hypervisor):
+        with open_store(path) as own:
+            ops = HostOperations(settings, HOST, own, hypervisor=hypervisor, clock=Clock(),
+                                 boot_id=lambda: BOOT, stopping=lambda: False)
+            reports[name] = ops.sync()
+
+    long = threading.Thread(target=sync_in_thread, args=("long", Long))
+    long.start()
+    listed.wait()
+    arrived = testdriver.define("arrived")  # after the long sync listed
+    asked = threading.Thread(target=sync_in_thread, args=("asked", Hypervisor))
+    asked.start()
+    with open_store(path) as store:
+        try:
+            _until(lambda: store.holder(f"sync-queue-{HOST}") is not None,
+                   "the second sync waits in the queue")
+            merged = operations(store).sync()
+        finally:
+            go.set()
+            long.join()
+            asked.join()
+        assert merged["queued"].startswith("merged: a sync of minion-1 is running")
+        assert merged["checked"] == 0
+        assert "queued" not in reports["asked"] and "busy" in reports["asked"]
+        assert store.get(arrived.UUIDString()) is not None  # listed after it was asked
+        assert reports["long"]["checked"] < reports["asked"]["checked"]

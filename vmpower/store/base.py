@@ -451,6 +451,8 @@ class Store(abc.ABC):
         """What lock ``key`` protects, in words, for an error message."""
         if key == SCHEMA_LOCK:
             return "the lock on the store's schema (held while a vmpower process sets it up)"
+        if key.startswith("sync-queue-"):
+            return f"the queue of the syncs of minion {key[len('sync-queue-'):]}"
         if key.startswith("host-"):
             return f"the sync lock of minion {key[len('host-'):]}"
         try:
