@@ -364,11 +364,17 @@ def _tail(path: Path, lines: int = 30) -> str:
 # 16-bit real-mode code, loaded by SeaBIOS at 0000:7C00. Each instruction is listed with its
 # bytes; relative jumps count from the end of the jump instruction. I/O ports 0x600/0x602/0x604
 # are the PIIX4 PM1 status/enable/control registers at the PM base SeaBIOS programs on the `pc`
-# machine. Interrupts stay disabled while polling PM1 so a raised SCI cannot reach SeaBIOS.
+# machine. A guest that waits does so in `hlt`, woken by the BIOS timer (IRQ 0, 18.2 Hz): a
+# guest spinning on a port read keeps a host core busy under TCG, and a suite runs many guests.
+# The SCI (IRQ 9 on the slave PIC) is masked, so a pressed power button never reaches SeaBIOS.
 
 _SET_DS_0 = [
     (b"\x31\xc0", "xor ax, ax"),
     (b"\x8e\xd8", "mov ds, ax             ; DS = 0 so [disp16] is a physical address"),
+]
+_STACK_BELOW_US = [
+    (b"\x8e\xd0", "mov ss, ax"),
+    (b"\xbc\x00\x7c", "mov sp, 0x7C00         ; stack below us for the timer interrupt"),
 ]
 _WRITE_READY_MARKER = [
     (b"\xc7\x06\x00\x05\x56\x4d", "mov word [0x500], 0x4D56  ; 'VM'"),
@@ -396,15 +402,22 @@ _BOOT_CODE = {
     "acpi": [
         (b"\xfa", "cli"),
         *_SET_DS_0,
+        *_STACK_BELOW_US,
+        (b"\xe4\xa1", "in al, 0xA1            ; slave PIC mask"),
+        (b"\x0c\x02", "or al, 0x02            ; IRQ 9, the SCI"),
+        (b"\xe6\xa1", "out 0xA1, al"),
         (b"\xba\x02\x06", "mov dx, 0x602          ; PM1 enable"),
         (b"\xb8\x00\x01", "mov ax, 0x0100         ; PWRBTN_EN"),
         (b"\xef", "out dx, ax"),
         *_WRITE_READY_MARKER,
         # Only poll the real PM base: an undecoded port reads 0xFFFF, bit 8 included.
         (b"\xba\x00\x06", "mov dx, 0x600          ; PM1 status"),
-        (b"\xed", "poll: in ax, dx"),
+        (b"\xfb", "sti                    ; the timer wakes the hlt"),
+        (b"\xf4", "wait: hlt"),
+        (b"\xed", "in ax, dx"),
         (b"\xa9\x00\x01", "test ax, 0x0100        ; PWRBTN_STS"),
-        (b"\x74\xfa", "jz poll                ; -6"),
+        (b"\x74\xf9", "jz wait                ; -7"),
+        (b"\xfa", "cli"),
         *_POWER_OFF,
         *_HALT_FOREVER,
     ],
@@ -420,8 +433,7 @@ _BOOT_CODE = {
     "selfstop": [
         (b"\xfa", "cli"),
         *_SET_DS_0,
-        (b"\x8e\xd0", "mov ss, ax"),
-        (b"\xbc\x00\x7c", "mov sp, 0x7C00         ; stack below us for the timer interrupt"),
+        *_STACK_BELOW_US,
         *_WRITE_READY_MARKER,
         (b"\x8b\x1e\x6c\x04", "mov bx, [0x46C]        ; ticks at start"),
         (b"\xfb", "sti                    ; let the BIOS count ticks"),
