@@ -236,6 +236,7 @@ class HostOperations:
         if decision.action is Action.NONE:
             fields.update(decision.outcome)
             return self._outcome(record, decision, cause, at, fields, "recorded" if fields else "nothing to do")
+        fields.update(decision.attempted)  # tried: it counts, whatever comes of it
         try:
             if decision.action is Action.POWER_OFF:
                 result = "powered off" if hv.power_off(record.uuid) else "already off"
@@ -299,7 +300,8 @@ class HostOperations:
         if decision.action is Action.NONE:
             fields.update(decision.outcome)
         report = self._report(record.replace(**fields), decision, result)
-        shown = {**fields, **decision.outcome} if test else fields  # a dry run shows it all
+        # a dry run shows it all
+        shown = {**fields, **decision.attempted, **decision.outcome} if test else fields
         if shown:
             report["would_write"] = {key: getattr(value, "value", value) for key, value in shown.items()}
         if not write:

@@ -249,7 +249,7 @@ class TestGuestShutdownPolicies:
         decision = decide(record(), live(P.SHUTDOWN), HOST, policy, SETTINGS, NOW, facts=KNOWN_OFF)
         assert decision.action is Action.START
         # When, on this boot's monotonic clock: the back-off of the next restart runs on it.
-        assert decision.outcome == {"restart_count": 1, "last_restart_at": CLOCK, "boot_id": BOOT}
+        assert decision.attempted == {"restart_count": 1, "last_restart_at": CLOCK, "boot_id": BOOT}
 
     @pytest.mark.parametrize("power,reason", [(P.CRASHED, "panicked"), (P.SHUTDOWN, "crashed"),
                                               (P.SHUTDOWN, "failed")])
@@ -285,7 +285,7 @@ class TestPinnedActive:
             rec = rec.replace(last_restart_at=CLOCK - delay)
             due = decide(rec, live(P.SHUTDOWN), HOST, self.policy, settings, NOW, facts=KNOWN_OFF)
             assert due.action is Action.START
-            assert due.outcome["restart_count"] == restarts + 1
+            assert due.attempted["restart_count"] == restarts + 1
 
     def test_the_limit_turns_it_to_error(self):
         settings = Settings(restart_limit=3)
@@ -305,12 +305,12 @@ class TestPinnedActive:
         first = decide(record(power=P.SHUTDOWN), live(P.SHUTDOWN), HOST, self.policy, settings,
                        NOW, facts=KNOWN_OFF)
         assert first.action is Action.START
-        restarted = record(power=P.SHUTDOWN, **first.outcome)
+        restarted = record(power=P.SHUTDOWN, **first.attempted)
         later = dataclasses.replace(KNOWN_OFF, clock=CLOCK + 11)
         again = decide(restarted, live(P.SHUTDOWN), HOST, self.policy, settings, NOW - 3600 + 11,
                        facts=later)
         assert again.action is Action.START, again.reason
-        assert again.outcome["restart_count"] == 2
+        assert again.attempted["restart_count"] == 2
 
     def test_a_wall_clock_last_restart_starts_the_back_off_again_from_now(self):
         """As an older vmpower wrote it: ahead of the monotonic clock, so it cannot be placed.
@@ -323,7 +323,7 @@ class TestPinnedActive:
         rebased = rec.replace(**decision.observed)
         later = dataclasses.replace(KNOWN_OFF, clock=CLOCK + 20)
         due = decide(rebased, live(P.SHUTDOWN), HOST, self.policy, settings, NOW, facts=later)
-        assert due.action is Action.START and due.outcome["restart_count"] == 3
+        assert due.action is Action.START and due.attempted["restart_count"] == 3
 
     def test_a_restart_of_another_boot_counts_from_when_this_boot_first_saw_it(self):
         """The host rebooted: the monotonic time of the last restart belongs to the boot before.

@@ -397,3 +397,36 @@ def test_a_sync_asked_while_another_runs_runs_after_it_and_later_asks_merge(tmp_
         assert "queued" not in reports["asked"] and "busy" in reports["asked"]
         assert store.get(arrived.UUIDString()) is not None  # listed after it was asked
         assert reports["long"]["checked"] < reports["asked"]["checked"]
+
+
+class _StartFails(Hypervisor):
+    """A host where starting a domain fails (its disk locked by another host, say)."""
+
+    def start(self, uuid):
+        raise libvirt.libvirtError("Failed to get \"write\" lock: Is another process using the image?")
+
+
+def test_a_restart_that_fails_counts_toward_the_restart_limit(store, testdriver):
+    dom = testdriver.define("pinned")
+    uuid = dom.UUIDString()
+    clock = Clock()
+    settings = parse_settings({"uri": TEST_URI, "stop_timeout": 0, "stop_grace": 15,
+                               "restart_backoff": 10, "restart_limit": 2,
+                               "instances": {dom.name(): {"vm_state": "active"}}})
+    ops = HostOperations(settings, HOST, store, hypervisor=_StartFails, clock=clock,
+                         boot_id=lambda: BOOT, stopping=lambda: False)
+    ops.sync()
+    dom.destroy()
+    ops.sync()
+    clock.step(15)
+    first = ops.sync()["actions"]
+    assert [(a["action"], a["result"].split(":")[0]) for a in first] == [("start", "failed")]
+    assert store.get(uuid).restart_count == 1
+    clock.step(10)
+    ops.sync()
+    assert store.get(uuid).restart_count == 2
+    clock.step(20)
+    ops.sync()  # the limit: a person should look
+    record = store.get(uuid)
+    assert (record.vm_state.value, record.restart_count) == ("error", 2)
+    assert not dom.isActive()

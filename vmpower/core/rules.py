@@ -134,8 +134,10 @@ NO_FACTS = Facts()
 class Decision:
     """The answer for one VM.
 
-    ``observed`` is written whatever happens next (it is the truth just read); ``outcome`` is
-    written only once ``action`` has succeeded. ``recheck`` asks the caller to read the live
+    ``observed`` is written whatever happens next (it is the truth just read); ``attempted``
+    is written once ``action`` has been tried, whether it succeeded or failed (a restart that
+    fails still counts toward the restart limit); ``outcome`` is written only once ``action``
+    has succeeded. ``recheck`` asks the caller to read the live
     state (and any ``Facts`` not read yet) again, uncached, under the instance lock, and decide
     again before acting or writing. ``skipped`` marks a VM vmpower must not touch at all
     (locks, another host, bad pillar, a migration in progress). ``retry_in`` says the decision
@@ -150,6 +152,7 @@ class Decision:
     skipped: bool = False
     warning: bool = False
     retry_in: float | None = None
+    attempted: Mapping[str, object] = dataclasses.field(default_factory=dict)
 
 
 def _skip(reason: str, warning: bool = False) -> Decision:
@@ -678,7 +681,10 @@ def _active_but_off(record: Record, live: LiveState, policy: InstancePolicy,
     if wait > 0:
         return result(Action.NONE, f"{off}: restart {restarts + 1} of {settings.restart_limit} "
                       f"backs off for {wait:.0f}s more; retried then", retry_in=wait)
+    # The attempt counts whether the start succeeds or not: a start that keeps failing (a
+    # disk another host holds, a missing bridge) reaches the limit like a guest that keeps
+    # crashing, instead of being retried for ever as the same restart.
     return result(Action.START, f"{off}: starting it again, restart {restarts + 1} of "
-                  f"{settings.restart_limit} ({policy_text})",
-                  {"restart_count": restarts + 1, "last_restart_at": facts.clock,
-                   "boot_id": facts.boot_id}, recheck=True)
+                  f"{settings.restart_limit} ({policy_text})", recheck=True,
+                  attempted={"restart_count": restarts + 1, "last_restart_at": facts.clock,
+                             "boot_id": facts.boot_id})
