@@ -281,7 +281,7 @@ def sync(test=None):
     return result if test else _wake_up_for(result)
 
 
-def reset_state(name, vm_state=None):
+def reset_state(name, vm_state=None, force=False):
     """
     The operator's way out, as Nova's reset-state: clear a ``task_state`` vmpower set (an
     interrupted ``vmpower.stop``, say) and take a VM out of ``error``. Audited.
@@ -296,6 +296,11 @@ def reset_state(name, vm_state=None):
     vm_state
         The vm_state to set (``active``, ``stopped``...). Without it, a VM in ``error`` takes
         the vm_state its power state means (running: active, shut off: stopped).
+    force
+        Only the minion that owns the VM's record resets it: elsewhere the VM is not what
+        libvirt shows (not defined there, or a copy left behind), and the error names the
+        owner. ``force=True`` resets it here anyway, with ``vm_state`` given (for an owner that
+        is gone for good); the audit entry says it was forced.
 
     CLI Example:
 
@@ -303,9 +308,10 @@ def reset_state(name, vm_state=None):
 
         salt '*' vmpower.reset_state web1
         salt '*' vmpower.reset_state web1 vm_state=active
+        salt hv2 vmpower.reset_state web1 vm_state=active force=True
     """
     return _run("reset_state", _check(arguments.target, name),
-                _check(arguments.vm_state, vm_state))
+                _check(arguments.vm_state, vm_state), force=_check(arguments.flag, force, "force"))
 
 
 def history(name, limit=None):

@@ -705,11 +705,12 @@ class HostOperations:
         return done
 
     def reset_state(self, target: str, vm_state: VmState | None = None,
-                    cause: Cause = Cause.API) -> dict:
+                    cause: Cause = Cause.API, force: bool = False) -> dict:
         """The operator's way out: clear a task_state vmpower set, and leave ``error``.
 
         ``vm_state`` sets it (default: a VM in error takes the vm_state its power state means).
-        A pillar task_state is the operator's own: it is never cleared.
+        A pillar task_state is the operator's own: it is never cleared. Only the VM's owner
+        resets it; ``force`` (with ``vm_state``) does it from another host, audited as forced.
         """
         with self.connect() as hv:
             record = self.store.find(target, self.host)
@@ -726,7 +727,7 @@ class HostOperations:
                 policy, error = self._policy(uuid, found.name if found else record.name)
                 if error:
                     raise OperationError(f"{record.name}: {error}")
-                answer = reset(record, live, policy, vm_state)
+                answer = reset(record, live, policy, vm_state, self.host, force)
                 if answer.refused:
                     raise OperationError(f"{record.name}: {answer.reason}")
                 if answer.fields:

@@ -366,6 +366,28 @@ class TestRefusals:
 
 
 class TestReset:
+    @pytest.mark.parametrize("owner,here", [(OTHER, LiveState(P.SHUTDOWN, "unknown")),
+                                            (OTHER, GONE), ("", GONE)])
+    @pytest.mark.parametrize("vm_state", [None, V.ACTIVE, V.STOPPED])
+    def test_only_the_owner_resets_unless_forced_with_a_vm_state(self, owner, here, vm_state):
+        rec = record(V.ERROR, P.RUNNING, host=owner, restart_count=5)
+        refused = reset(rec, here, DEFAULT, vm_state, HOST)
+        assert refused.refused and not refused.fields and "force=True" in refused.reason
+        assert (owner or "owned by no host") in refused.reason
+        forced = reset(rec, here, DEFAULT, vm_state, HOST, force=True)
+        if vm_state is None:  # this host cannot read its state: the operator must say it
+            assert forced.refused and "give the vm_state" in forced.reason
+        else:
+            assert not forced.refused and forced.fields["vm_state"] is vm_state
+            assert ("forced on minion-a, over the owner minion-b" in forced.reason) == bool(owner)
+
+    @pytest.mark.parametrize("owner", [HOST, ""])
+    def test_the_owner_or_the_host_that_has_an_unowned_vm_resets_it(self, owner):
+        rec = record(V.ERROR, P.SHUTDOWN, host=owner)
+        done = reset(rec, LiveState(P.SHUTDOWN, "shutdown"), DEFAULT, None, HOST)
+        assert not done.refused and done.fields["vm_state"] is V.STOPPED
+        assert "forced" not in done.reason
+
     @pytest.mark.parametrize("power,vm_after", [(P.RUNNING, V.ACTIVE), (P.SHUTDOWN, V.STOPPED)])
     def test_out_of_error_to_what_it_does(self, power, vm_after):
         rec = record(V.ERROR, power, restart_count=5, last_restart_at=NOW)

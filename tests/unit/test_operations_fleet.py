@@ -307,3 +307,32 @@ class TestWakeUp:
         monkeypatch.setattr(minion, "schedule_wakeup", lambda opts, at, fire: asked.append(at))
         report = mods["vmpower.sync"]()
         assert asked == [report["retry_at"]]
+
+
+@pytest.fixture
+def elsewhere_uri(tmp_path):
+    """A second host's libvirt: the test driver's private world of a host with no domains."""
+    node = tmp_path / "empty-node.xml"
+    node.write_text("<node/>")
+    return f"test://{node}"
+
+
+def test_reset_state_runs_on_the_owner_only_unless_forced(store, testdriver, elsewhere_uri):
+    dom = testdriver.define("web")
+    owner = operations(store)
+    owner.sync()
+    record = store.get(dom.UUIDString())
+    store.commit([Change(record, record.updated(1.0, vm_state=VmState.ERROR), Cause.API, "test",
+                         "a restart limit reached")], 1.0)
+    other = HostOperations(parse_settings({"uri": elsewhere_uri}), "minion-2", store,
+                           boot_id=lambda: BOOT, stopping=lambda: False)
+    with pytest.raises(OperationError, match="lives on minion-1, not minion-2: reset it where it "
+                                             "lives .minion-1., or give force=True"):
+        other.reset_state(dom.UUIDString())
+    with pytest.raises(OperationError, match="give the vm_state it is to have"):
+        other.reset_state(dom.UUIDString(), force=True)
+    assert store.get(dom.UUIDString()).vm_state is VmState.ERROR  # nothing written
+    forced = other.reset_state(dom.UUIDString(), VmState.ACTIVE, force=True)
+    assert forced["vm_state"] == "active" and "forced on minion-2, over the owner minion-1" in forced["reason"]
+    assert "forced on minion-2" in owner.history(dom.name())[-1]["reason"]
+    assert not owner.sync()["actions"] and dom.isActive()  # the owner does not power it off

@@ -336,7 +336,7 @@ class Reset:
 
 
 def reset(record: Record, live: LiveState, policy: InstancePolicy,
-          vm_state: VmState | None = None) -> Reset:
+          vm_state: VmState | None = None, host: str = "", force: bool = False) -> Reset:
     """The operator's way out, as Nova's reset-state: clear a task_state vmpower set (whether
     its owner is gone or not: the operator says so), and leave ``error``.
 
@@ -345,7 +345,44 @@ def reset(record: Record, live: LiveState, policy: InstancePolicy,
     ``error`` (or setting a vm_state) starts the restart count afresh. A pillar task_state is
     the operator's own lock: vmpower never clears it. A record holding values this version
     does not know has them replaced (``_reset_unknown``).
+
+    It runs on ``host``, the VM's owner: anywhere else the live state read is not the VM's (it
+    is not defined there, or is a copy left behind), and a vm_state taken from it would have
+    the owner power the VM off. ``force`` overrides that, with the vm_state given.
     """
+    elsewhere = _reset_elsewhere(record, live, host, vm_state, force)
+    if elsewhere is not None:
+        return elsewhere
+    answer = _reset_here(record, live, policy, vm_state)
+    if force and not answer.refused and answer.fields and record.host not in ("", host):
+        return Reset(answer.fields, f"{answer.reason} (forced on {host}, over the owner "
+                                    f"{record.host})")
+    return answer
+
+
+def _reset_elsewhere(record: Record, live: LiveState, host: str, vm_state: VmState | None,
+                     force: bool) -> Reset | None:
+    """Why ``reset`` refuses on a host that does not own the VM, or None."""
+    if not host:
+        return None
+    if record.host not in ("", host):
+        where = f"the record says {record.name} lives on {record.host}, not {host}"
+    elif not record.host and live.power_state is PowerState.NOSTATE:
+        where = f"{record.name} is owned by no host and is not defined on {host}"
+    else:
+        return None
+    if not force:
+        return Reset({}, f"{where}: reset it where it lives ({record.host or 'the host that runs it'}),"
+                         f" or give force=True if that host is gone", refused=True)
+    if vm_state is None:
+        return Reset({}, f"{where}, so its state cannot be read here: with force=True, give the "
+                         f"vm_state it is to have", refused=True)
+    return None
+
+
+def _reset_here(record: Record, live: LiveState, policy: InstancePolicy,
+                vm_state: VmState | None) -> Reset:
+    """``reset`` on the VM's owner (or forced, with the vm_state given)."""
     if policy.task_state:
         return Reset({}, f"task_state={policy.task_state} is set in pillar: vmpower never clears "
                          f"it; remove it from pillar", refused=True)
