@@ -157,9 +157,10 @@ def test_task_state_means_nothing_at_all(vm_state, recorded, power, where):
 def test_a_vm_recorded_on_another_host_is_left_alone(vm_state, recorded, power):
     decision = decide(record(vm_state, recorded, host="minion-b"), live(power), HOST, DEFAULT,
                       SETTINGS, NOW, facts=event_facts(power))
-    if power is P.RUNNING and recorded is not P.RUNNING:
-        # Ownership follows the running domain: its recorded owner does not run it.
-        assert decision.observed["host"] == HOST and "migrated from minion-b" in decision.reason
+    if power in (P.RUNNING, P.PAUSED) and recorded is not P.RUNNING:
+        # Ownership follows the live domain: its recorded owner does not run it.
+        moved = "migrated from minion-b" if power is P.RUNNING else "moved from minion-b"
+        assert decision.observed["host"] == HOST and moved in decision.reason
         assert not decision.skipped
     else:
         assert decision.skipped and nothing(decision)

@@ -114,11 +114,39 @@ class TestOwnershipFollowsTheRunningDomain:
         else:
             assert decision.skipped and not decision.observed and OTHER in decision.reason
 
-    @pytest.mark.parametrize("live", OFF_STATES + [LiveState(P.PAUSED, "user"), GONE])
+    @pytest.mark.parametrize("live", OFF_STATES + [LiveState(P.SUSPENDED, "user"), GONE])
     def test_a_domain_that_does_not_run_here_is_not_taken(self, live):
         decision = decide(record(power=P.SHUTDOWN, host=OTHER), live, HOST, PINNED, SETTINGS, NOW,
                           facts=EVENT)
         assert decision.skipped and nothing(decision) and not decision.observed
+
+    @pytest.mark.parametrize("owner", [OTHER, ""])
+    @pytest.mark.parametrize("recorded", [V.ACTIVE, V.STOPPED])
+    def test_a_vm_moved_by_hand_and_paused_on_arrival_is_taken(self, owner, recorded):
+        decision = decide(record(recorded, P.SHUTDOWN, host=owner), LiveState(P.PAUSED, "user"),
+                          HOST, DEFAULT, SETTINGS, NOW, facts=SYNC)
+        assert decision.observed["host"] == HOST and decision.action is Action.NONE
+        assert f"moved from {owner or 'no host'}: it is paused on {HOST}" in decision.reason
+        # Never powered off because the host it left recorded it stopped.
+        assert decision.observed.get("vm_state", recorded) in (V.ACTIVE, V.PAUSED)
+
+    def test_a_paused_copy_of_a_vm_its_owner_runs_is_not_taken(self):
+        decision = decide(record(power=P.RUNNING, host=OTHER), LiveState(P.PAUSED, "user"), HOST,
+                          DEFAULT, SETTINGS, NOW, facts=SYNC)
+        assert decision.skipped and not decision.observed and OTHER in decision.reason
+
+    @pytest.mark.parametrize("live", OFF_STATES)
+    def test_a_vm_no_host_owns_and_off_here_is_taken_with_its_grace(self, live):
+        decision = decide(record(power=P.SHUTDOWN, host=""), live, HOST, PINNED, SETTINGS, NOW,
+                          facts=SYNC)
+        assert decision.observed["host"] == HOST and "owned by no host" in decision.reason
+        assert decision.action is Action.NONE  # nothing started on the spot
+
+    @pytest.mark.parametrize("reason", ["migrated", "saved"])
+    def test_a_vm_no_host_owns_that_lives_elsewhere_is_not_taken(self, reason):
+        decision = decide(record(power=P.SHUTDOWN, host=""), LiveState(P.SHUTDOWN, reason), HOST,
+                          PINNED, SETTINGS, NOW, facts=SYNC)
+        assert "host" not in decision.observed and decision.action is Action.NONE
 
     def test_a_domain_no_longer_defined_here_is_let_go(self):
         decision = decide(record(), GONE, HOST, DEFAULT, SETTINGS, NOW, facts=SYNC)

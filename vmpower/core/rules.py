@@ -44,6 +44,9 @@ from vmpower.core.settings import (
     Settings,
 )
 
+# Power states of a domain that is alive on its host: ownership follows it.
+ALIVE = frozenset({PowerState.RUNNING, PowerState.PAUSED})
+
 # vm_states whose VM is in someone else's hands (rule 4): record the truth, do nothing more.
 HANDS_OFF = frozenset({VmState.BUILDING, VmState.RESCUED, VmState.RESIZED, VmState.SUSPENDED,
                        VmState.ERROR, VmState.SHELVED})
@@ -492,18 +495,29 @@ def decide(record: Record, live: LiveState, host: str, policy: InstancePolicy,
     power = live.power_state
     owner = record.host
     if owner != host:
-        if power is PowerState.RUNNING and (not owner or record.power_state is not PowerState.RUNNING
-                                            or live.reason == MIGRATED):
-            # Ownership follows the running domain: its recorded owner does not run it, or
-            # libvirt says it runs here because it was migrated here (state reason, not an
-            # event's claim: the record may not know yet that the source let go).
+        if power in ALIVE and (not owner or record.power_state is not PowerState.RUNNING
+                               or live.reason == MIGRATED):
+            # Ownership follows the live domain (running, or paused on arrival;
+            # one paused by a migration was left alone above): its recorded owner does not run
+            # it, or libvirt says it runs here because it was migrated here (state reason, not
+            # an event's claim: the record may not know yet that the source let go).
             observed["host"] = host
-            notes.append(f"migrated from {owner or 'no host'}: it runs on {host}")
-            if policy.vm_state is None and record.vm_state is not VmState.ACTIVE:
-                # Taken over as at a first sight: a VM that runs here is not powered off
-                # because another host last recorded it stopped.
-                observed["vm_state"] = VmState.ACTIVE
-                notes.append(f"vm_state {record.vm_state.value} -> active: it runs")
+            notes.append(f"migrated from {owner or 'no host'}: it runs on {host}"
+                         if power is PowerState.RUNNING else
+                         f"moved from {owner or 'no host'}: it is {power.value} on {host}")
+            taken = ADOPTED_VM_STATE[power]
+            if policy.vm_state is None and record.vm_state not in (VmState.ACTIVE, taken):
+                # Taken over as at a first sight: a VM alive here is not powered off because
+                # another host last recorded it stopped.
+                observed["vm_state"] = taken
+                notes.append(f"vm_state {record.vm_state.value} -> {taken.value}: it is "
+                             f"{power.value} here")
+        elif not owner and power in OFF and not lives_elsewhere(live):
+            # Defined here, off, and no host owns it (its last owner let go when it was
+            # undefined there): this host has the only copy anyone knows of. An owner that
+            # kept a copy keeps the record: which copy counts cannot be told from here.
+            observed["host"] = host
+            notes.append(f"owned by no host and defined on {host} ({power.value}): taken over")
         elif lives_elsewhere(live):
             return Decision(Action.NONE, f"shut off here because it was {live.reason}; the "
                             f"record says it lives on {owner or 'no host'}: nothing to do")
