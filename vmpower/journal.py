@@ -172,6 +172,22 @@ class Journal:
         return entry, _observation(later) if later else None
 
 
+    def latest(self, uuid: str, uri: str) -> tuple[Observation | None, bool]:
+        """The journal's last row for the domain ``uuid`` on ``uri``, and whether a gap in the
+        beacon's watch came after it (None, False when it has none, or there is no journal)."""
+        db = self._open(create=False)
+        if db is None:
+            return None, False
+        row = db.execute(f"SELECT {_COLUMNS} FROM observed WHERE uri = ? AND uuid = ? "
+                         f"ORDER BY seq DESC LIMIT 1", (uri, uuid)).fetchone()
+        if row is None:
+            return None, False
+        entry = _observation(row)
+        gap = db.execute("SELECT 1 FROM observed WHERE seq > ? AND uuid = '' LIMIT 1",
+                         (entry.seq,)).fetchone()
+        return entry, gap is not None
+
+
 def _text(transition: Transition | str) -> str:
     return transition.value if isinstance(transition, Transition) else str(transition)
 

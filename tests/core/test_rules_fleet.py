@@ -461,3 +461,58 @@ class TestBackOffOnTime:
     def test_a_decision_with_nothing_to_wait_for_has_no_retry(self):
         decision = decide(record(), LiveState(P.RUNNING), HOST, PINNED, SETTINGS, NOW, facts=SYNC)
         assert decision.retry_in is None
+
+
+class TestWentOffUnseen:
+    """libvirt's shut-off reason is volatile: after a libvirtd restart a copy of a VM migrated
+    away reads "shut off (unknown)", as one that went off here would. Only what this host's
+    beacon saw (``Facts.seen_off``) tells them apart; without it nothing is done."""
+
+    LOST = LiveState(P.SHUTDOWN, "unknown")
+
+    def decide(self, rec, seen_off, clock=CLOCK, **facts):
+        return decide(rec, self.LOST, HOST, PINNED, SETTINGS, NOW,
+                      facts=dataclasses.replace(SYNC, clock=clock, seen_off=seen_off, **facts))
+
+    @pytest.mark.parametrize("recorded", [P.RUNNING, P.PAUSED])
+    def test_the_journal_is_read_before_anything_is_decided(self, recorded):
+        decision = self.decide(record(power=recorded), None)
+        assert decision.recheck and decision.action is Action.NONE and not decision.outcome
+
+    @pytest.mark.parametrize("clock", [CLOCK, CLOCK + 10 * SETTINGS.stop_grace])
+    def test_unseen_it_is_recorded_and_reported_never_started(self, clock):
+        decision = self.decide(record(), "", clock)
+        assert decision.action is Action.NONE and decision.warning and not decision.attempted
+        assert decision.observed["off_reason"] == "not_seen"
+        assert decision.observed["power_state"] is P.SHUTDOWN and "host" not in decision.observed
+        assert "may have been migrated away" in decision.reason
+
+    def test_once_unseen_it_stays_so_until_it_runs_again(self):
+        rec = record(power=P.SHUTDOWN, off_reason="not_seen", off_since=CLOCK - 1000)
+        decision = self.decide(rec, None)  # no journal read needed
+        assert decision.action is Action.NONE and decision.warning and not decision.recheck
+        running = decide(rec, LiveState(P.RUNNING, "booted"), HOST, PINNED, SETTINGS, NOW, facts=SYNC)
+        assert running.observed["off_reason"] == ""
+
+    @pytest.mark.parametrize("reason", ["migrated", "saved"])
+    def test_seen_leaving_it_lives_elsewhere(self, reason):
+        decision = self.decide(record(), reason)
+        assert decision.action is Action.NONE and "as this host's beacon saw" in decision.reason
+        assert decision.observed.get("host", HOST) == ("" if reason == "migrated" else HOST)
+
+    @pytest.mark.parametrize("reason", ["shutdown", "destroyed", "crashed", "failed"])
+    def test_seen_going_off_here_the_pin_restarts_it_after_the_grace(self, reason):
+        held = self.decide(record(), reason)
+        assert held.action is Action.NONE and held.retry_in
+        due = self.decide(record(power=P.SHUTDOWN, off_since=CLOCK), reason,
+                          CLOCK + SETTINGS.stop_grace)
+        assert due.action is Action.START
+
+    def test_an_observed_stop_being_reconciled_is_seen(self):
+        decision = self.decide(record(), None, event=Transition.STOPPED,
+                               event_reason="shutdown", event_at=CLOCK - SETTINGS.stop_grace)
+        assert decision.action is Action.START
+
+    def test_a_host_reboot_is_still_a_host_shutdown(self):
+        decision = self.decide(record(boot_id="boot-0"), "")
+        assert decision.action is Action.NONE and "shut down by the host" in decision.reason

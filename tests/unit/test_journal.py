@@ -214,3 +214,20 @@ def test_a_journal_that_cannot_be_written_still_lets_every_event_out(tmp_path, w
     seqs = [e["seq"] for e in fired if e["tag"] != "resync"]
     assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs) and all(seqs)
     assert watcher.health()["failures"]["journal"] >= 1
+
+
+def test_latest_is_the_last_row_of_a_domain_and_says_if_a_gap_came_after(journal):
+    from vmpower.core.journal import GAP, Observation
+    from vmpower.core.model import Transition
+
+    def row(uuid, transition, reason):
+        return Observation(0, "boot-1", "test:///default", uuid, transition, reason, 1.0, 2.0)
+
+    assert journal.latest("u-1", "test:///default") == (None, False)
+    journal.append([row("u-1", Transition.STARTED, "booted"), row("u-1", Transition.STOPPED, "migrated"),
+                    row("u-2", Transition.STOPPED, "shutdown")])
+    latest, gap_after = journal.latest("u-1", "test:///default")
+    assert (latest.transition, latest.reason, gap_after) == (Transition.STOPPED, "migrated", False)
+    assert journal.latest("u-1", "qemu:///system") == (None, False)
+    journal.append([row("", GAP, "reconnected")])
+    assert journal.latest("u-1", "test:///default")[1] is True

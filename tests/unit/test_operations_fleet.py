@@ -8,6 +8,7 @@ test_rules_fleet.py, and on real libvirtds by tests/real."""
 import json
 import time
 
+import libvirt
 import pytest
 
 from vmpower import minion
@@ -17,7 +18,7 @@ from vmpower.hostinfo import process_owner
 from vmpower.operations import HostOperations, OperationError
 from vmpower.store import Change, open_store
 
-from .conftest import TEST_URI
+from .conftest import TEST_URI, journal_event
 from .test_operations import BOOT, HOST, Clock, observed_stop, operations
 
 
@@ -336,3 +337,46 @@ def test_reset_state_runs_on_the_owner_only_unless_forced(store, testdriver, els
     assert forced["vm_state"] == "active" and "forced on minion-2, over the owner minion-1" in forced["reason"]
     assert "forced on minion-2" in owner.history(dom.name())[-1]["reason"]
     assert not owner.sync()["actions"] and dom.isActive()  # the owner does not power it off
+
+
+def _recorded_running_now_shut_off_unknown(store, testdriver):
+    """A VM pinned active, recorded running here, that libvirt now shows "shut off (unknown)":
+    what a libvirtd restart leaves of a domain live-migrated away whose source was kept."""
+    dom = testdriver.define("moved", start=False)  # the test driver's "shut off (unknown)"
+    assert dom.state() == [libvirt.VIR_DOMAIN_SHUTOFF, libvirt.VIR_DOMAIN_SHUTOFF_UNKNOWN]
+    ops = operations(store)
+    ops.sync()
+    record = store.get(dom.UUIDString())
+    store.commit([Change(record, record.updated(1.0, vm_state=VmState.ACTIVE,
+                                                power_state=PowerState.RUNNING), Cause.API,
+                         "test", "it ran here")], 1.0)
+    return dom
+
+
+@pytest.mark.parametrize("seen", [None, ("stopped", "shutdown"), ("stopped", "migrated")])
+def test_a_vm_that_went_off_unseen_for_a_reason_libvirt_lost_is_never_started(
+        store, testdriver, journal, seen):
+    from vmpower.core.model import Transition
+
+    dom = _recorded_running_now_shut_off_unknown(store, testdriver)
+    uuid = dom.UUIDString()
+    clock = Clock()
+    if seen:
+        journal_event(journal, uuid, Transition(seen[0]), seen[1], clock() - 1, BOOT)
+    ops = operations(store, clock, journal=journal, instances={dom.name(): {"vm_state": "active"}})
+    first = ops.sync()
+    clock.step(3600)  # long past the grace and any back-off
+    later = ops.sync()
+    record = store.get(uuid)
+    if seen == ("stopped", "shutdown"):  # this host saw it go off: the pin restarts it
+        assert [a["action"] for a in later["actions"]] == ["start"] and dom.isActive()
+        return
+    assert not dom.isActive() and not first["actions"] and not later["actions"]
+    if seen is None:  # no one can tell why: recorded, reported, never acted on
+        assert (record.power_state, record.off_reason, record.host) == (PowerState.SHUTDOWN,
+                                                                         "not_seen", HOST)
+        assert any("may have been migrated away" in w["reason"]
+                   for w in later["warnings"] if w["uuid"] == uuid), later["warnings"]
+    else:  # this host's beacon saw it migrated away: it lives elsewhere, and the source lets go
+        assert record.host == "" and record.vm_state is VmState.ACTIVE
+        assert "as this host's beacon saw" in ops.history(uuid)[-1]["reason"]

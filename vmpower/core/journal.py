@@ -87,3 +87,17 @@ def believe(seq: int | None, uuid: str, entry: Observation | None, later: Observ
 
 def _word(transition: Transition | str) -> str:
     return transition.value if isinstance(transition, Transition) else transition
+
+
+def seen_off(latest: Observation | None, gap_after: bool, boot_id: str, uri: str) -> str:
+    """libvirt's reason for the domain's going off as this host's beacon saw it, or "".
+
+    ``latest`` is the journal's last row for the domain and ``gap_after`` whether a gap in the
+    beacon's watch came after it. Only a stop or crash seen in this boot, on this URI, with
+    nothing missed since, counts: anything else may have been followed by what no one saw.
+    """
+    if latest is None or gap_after or latest.boot_id != boot_id or latest.uri != uri:
+        return ""
+    if latest.transition not in (Transition.STOPPED, Transition.CRASHED):
+        return ""
+    return latest.reason

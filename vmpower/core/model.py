@@ -157,7 +157,8 @@ class Record(NamedTuple):
     set a vmpower ``task_state``: a JSON text ``{"host", "boot_id", "pid", "start_time",
     "since"}`` (``vmpower.hostinfo``), "" for none. ``off_reason`` is why vmpower believes the
     domain went off, when libvirt's state cannot say it later: ``host_shutdown`` (the host
-    asked: libvirt-guests, ``virsh shutdown``, a reboot), "" otherwise. Read from a store, a
+    asked: libvirt-guests, ``virsh shutdown``, a reboot), ``not_seen`` (it went off while
+    nothing watched, and libvirt no longer says why: it may run elsewhere), "" otherwise. Read from a store, a
     ``vm_state`` or ``power_state`` this version does not know is an ``UnknownValue``, and a
     record with any unknown value is left alone (``rules.unknown_values``). A tuple, because a sync
     reads one per domain of the host, and a tuple is several times cheaper to build than a

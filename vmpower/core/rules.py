@@ -74,6 +74,8 @@ MIGRATED = "migrated"      # shut off: it was migrated away; started/resumed: it
 SAVED = "saved"            # shut off: it lives in a save file (virsh save, managedsave)
 LIVES_ELSEWHERE = frozenset({MIGRATED, SAVED})
 HOST_SHUTDOWN = "host_shutdown"  # the event reason of a shutdown the host asked for
+REASON_LOST = "unknown"    # shut off: libvirt cannot say why (a libvirtd restart forgets it)
+NOT_SEEN = "not_seen"      # off_reason: it went off unseen, for a reason no one can tell
 FAILED = "failed"          # shut off: QEMU was killed or failed; not a guest crash
 UNDEFINED = "undefined"    # the reason of model.GONE: libvirt no longer knows the domain
 
@@ -116,6 +118,12 @@ class Facts:
     ``host_stopping``
         this host is shutting down (systemd says ``stopping``): a VM that goes off now goes
         off with the host (libvirt-guests), whatever the event said.
+    ``seen_off``
+        libvirt's reason for the domain's going off, as this host's beacon journaled it in
+        this boot with nothing missed since ("" when it saw none). Read only for a domain
+        shut off for a reason libvirt has lost (``unknown``) that the record says was alive:
+        libvirt's state reason is volatile, and a domain migrated away whose source libvirtd
+        then restarted looks the same as one that went off here.
     """
 
     clock: float = 0.0
@@ -128,6 +136,7 @@ class Facts:
     on_crash: str | None = None
     owner_alive: bool | None = None
     host_stopping: bool | None = None
+    seen_off: str | None = None
 
 
 NO_FACTS = Facts()
@@ -163,7 +172,7 @@ def _skip(reason: str, warning: bool = False) -> Decision:
 
 
 # The off reasons vmpower writes (``Record.off_reason``).
-OFF_REASONS = frozenset({"", HOST_SHUTDOWN})
+OFF_REASONS = frozenset({"", HOST_SHUTDOWN, NOT_SEEN})
 # What each field of a record must hold for this version to read it; ``updated_at`` is only
 # shown to people, and written afresh with every change.
 _TEXT_FIELDS = ("uuid", "name", "host", "task_state", "boot_id", "task_owner")
@@ -542,21 +551,33 @@ def decide(record: Record, live: LiveState, host: str, policy: InstancePolicy,
         observed["restart_count"] = 0
         notes.append(f"ran {RESTART_RESET_AFTER:.0f}s since its last restart: restart count reset")
 
-    elsewhere = lives_elsewhere(live)
+    unseen = _off_unseen(record, live, facts)
+    if unseen is None:
+        return Decision(Action.NONE, "shut off for a reason libvirt no longer knows: this host's "
+                        "journal not read yet", observed, recheck=True)
+    # Where it went: libvirt's state reason, or, once libvirt has lost it, what this host's
+    # beacon saw (a durable fact; the state reason alone is not).
+    gone_to = live.reason if lives_elsewhere(live) else (
+        facts.seen_off if live.power_state is PowerState.SHUTDOWN and live.reason == REASON_LOST
+        and facts.seen_off in LIVES_ELSEWHERE else "")
+    elsewhere = bool(gone_to)
     off = power in OFF and not elsewhere
     off_for = _off_spell(record, live, facts, observed, off)
     host_shutdown = off and _host_shut_down(record, facts)
     if host_shutdown and record.off_reason != HOST_SHUTDOWN:
         observed["off_reason"] = HOST_SHUTDOWN
+    elif off and unseen and record.off_reason != NOT_SEEN:
+        observed["off_reason"] = NOT_SEEN
 
     if elsewhere:
-        if live.reason == MIGRATED and observed.get("host", owner) == host:
+        if gone_to == MIGRATED and observed.get("host", owner) == host:
             observed["host"] = ""  # the source lets go: the host where it runs takes it
             notes.append(f"migrated away from {host}")
         seen = "; ".join(notes) + ": " if notes else ""
-        where = "elsewhere" if live.reason == MIGRATED else "in a save file"
-        return Decision(Action.NONE, f"{seen}shut off here because it was {live.reason}: it lives "
-                        f"{where}; never restarted, never recorded stopped", observed)
+        where = "elsewhere" if gone_to == MIGRATED else "in a save file"
+        how = "" if gone_to == live.reason else " (as this host's beacon saw; libvirt has lost it)"
+        return Decision(Action.NONE, f"{seen}shut off here because it was {gone_to}{how}: it "
+                        f"lives {where}; never restarted, never recorded stopped", observed)
     if live.reason == UNDEFINED and owner == host and "host" not in observed:
         observed["host"] = ""  # no longer defined here: whoever runs it may take it
         notes.append(f"no longer defined on {host}: let go")
@@ -575,7 +596,7 @@ def decide(record: Record, live: LiveState, host: str, policy: InstancePolicy,
     if vm_state is VmState.ACTIVE:
         if off:
             return _active_but_off(record, live, policy, settings, facts, off_for,
-                                   since_restart, host_shutdown, result)
+                                   since_restart, host_shutdown, result, bool(unseen))
         if power is PowerState.SUSPENDED:
             return result(Action.POWER_OFF, "vm_state=active but the guest is suspended: "
                           "stopping it", {"vm_state": VmState.STOPPED})
@@ -593,7 +614,8 @@ def decide(record: Record, live: LiveState, host: str, policy: InstancePolicy,
     if vm_state is VmState.PAUSED:
         if off:
             what = f"vm_state=paused but the domain is {power.value} ({live.reason})"
-            held = _held(what, live, facts, host_shutdown, policy, off_for, settings, result)
+            held = _held(what, live, facts, host_shutdown, policy, off_for, settings, result,
+                         bool(unseen))
             if held:
                 return held
             return result(Action.POWER_OFF, f"{what}: stopping it", {"vm_state": VmState.STOPPED})
@@ -664,13 +686,40 @@ def _host_shut_down(record: Record, facts: Facts) -> bool:
             or bool(facts.boot_id and record.boot_id and record.boot_id != facts.boot_id))
 
 
+def _off_unseen(record: Record, live: LiveState, facts: Facts) -> bool | None:
+    """Whether the domain went off for a reason no one can tell: libvirt has lost its state
+    reason, and this host's beacon did not see it go off. None: the journal is to be read.
+
+    Such a domain may have been migrated away (its source's libvirtd restarted before this host
+    recorded it, and the kept copy reads "shut off (unknown)"): starting it could run it on
+    two hosts. Once known, it stays known (``off_reason``) until the domain runs again.
+    """
+    if live.power_state is not PowerState.SHUTDOWN or live.reason != REASON_LOST:
+        return False
+    if record.off_reason == NOT_SEEN:
+        return True
+    if record.power_state not in ALIVE:
+        return False  # recorded off already, for a reason the rules knew then
+    if facts.event in (Transition.STOPPED, Transition.CRASHED):
+        return False  # the event being reconciled is this host's beacon seeing it go off
+    if facts.seen_off is None:
+        return None
+    return facts.seen_off == ""
+
+
 def _held(what: str, live: LiveState, facts: Facts, host_shutdown: bool,
-          policy: InstancePolicy, off_for: float, settings: Settings, result) -> Decision | None:
+          policy: InstancePolicy, off_for: float, settings: Settings, result,
+          unseen: bool = False) -> Decision | None:
     """The reasons not to act (yet) on a VM that went off, in order, or None to go on."""
     if host_shutdown and policy.on_host_shutdown is OnHostShutdown.IGNORE:
         return result(why=f"{what}, shut down by the host (a host shutdown or reboot, "
                           f"libvirt-guests, virsh shutdown): recorded only, vm_state kept "
                           f"(on_host_shutdown=ignore); it is in sync when the host starts it")
+    if unseen and not host_shutdown:
+        return result(why=f"{what}: it went off while nothing watched, and libvirt no longer "
+                          f"says why; it may have been migrated away and run elsewhere. vmpower "
+                          f"does not act on it: if it runs nowhere else, start it "
+                          f"(vmpower.start) or record it stopped (vmpower.stop)", warning=True)
     if live.is_crash and live.reason != FAILED:
         if facts.on_crash is None:
             return result(why=f"{what}: libvirt's <on_crash> not read yet", recheck=True)
@@ -691,7 +740,7 @@ def _held(what: str, live: LiveState, facts: Facts, host_shutdown: bool,
 
 def _active_but_off(record: Record, live: LiveState, policy: InstancePolicy,
                     settings: Settings, facts: Facts, off_for: float, since_restart: float,
-                    host_shutdown: bool, result) -> Decision:
+                    host_shutdown: bool, result, unseen: bool = False) -> Decision:
     """Rule 5 for a VM meant to run whose guest is off: stop, restart or ignore, per pillar.
 
     The restart back-off counts ``since_restart`` seconds on the monotonic clock."""
@@ -701,7 +750,7 @@ def _active_but_off(record: Record, live: LiveState, policy: InstancePolicy,
         off = f"vm_state=active but the host shut the guest down (libvirt reason: {live.reason})"
     if not live.is_crash and not host_shutdown and policy.on_guest_shutdown is OnGuestShutdown.IGNORE:
         return result(why=f"{off}: left as it is (on_guest_shutdown=ignore)")
-    held = _held(off, live, facts, host_shutdown, policy, off_for, settings, result)
+    held = _held(off, live, facts, host_shutdown, policy, off_for, settings, result, unseen)
     if held:
         return held
     if host_shutdown:  # on_host_shutdown=stop: the host's shutdown is the operator's intent
