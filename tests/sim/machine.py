@@ -36,7 +36,6 @@ from .world import (
     SHUTOFF_FAILED,
     SHUTOFF_MIGRATED,
     SHUTOFF_UNKNOWN,
-    Copy,
     Killed,
     Trigger,
     World,
@@ -466,15 +465,13 @@ class FleetSim(RuleBasedStateMachine):
         world.bus = [t for t in world.bus if t.host != target.name]  # the minion was down
         target.beacon.held.clear()
         for dom in target.conn.listAllDomains():
-            if dom.isActive():
-                dom.destroy()
             uuid = dom.UUIDString()
-            if not dom.isPersistent():
-                continue
-            target.reasons[uuid] = SHUTOFF_UNKNOWN
-            copy = world.vms[uuid].copies.setdefault(target.name, Copy())
-            if copy.why_off != "migrated":
-                copy.why_off = "host"
+            if dom.isActive():  # still running when the host went down: off with the host
+                dom.destroy()
+                if dom.isPersistent():
+                    world.went_off(target, uuid, "host", None, "")
+            if dom.isPersistent():
+                target.reasons[uuid] = SHUTOFF_UNKNOWN  # a shut-off copy that was off before keeps why
         for dom in target.conn.listAllDomains():
             self.rebooting.discard(dom.UUIDString())
         target.boots += 1
