@@ -195,14 +195,13 @@ def known(defect):
 
 @known("stale_listing")
 def test_a_sync_does_not_write_its_stale_listing_over_the_event_path(story):
-    """(3) The guest shut down (its stop held back by the beacon); a sync lists it shut off;
-    before the sync locks it, it is started again and the event path's reconcile confirms
-    the record (running). The sync then writes what it listed (shutdown) without reading it
-    again under the lock: the record says shutdown while the VM runs."""
-    s = story(known={"stale_listing"})
+    """(3) A sync lists a new VM shut off; before it records it, the VM is started and the
+    event path's reconcile records it (active, running). The sync's first record loses to
+    that one and is decided again under the lock, on the listing: it writes power_state
+    shutdown over the newer record without reading the domain again, while the VM runs.
+    (Hypothesis shrank a random run to this story.)"""
+    s = story(running=(False,), known={"stale_listing"})
     [vm] = s.vms
-    s.time_passes(seconds=61.0)
-    s.guest_shuts_down(vm=vm)
     s.sync_meets_an_event(vm=vm)
 
 
