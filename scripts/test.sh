@@ -104,7 +104,7 @@ run_lane() {  # <name> <venv> <pytest arguments...>: started in the background
 # two cores: Salt's own CLI and daemons then miss the tests' bounded waits. Salt-free tests
 # run once, on the newest release.
 lanes_3008=(
-  "3008-core|tests/core tests/unit tests/bench tests/real"
+  "3008-core|tests/core tests/unit tests/bench tests/sim tests/real"
   "3008-daemons|tests/daemons"
 )
 lanes_3006=(
