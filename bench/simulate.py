@@ -7,9 +7,7 @@ the steps run, the examples, the time taken and the rate. A violation is printed
 shortest story Hypothesis found, and the exit status is 1.
 
 The examples run in batches, each with a seed of its own (``--seed``, then the next ones), so
-a run is the same every time. ``--known-defects all`` (or a comma-separated list of
-tests/sim/machine.py's KNOWN_DEFECTS) lets the rules that set up the defects known not to be
-fixed yet run too.
+a run is the same every time.
 """
 
 from __future__ import annotations
@@ -25,7 +23,7 @@ from hypothesis.stateful import run_state_machine_as_test
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from tests.sim.machine import KNOWN_DEFECTS, FleetSim
+from tests.sim.machine import FleetSim
 
 
 def main(argv=None) -> int:
@@ -35,16 +33,9 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="the first batch's seed")
     parser.add_argument("--batch", type=int, default=100, help="examples per batch")
     parser.add_argument("--postgres", action="store_true", help="a PostgreSQL store")
-    parser.add_argument("--known-defects", default="",
-                        help=f"'all' or some of: {', '.join(KNOWN_DEFECTS)}")
     parser.add_argument("--no-shrink", action="store_true", help="report the first failure as found")
     args = parser.parse_args(argv)
     logging.disable(logging.WARNING)  # vmpower's warnings are part of the story, not news
-    defects = (set(KNOWN_DEFECTS) if args.known_defects == "all"
-               else {d for d in args.known_defects.split(",") if d})
-    unknown = defects - set(KNOWN_DEFECTS)
-    if unknown:
-        parser.error(f"unknown defects: {', '.join(sorted(unknown))}")
 
     server = None
     if args.postgres:
@@ -54,8 +45,7 @@ def main(argv=None) -> int:
         store_factory = staticmethod(lambda directory: server.schema())
     else:
         store_factory = staticmethod(lambda directory: os.path.join(directory, "records.sqlite"))
-    fleet = type("Fleet", (FleetSim,), {"store_factory": store_factory,
-                                        "known_defects": frozenset(defects), "steps": 0})
+    fleet = type("Fleet", (FleetSim,), {"store_factory": store_factory, "steps": 0})
     # Batches of examples, each with a seed of its own (the first is --seed), until the steps
     # asked have run: an example ends early when Hypothesis draws it so, so a batch's steps vary.
     phases = [Phase.explicit, Phase.generate] + ([] if args.no_shrink else [Phase.shrink])

@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterator, Sequence
 
 from vmpower import hostinfo
 from vmpower.core.conduct import ENFORCE, OBSERVED, conduct, observed_reason
-from vmpower.core.journal import Belief, Observation, believe, seen_off
+from vmpower.core.journal import Belief, Observation, believe, seen_at, seen_off
 from vmpower.core.mapping import is_stale
 from vmpower.core.model import (
     GONE,
@@ -202,20 +202,23 @@ class HostOperations:
         on_crash = hv.on_crash(uuid) if live.is_crash else None
         alive = self._owner_alive(record.task_owner, base.boot_id) if record and record.task_state else None
         stopping = self._host_stopping() if live.power_state.is_off else None
-        seen = self._seen_off(uuid, base.boot_id) if live.reason == REASON_LOST else None
+        gone, at = self._journaled(uuid, base.boot_id) if live.power_state.is_off else ("", 0.0)
         return dataclasses.replace(base, migrating=migrating, on_crash=on_crash, owner_alive=alive,
-                                   host_stopping=stopping, seen_off=seen)
+                                   host_stopping=stopping, seen_at=at,
+                                   seen_off=gone if live.reason == REASON_LOST else None)
 
-    def _seen_off(self, uuid: str, boot_id: str) -> str:
-        """How this host's beacon saw the domain go off ("" when it did not, or cannot say)."""
+    def _journaled(self, uuid: str, boot_id: str) -> tuple[str, float]:
+        """What this host's beacon last saw of the domain: how it went off ("" when it did not
+        see it go off, or cannot say), and when it last saw anything of it (0.0: nothing)."""
         if self.journal is None:
-            return ""
+            return "", 0.0
         try:
             latest, gap_after = self.journal.latest(uuid, self.settings.uri)
         except JournalError as exc:  # nothing seen: the rules then do not act on it
             log.warning("vmpower: cannot read the journal %s: %s", self.journal.path, exc)
-            return ""
-        return seen_off(latest, gap_after, boot_id, self.settings.uri)
+            return "", 0.0
+        return (seen_off(latest, gap_after, boot_id, self.settings.uri),
+                seen_at(latest, boot_id, self.settings.uri))
 
     # Deciding and carrying out, under the instance lock
     def _adoption(self, dom: LiveDomain, policy: InstancePolicy, cause: Cause, at: float,

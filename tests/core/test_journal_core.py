@@ -28,3 +28,12 @@ def test_a_stop_or_crash_seen_here_gives_its_reason(transition):
 ])
 def test_anything_else_is_nothing_seen(latest, gap_after):
     assert seen_off(latest, gap_after, BOOT, URI) == ""
+
+
+def test_seen_at_is_when_the_last_row_of_this_boot_and_uri_was_seen():
+    from vmpower.core.journal import seen_at
+
+    assert seen_at(seen(Transition.STARTED, "booted"), BOOT, URI) == 100.0
+    assert seen_at(seen(boot="boot-0"), BOOT, URI) == 0.0
+    assert seen_at(seen(uri="qemu+ssh://other/system"), BOOT, URI) == 0.0
+    assert seen_at(None, BOOT, URI) == 0.0

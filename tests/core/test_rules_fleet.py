@@ -516,3 +516,25 @@ class TestWentOffUnseen:
     def test_a_host_reboot_is_still_a_host_shutdown(self):
         decision = self.decide(record(boot_id="boot-0"), "")
         assert decision.action is Action.NONE and "shut down by the host" in decision.reason
+
+
+class TestARunNotSeenByTheRecord:
+    """A recorded off spell ends when this host's beacon saw the domain afterwards (a start
+    whose event was lost, or dropped as stale): the grace counts from then, not from the
+    record's older spell."""
+
+    def test_the_grace_counts_from_the_last_sighting(self):
+        rec = record(power=P.SHUTDOWN, off_since=CLOCK - 60.0)
+        facts = dataclasses.replace(SYNC, seen_at=CLOCK - 5.0)
+        decision = decide(rec, LiveState(P.SHUTDOWN, "shutdown"), HOST, DEFAULT, SETTINGS, NOW,
+                          facts=facts)
+        assert decision.action is Action.NONE and decision.retry_in == SETTINGS.stop_grace - 5.0
+        assert decision.observed["off_since"] == CLOCK - 5.0
+
+    @pytest.mark.parametrize("seen_at", [0.0, CLOCK - 90.0, CLOCK + 1.0])
+    def test_a_sighting_before_the_spell_or_ahead_of_the_clock_changes_nothing(self, seen_at):
+        rec = record(power=P.SHUTDOWN, off_since=CLOCK - 60.0)
+        facts = dataclasses.replace(SYNC, seen_at=seen_at)
+        decision = decide(rec, LiveState(P.SHUTDOWN, "shutdown"), HOST, DEFAULT, SETTINGS, NOW,
+                          facts=facts)
+        assert decision.action is Action.POWER_OFF and "off_since" not in decision.observed

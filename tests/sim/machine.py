@@ -2,10 +2,6 @@
 the fleet (an operator's command, a guest, a host, the bus, time passing), and the invariant
 checks everything after every step. A failure shrinks to the shortest story that still
 breaks a rule of SPEC.md. ``world.py`` says what is real and what is simulated.
-
-``known_defects``: the rules that set up a defect known not to be fixed yet (each named in
-``KNOWN_DEFECTS``) run only when they are asked for; the fixed-seed CI run leaves them out
-so that it guards everything else, and the named examples show each one.
 """
 
 from __future__ import annotations
@@ -41,22 +37,6 @@ from .world import (
     World,
 )
 
-# Known defects, not fixed yet: the rules (or the variant of a rule) that set each one up.
-KNOWN_DEFECTS = {
-    "stale_listing": "a sync's bulk listing written over a newer record the event path wrote "
-                     "meanwhile (a state write that is not re-read under the lock)",
-    "reset_elsewhere": "reset_state on a host that does not own the VM (no owner check, no force=)",
-    "restart_mid_migration": "a libvirtd restart on the source before it let a migrated VM go: "
-                             "its kept copy reads 'shut off (unknown)' and is started",
-    "failed_start": "a failed automatic start does not count toward the restart limit or back-off",
-    "never_claimed": "a VM whose record names no host (its last owner let go), shut off or "
-                     "paused on the one host that has it (moved by hand, or migrated with its "
-                     "events lost and off on arrival), is never claimed by that host",
-    "unseen_run": "an off spell vmpower recorded survives a run it did not see (the start "
-                  "event lost, or dropped as stale): when the VM goes off again it is taken "
-                  "as off since the first spell, and acted on within the grace",
-}
-
 # Operators' commands refused for a reason they name: an expected answer, not a crash.
 REFUSALS = (OperationError, HypervisorError, StoreError)
 REASONS = ["booted", "guest_shutdown", "host_shutdown", "destroyed", "crashed", "failed",
@@ -71,7 +51,6 @@ class FleetSim(RuleBasedStateMachine):
     """2-3 hosts, one store, a bus with faults, clocks that step; see the module docstring."""
 
     store_factory = None  # dir -> store location; set by the test (SQLite or PostgreSQL)
-    known_defects: frozenset[str] = frozenset()
 
     vms = Bundle("vms")
 
@@ -112,7 +91,7 @@ class FleetSim(RuleBasedStateMachine):
     @initialize(target=vms, hosts=st.integers(min_value=2, max_value=3),
                 running=st.lists(st.booleans(), min_size=1, max_size=3))
     def fleet(self, hosts, running):
-        self.world = World(type(self).store_factory, hosts, self.known_defects)
+        self.world = World(type(self).store_factory, hosts)
         uuids = [self.world.new_vm(self.h(i), up) for i, up in enumerate(running)]
         return multiple(*uuids)
 
@@ -226,10 +205,7 @@ class FleetSim(RuleBasedStateMachine):
 
     @rule(vm=vms, host=hosts_ix, vm_state=st.sampled_from([None, VmState.ACTIVE, VmState.STOPPED]))
     def reset_state(self, vm, host, vm_state):
-        owner = self.owner_host(vm)
         target = self.h(host)
-        if "reset_elsewhere" not in self.known_defects and owner is not None:
-            target = owner  # the operator asks the owner (another host: a known defect)
         result = self.operator(target, target.ops.reset_state, vm, vm_state)
         if result.get("changed"):
             if vm_state is not None:
@@ -357,11 +333,6 @@ class FleetSim(RuleBasedStateMachine):
     def libvirtd_restarts(self, host):
         """Shut-off reasons are lost; the beacon reconnects, journals a gap, asks for a resync."""
         target = self.h(host)
-        if "restart_mid_migration" not in self.known_defects:
-            for uuid in target.reasons:
-                record = self.world.observer.get(uuid)
-                if target.reasons[uuid] == SHUTOFF_MIGRATED and record and record.host == target.name:
-                    return  # the source has not let go yet: a known defect
         for dom in target.conn.listAllDomains():
             if not dom.isActive():
                 target.reasons[dom.UUIDString()] = SHUTOFF_UNKNOWN
@@ -415,7 +386,7 @@ class FleetSim(RuleBasedStateMachine):
         dom.destroy()
         dom.undefine()
 
-    @precondition(lambda self: self.world is not None and "never_claimed" in self.known_defects)
+    @precondition(lambda self: self.world is not None)
     @rule(vm=vms, dst=hosts_ix, paused=st.booleans())
     def moved_by_hand(self, vm, dst, paused):
         """virsh dumpxml | virsh define elsewhere, then undefine here: no migration at all."""
@@ -489,13 +460,13 @@ class FleetSim(RuleBasedStateMachine):
                     world.came_on(target, uuid, Transition.STARTED, "booted")
                     break
 
-    @precondition(lambda self: self.world is not None and "failed_start" in self.known_defects)
+    @precondition(lambda self: self.world is not None)
     @rule(vm=vms, failing=st.booleans())
     def start_fails(self, vm, failing):
         """libvirt refuses to start the domain (a missing disk, no memory left)."""
         self.world.vms[vm].failing_start = failing
 
-    @precondition(lambda self: self.world is not None and "stale_listing" in self.known_defects)
+    @precondition(lambda self: self.world is not None)
     @rule(vm=vms)
     def sync_meets_an_event(self, vm):
         """A sync has listed the domains when the guest changes and the event path's
@@ -557,8 +528,6 @@ class FleetSim(RuleBasedStateMachine):
                 continue
             where = running[0] if running else next((h for h in copies if h.name == record.host), None)
             if where is None and len(copies) == 1:
-                if "never_claimed" not in self.known_defects:
-                    continue  # a known defect: checked when known_defects names it
                 where = copies[0]
             if where is None:
                 continue

@@ -1,11 +1,7 @@
 """The fleet simulation (``machine.py``, ``world.py``): a fixed-seed random run on SQLite, one
 on PostgreSQL, and the named examples, each a story of the machine's rules with the invariant
-checked after every step.
-
-The random runs leave out the rules that set up a defect known not to be fixed yet, and do not
-count against vmpower what such a defect explains (``machine.KNOWN_DEFECTS``); each of those
-defects has a named example below, an expected failure until it is fixed. ``bench/simulate.py
---known-defects all`` runs with all of them.
+checked after every step. Each named example is a defect found once (by review, in the field
+or by a random run), kept as the story that showed it.
 """
 
 import os
@@ -16,7 +12,7 @@ from hypothesis.stateful import run_state_machine_as_test
 
 from vmpower.core.model import Transition, VmState
 
-from .machine import KNOWN_DEFECTS, FleetSim
+from .machine import FleetSim
 
 # Fixed seed (derandomize) and no example database: the same run every time, on every machine.
 # 80 examples of up to 60 steps: some 3,500 steps, at least the 2,000 the run must have.
@@ -30,9 +26,8 @@ def sqlite_store(directory):
     return os.path.join(directory, "records.sqlite")
 
 
-def machine(store_factory, known_defects=()):
-    return type("Fleet", (FleetSim,), {"store_factory": staticmethod(store_factory),
-                                        "known_defects": frozenset(known_defects), "steps": 0})
+def machine(store_factory):
+    return type("Fleet", (FleetSim,), {"store_factory": staticmethod(store_factory), "steps": 0})
 
 
 def test_fleet_simulation_sqlite():
@@ -49,15 +44,15 @@ def test_fleet_simulation_postgres(postgres):
     assert fleet.steps >= 200, f"only {fleet.steps} steps"
 
 
-# The named examples: the known defects as stories of the machine's rules, the invariant
+# The named examples: defects found once, as stories of the machine's rules, the invariant
 # checked after every step, as Hypothesis would replay them.
 
 class Story:
     """One example of the machine, stepped by hand: each rule called is followed by the
     invariant, as in a Hypothesis run."""
 
-    def __init__(self, store_factory=sqlite_store, known=(), hosts=2, running=(True,)):
-        self.machine = machine(store_factory, known)()
+    def __init__(self, store_factory=sqlite_store, hosts=2, running=(True,)):
+        self.machine = machine(store_factory)()
         self.vms = list(self.machine.fleet(hosts=hosts, running=list(running)).values)
         self.machine.safety()
 
@@ -188,38 +183,30 @@ def test_a_wall_clock_stepped_back_does_not_stretch_the_restart_back_off(story):
     assert s.record(vm).restart_count == 2
 
 
-def known(defect):
-    return pytest.mark.xfail(strict=True, raises=AssertionError,
-                             reason=f"not fixed yet: {KNOWN_DEFECTS[defect]}")
-
-
-@known("stale_listing")
 def test_a_sync_does_not_write_its_stale_listing_over_the_event_path(story):
     """(3) A sync lists a new VM shut off; before it records it, the VM is started and the
     event path's reconcile records it (active, running). The sync's first record loses to
     that one and is decided again under the lock, on the listing: it writes power_state
     shutdown over the newer record without reading the domain again, while the VM runs.
     (Hypothesis shrank a random run to this story.)"""
-    s = story(running=(False,), known={"stale_listing"})
+    s = story(running=(False,))
     [vm] = s.vms
     s.sync_meets_an_event(vm=vm)
 
 
-@known("reset_elsewhere")
 def test_reset_state_on_a_host_that_does_not_own_the_vm_is_refused(story):
     """(5) reset_state on h1 of a VM h0 owns: an error naming the owner (unless force=True)."""
-    s = story(known={"reset_elsewhere"})
+    s = story()
     [vm] = s.vms
     s.time_passes(seconds=61.0)
     s.reset_state(vm=vm, host=1, vm_state=VmState.STOPPED)
 
 
-@known("restart_mid_migration")
 def test_a_libvirtd_restart_in_a_migrations_grace_does_not_start_the_kept_copy(story):
     """(5) Migrated h0 -> h1 with the source kept; h0's libvirtd restarts before h0 let the
     VM go, so its copy reads "shut off (unknown)"; h1's events are lost. Once the grace is
     over h0 starts its copy of the VM pinned active: it runs on h0 and h1."""
-    s = story(known={"restart_mid_migration"})
+    s = story()
     [vm] = s.vms
     s.pillar_edit(vm=vm, spelling="name", vm_state="active", lock=False, policy=None, unmanaged=False)
     s.time_passes(seconds=61.0)
@@ -231,11 +218,10 @@ def test_a_libvirtd_restart_in_a_migrations_grace_does_not_start_the_kept_copy(s
     s.deliver_all()
 
 
-@known("failed_start")
 def test_a_failed_start_counts_toward_the_restart_limit(story):
     """(5) libvirt refuses to start the VM pinned active: every sync and event tries again at
     once, with no back-off and no limit (the failed attempt is not counted)."""
-    s = story(known={"failed_start"})
+    s = story()
     [vm] = s.vms
     s.pillar_edit(vm=vm, spelling="name", vm_state="active", lock=False, policy=None, unmanaged=False)
     s.time_passes(seconds=61.0)
@@ -246,25 +232,23 @@ def test_a_failed_start_counts_toward_the_restart_limit(story):
     s.deliver_all()
 
 
-@known("never_claimed")
 @pytest.mark.parametrize("paused", [False, True])
 def test_a_vm_moved_by_hand_is_claimed_where_it_arrived(story, paused):
     """(5) virsh define on h1 and undefine on h0, no migration; on h1 it is shut off or
     paused. h0 lets go of it (no longer defined there) and h1 never claims it: its record
     stays 'nostate on no host'."""
-    s = story(known={"never_claimed"})
+    s = story()
     [vm] = s.vms
     s.time_passes(seconds=61.0)
     s.moved_by_hand(vm=vm, dst=1, paused=paused)
     s.faults_stop()
 
 
-@known("never_claimed")
 def test_a_migrated_vm_off_on_arrival_with_its_events_lost_is_claimed(story):
     """(found by the random run) Migrated h0 -> h1 (the source undefined) while the master
     was away, then destroyed on h1: h0 lets go (no longer defined there), and h1, whose
     copy reads "shut off (destroyed)", never claims it."""
-    s = story(known={"never_claimed"})
+    s = story()
     [vm] = s.vms
     s.time_passes(seconds=61.0)
     s.migration_begins(vm=vm, dst=1)
@@ -274,14 +258,14 @@ def test_a_migrated_vm_off_on_arrival_with_its_events_lost_is_claimed(story):
     s.faults_stop()
 
 
-@known("unseen_run")
+
 def test_a_run_vmpower_did_not_see_ends_the_recorded_off_spell(story):
     """(found by the random run) Adopted stopped; started by hand, and the operator says
     active (reset_state); its start event waits on the bus. The guest shuts down: the
     start event, delivered now, is stale and dropped, and a re-check takes the VM as off
     since it was first recorded off, over a minute ago: recorded stopped 0 s into the new
     off spell (the beacon's journal says it started after that spell)."""
-    s = story(running=(False,), known={"unseen_run"})
+    s = story(running=(False,))
     [vm] = s.vms
     s.faults_stop()
     s.virsh_start(vm=vm, host=0)

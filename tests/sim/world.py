@@ -347,7 +347,7 @@ class SimOperations(HostOperations):
 class World:
     """Every host, the shared store, the bus, the wall clock and the checks."""
 
-    def __init__(self, location_factory, hosts: int = 2, known_defects=frozenset()):
+    def __init__(self, location_factory, hosts: int = 2):
         base = "/dev/shm" if os.path.isdir("/dev/shm") else None  # fsync on tmpfs costs nothing
         self.dir = tempfile.mkdtemp(prefix="vmpower-sim-", dir=base)
         self.location = location_factory(self.dir)
@@ -361,10 +361,6 @@ class World:
         self.dead_owners: set[str] = set()
         self.violations: list[str] = []
         self.interleave: tuple[Host, str] | None = None
-        self.known_defects = known_defects
-        # VMs that ran while their record said off, until a write says they run: vmpower
-        # takes a later off spell as going on since the recorded one (known: unseen_run)
-        self.unseen_run: set[str] = set()
         self.in_op: tuple[str, Host] | None = None
         self.counter = 0
         self.hosts = [Host(self, i) for i in range(hosts)]
@@ -453,9 +449,6 @@ class World:
 
     def came_on(self, host: Host, uuid: str, transition: Transition | None, reason: str) -> None:
         host.reasons.pop(uuid, None)
-        record = self.observer.get(uuid)
-        if record is not None and getattr(record.power_state, "is_off", False):
-            self.unseen_run.add(uuid)
         copy = self.vms[uuid].copies.setdefault(host.name, Copy())
         copy.why_off, copy.off_at = "", None
         if transition is not None:
@@ -547,7 +540,7 @@ class World:
         copy = vm.copies.get(host.name, Copy())
         if copy.why_off in ("host", "migrated"):
             self.violation(f"{what}: it went off because of {copy.why_off}")
-        if self.off_for(host, uuid) < GRACE and not self.excused(uuid):
+        if self.off_for(host, uuid) < GRACE:
             self.violation(f"{what}: off for {self.off_for(host, uuid):g}s, less than the grace")
         wants = (policy.vm_state is VmState.ACTIVE or policy.on_guest_shutdown.value == "restart"
                  or policy.on_crash.value == "restart")
@@ -563,11 +556,6 @@ class World:
                 self.violation(f"{what}: {host.clock() - last_at:g}s after the last automatic "
                                f"start, the back-off is {wait:g}s")
         vm.attempts.append((host.name, host.boot, host.clock()))
-
-    def excused(self, uuid: str) -> bool:
-        """An action within the grace that the known defect unseen_run explains, while the
-        run asked to leave it out."""
-        return uuid in self.unseen_run and "unseen_run" not in self.known_defects
 
     def operator_started(self, uuid: str) -> None:
         self.vms[uuid].attempts.clear()
@@ -626,9 +614,6 @@ class World:
         if step_host is None:
             return
         for uuid, writes in written.items():
-            if any(w[3].get("power_state") in ("running", "paused") for w in writes):
-                self.unseen_run.discard(uuid)
-        for uuid, writes in written.items():
             vm = self.vms.get(uuid)
             if vm is None:
                 continue
@@ -645,8 +630,7 @@ class World:
                         and before.get("vm_state") in ("active", "paused")):
                     policy, _ = self.policy(step_host, uuid)
                     off = self.off_for(step_host, uuid)
-                    if policy.vm_state is not VmState.STOPPED and off < GRACE \
-                            and not self.excused(uuid):
+                    if policy.vm_state is not VmState.STOPPED and off < GRACE:
                         self.violation(f"{vm.name}: {step_host.name} recorded it stopped ({cause}) "
                                        f"after {off:g}s off, less than the grace")
             last = [w for w in writes if "power_state" in w[3] and w[0] in ("event", "sync")]

@@ -89,6 +89,14 @@ def _word(transition: Transition | str) -> str:
     return transition.value if isinstance(transition, Transition) else transition
 
 
+def seen_at(latest: Observation | None, boot_id: str, uri: str) -> float:
+    """When this host's beacon last saw anything of the domain (``latest``, its last journal
+    row) in this boot, on this URI, on the monotonic clock; 0.0 when it saw nothing."""
+    if latest is None or latest.boot_id != boot_id or latest.uri != uri:
+        return 0.0
+    return latest.monotonic
+
+
 def seen_off(latest: Observation | None, gap_after: bool, boot_id: str, uri: str) -> str:
     """libvirt's reason for the domain's going off as this host's beacon saw it, or "".
 

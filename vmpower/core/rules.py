@@ -124,6 +124,11 @@ class Facts:
         shut off for a reason libvirt has lost (``unknown``) that the record says was alive:
         libvirt's state reason is volatile, and a domain migrated away whose source libvirtd
         then restarted looks the same as one that went off here.
+    ``seen_at``
+        when this host's beacon last journaled anything of the domain in this boot (libvirt's
+        callback, on ``clock``; 0.0 when nothing, or not read): a domain seen then was not
+        off all along since an earlier recorded off spell, whatever the record says (a start
+        whose event was lost or dropped as stale). Read for a domain that is off.
     """
 
     clock: float = 0.0
@@ -137,6 +142,7 @@ class Facts:
     owner_alive: bool | None = None
     host_stopping: bool | None = None
     seen_off: str | None = None
+    seen_at: float = 0.0
 
 
 NO_FACTS = Facts()
@@ -643,6 +649,8 @@ def _off_spell(record: Record, live: LiveState, facts: Facts, observed: dict, of
         trusted = (record.off_since > 0 and facts.boot_id and record.boot_id == facts.boot_id
                    and record.power_state in OFF and record.off_since <= facts.clock)
         since = record.off_since if trusted else facts.clock
+        if trusted and since < facts.seen_at <= facts.clock:
+            since = facts.seen_at  # seen after the recorded spell began: a new spell since
         if (facts.event in (Transition.STOPPED, Transition.CRASHED) and facts.event_at is not None
                 and 0 < facts.event_at < since):
             since = facts.event_at
