@@ -50,10 +50,11 @@ from .helpers import (
     PillarTree,
     beacon_config,
     clean_environ,
+    events_since,
     python_without_vmpower,
     repo_view,
     wait_for_event,
-    wait_for_job_return,
+    wait_until,
 )
 
 MASTER_ID = "vmpower-master"
@@ -397,8 +398,10 @@ def beacon_minion(minion_factory, salt_master, libvirt_daemon, event_listener, t
     it acts on every guest of the libvirtd, so one that lived on would act on the guests of
     the modules after it (a wake-up sync of its own adopts a guest a test has just defined as
     stopped, and its reactor then powers the guest off when the test starts it). Handed out
-    once its beacon has connected (its ``connected`` resync is on the master bus) and the sync
-    the reactor runs for it has returned. Each module's has a store of its own."""
+    once its beacon has connected (its ``connected`` resync is on the master bus) and the two
+    syncs the reactor runs for it (one for the minion's start event, one for that resync) have
+    returned: on a loaded machine the second can come seconds later, and a sync running
+    during a test acts on its guests. Each module's has a store of its own."""
     before = time.time()
     store = tmp_path_factory.mktemp("beacon-minion") / "records.sqlite"
     with minion_factory.started(
@@ -409,7 +412,13 @@ def beacon_minion(minion_factory, salt_master, libvirt_daemon, event_listener, t
         wait_for_event(event_listener, f"salt/beacon/{BEACON_MINION}/vmpower/resync", before,
                        timeout=60, daemon_id=salt_master.id,
                        match=lambda data: data.get("reason") == "connected")
-        # ... and the reactor's answer to it, a full sync, is over before any test begins.
-        wait_for_job_return(event_listener, salt_master.id, BEACON_MINION, "vmpower.sync",
-                            before)
+        # ... and the reactor's answers to it and to the minion's start, two full syncs, are
+        # over before any test begins.
+        def both_syncs_returned():
+            returns = [event for event in events_since(event_listener, before,
+                                                       f"salt/job/*/ret/{BEACON_MINION}",
+                                                       salt_master.id)
+                       if event.data.get("fun") == "vmpower.sync"]
+            return len(returns) >= 2
+        wait_until(both_syncs_returned, 60, "the syncs for the minion's start and its resync")
         yield minion

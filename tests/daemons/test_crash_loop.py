@@ -76,7 +76,9 @@ def test_crash_loop_of_a_pinned_vm_restarts_on_time_with_its_back_offs(
         for number, entry in enumerate(starts, 1):
             assert f"restart {number} of {LIMIT}" in entry["reason"], entry
             assert entry["new"]["restart_count"] == number, entry
-        assert starts[0]["cause"] == "event", starts[0]
+        # The first restart is due as the grace ends: the event's reconcile makes it, or a sync
+        # running then (a pillar refresh's resync answered late on a loaded machine) makes it
+        # first; both decide on the same facts, so which wins is not the product's concern.
         # The backed-off ones were started by the scheduler's wake-up sync: no event was due.
         assert {entry["cause"] for entry in starts[1:]} == {"sync"}, starts
         times = [entry["new"]["last_restart_at"] for entry in starts]
