@@ -56,6 +56,7 @@ from vmpower.eventloop import read_status
 from vmpower.hypervisor import Hypervisor, LiveDomain
 from vmpower.journal import Journal, JournalError
 from vmpower.store import Change, Note, Store, describe_holder
+from vmpower.wakeup import WakeUps
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +93,8 @@ class HostOperations:
     ``clock`` is the host's monotonic clock and ``boot_id`` a function giving the host's boot
     id, injected so tests can step them; ``alive`` tells whether a ``task_owner`` runs.
     ``journal`` is what this host's beacon observed (None: nothing, so a reconcile believes
-    no event's claims and decides as a sync would).
+    no event's claims and decides as a sync would). ``wakeups`` is where a decision due again
+    later is handed to the beacon, which asks for a sync then (None: nowhere).
     """
 
     def __init__(self, settings: Settings, host: str, store: Store,
@@ -101,11 +103,12 @@ class HostOperations:
                  boot_id: Callable[[], str] = hostinfo.boot_id,
                  alive: Callable[[str], bool | None] | None = None,
                  stopping: Callable[[], bool | None] = hostinfo.host_stopping,
-                 journal: Journal | None = None):
+                 journal: Journal | None = None, wakeups: WakeUps | None = None):
         self.settings = settings
         self.host = host
         self.store = store
         self.journal = journal
+        self.wakeups = wakeups
         self._hypervisor = hypervisor
         self._clock = clock
         self._boot_id = boot_id
@@ -425,6 +428,8 @@ class HostOperations:
             result["transition"] = transition.value
         if outcome.retry_in is not None:
             result["retry_at"] = round(now() + outcome.retry_in, 3)
+            if not test:
+                self._wake_up(boot_id, outcome.retry_in)
         return result
 
     def sync(self, test: bool = False) -> dict:
@@ -438,6 +443,7 @@ class HostOperations:
         records) and in each entry of ``actions``, with why; nothing changes.
         """
         started = time.monotonic()
+        began = self._clock()  # a wake-up due by then is answered by this sync
         report: dict[str, object] = {"host": self.host, "checked": 0, "updated": 0,
                                      "actions": [], "skipped": [], "warnings": [], "busy": []}
         if test:
@@ -528,8 +534,27 @@ class HostOperations:
                         retries.append(outcome.retry_in)
         if retries:
             report["retry_at"] = round(now() + min(retries), 3)
+        if not test:
+            self._wake_up(boot_id, min(retries) if retries else None, answered_before=began)
         report["took"] = round(time.monotonic() - started, 6)
         return report
+
+    def _wake_up(self, boot_id: str, retry_in: float | None,
+                 answered_before: float | None = None) -> None:
+        """Hand the beacon a sync due ``retry_in`` seconds from now (and say that a sync that
+        began at ``answered_before`` is over). Logged, never raised: the decision is made and
+        recorded, and the periodic sync is the safety net."""
+        if self.wakeups is None:
+            return
+        # From the clock read now, after the decisions: a retry is late by the job's length
+        # at most, never early.
+        clock = self._clock()
+        due = None if retry_in is None else clock + retry_in
+        try:
+            self.wakeups.update(boot_id, due, clock, answered_before)
+        except OSError as exc:
+            log.warning("vmpower: cannot hand the sync due in %ss to the beacon (%s): %s",
+                        retry_in, self.wakeups.path, exc)
 
     @staticmethod
     def _warn(report: dict, uuid: str, name: str, reason: str) -> None:
