@@ -60,7 +60,8 @@ def journal_path(cachedir: str) -> str:
 
 
 class Journal:
-    """The journal at ``path``: ``append`` for the beacon, ``read`` for reconcile.
+    """The journal at ``path``: ``append`` for the beacon, ``read`` for reconcile, ``latest``
+    for a sync.
 
     Opened lazily; a reader never creates the file (no journal: nothing observed). One
     connection per object, used by one thread at a time.
@@ -154,6 +155,15 @@ class Journal:
         if db is None:
             return 0
         return db.execute("SELECT max(seq) FROM observed").fetchone()[0] or 0
+
+    def latest(self, uuid: str, uri: str) -> int | None:
+        """The ``seq`` of the last row journaled for the domain ``uuid`` on ``uri`` (None:
+        there is none, or no journal)."""
+        db = self._open(create=False)
+        if db is None:
+            return None
+        return db.execute("SELECT max(seq) FROM observed WHERE uri = ? AND uuid = ?",
+                          (uri, uuid)).fetchone()[0]
 
     def read(self, seq: int, uuid: str) -> tuple[Observation | None, Observation | None]:
         """The row ``seq``, and the first row after it for the same domain or a gap, on the

@@ -170,6 +170,25 @@ class HostOperations:
                 return Belief(None, f"this host's journal cannot be read ({exc})")
         return believe(seq, uuid, entry, later, boot_id, self.settings.uri, self._clock())
 
+    def _last_observed(self, uuid: str, boot_id: str, live: LiveState) -> Observation | None:
+        """What this host's beacon last observed of ``uuid``, for a sync: believed as a
+        reconcile of that event would believe it, and only while the live state still agrees.
+        A sync then dates an off spell from when libvirt called back, not from when the sync
+        first saw it (events Salt dropped while the master was away, say)."""
+        if self.journal is None:
+            return None
+        try:
+            seq = self.journal.latest(uuid, self.settings.uri)
+        except JournalError as exc:
+            log.warning("vmpower: cannot read the journal %s: %s", self.journal.path, exc)
+            return None
+        if seq is None:
+            return None
+        observation = self._believe(uuid, seq, boot_id).observation
+        if observation is None or is_stale(observation.transition, live):
+            return None
+        return observation
+
     def _owner_alive(self, task_owner: str, boot_id: str) -> bool | None:
         if not task_owner:
             return None
@@ -524,7 +543,9 @@ class HostOperations:
                     outcomes = self._settle(hv, [
                         self._decide_held(hv, uuid, Cause.SYNC, fresh.get(uuid),
                                           None if live[uuid].state is GONE else live[uuid],
-                                          boot_id, fresh=False, test=test, reread=reread)
+                                          boot_id,
+                                          self._last_observed(uuid, boot_id, live[uuid].state),
+                                          fresh=False, test=test, reread=reread)
                         for uuid in held])
                     if not test:
                         self._record(outcomes)
