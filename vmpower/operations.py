@@ -462,7 +462,6 @@ class HostOperations:
         records) and in each entry of ``actions``, with why; nothing changes.
         """
         started = time.monotonic()
-        began = self._clock()  # a wake-up due by then is answered by this sync
         report: dict[str, object] = {"host": self.host, "checked": 0, "updated": 0,
                                      "actions": [], "skipped": [], "warnings": [], "busy": []}
         if test:
@@ -472,6 +471,7 @@ class HostOperations:
         retries: list[float] = []
         boot_id = self._boot_id()
         with self.store.lock(f"host-{self.host}"), self.connect() as hv:
+            began = self._clock()  # a wake-up due by then is answered by this sync
             at = now()
             live = hv.list_all()
             records = self.store.for_host(self.host)
