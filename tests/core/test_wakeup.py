@@ -71,7 +71,7 @@ class TestAlarm:
         assert fired(Alarm(), [0, 100, 1e6]) == []
 
     def test_fired_once_when_due(self):
-        alarm = Alarm()
+        alarm = Alarm(answer_wait=15)
         alarm.seen(WakeUp(100, BOOT))
         assert fired(alarm, [99, 99.9, 100, 100.5, 101, 110]) == [100]
         assert alarm.fired == 1

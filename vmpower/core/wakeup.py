@@ -26,8 +26,8 @@ import dataclasses
 import math
 from collections.abc import Mapping
 
-ANSWER_WAIT = 15.0  # seconds a fired wake-up waits for its sync before it is fired again
-RETRIES = 3  # times an unanswered wake-up is fired again
+ANSWER_WAIT = 5.0  # seconds a fired wake-up waits for its sync before it is fired again (doubling)
+RETRIES = 5  # times an unanswered wake-up is fired again: 5, 15, 35, 75 and 155 s after the first
 
 
 @dataclasses.dataclass(frozen=True)
