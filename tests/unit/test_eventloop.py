@@ -739,7 +739,8 @@ def test_the_master_coming_back_means_a_master_reconnected_resync(testdriver):
         watcher.retire()
 
 
-def test_a_watcher_whose_beacon_stopped_running_is_closed(tmp_path):
+def test_a_watcher_whose_beacon_stopped_running_is_closed(tmp_path, monkeypatch):
+    monkeypatch.setattr(eventloop, "MIN_IDLE_SLACK", 0.1)  # at once, rather than in 30 s
     loop = eventloop.EventLoop()
     path = str(tmp_path / "eventloop.json")
     settings = BeaconSettings(name="vmpower_removed", uri=TEST_URI)
@@ -754,6 +755,26 @@ def test_a_watcher_whose_beacon_stopped_running_is_closed(tmp_path):
     loop.drain(settings, path, {"loop_interval": 0.1})  # back in the config: connected again
     wait_until(lambda: watcher.settle() and watcher.connected, "connected again")
     assert watcher.drain()[-1] == {"tag": "resync", "reason": "restarted", "lost": 0}
+    watcher.retire()
+
+
+def test_a_beacon_late_by_seconds_keeps_its_watcher(tmp_path):
+    """Salt's loop stalls for seconds while the minion re-initialises after its master came
+    back (3.4 s seen with a 1 s tick): the watcher stays connected, which is no gap in the
+    watch; a beacon no longer run for longer than the slack has its watcher closed."""
+    late = 0.0
+    loop = eventloop.EventLoop(monotonic=lambda: time.monotonic() + late)
+    path = str(tmp_path / "eventloop.json")
+    settings = BeaconSettings(name="vmpower_late", uri=TEST_URI)
+    watcher = loop.watcher(settings)
+    loop.drain(settings, path, {"loop_interval": 1})
+    wait_until(lambda: watcher.settle() and watcher.connected, "connected")
+    late = 5.0
+    loop.close_idle()
+    assert watcher.settle() and watcher.connected and watcher.state == "connected"
+    late = 1 + eventloop.MIN_IDLE_SLACK + 1
+    loop.close_idle()
+    assert watcher.settle() and watcher.state == "closed"
     watcher.retire()
 
 

@@ -46,7 +46,10 @@ from vmpower.journal import Journal, journal_path
 log = logging.getLogger(__name__)
 
 SUPERVISOR_EVERY = 1.0  # seconds between two status writes / idle checks
-MIN_IDLE_SLACK = 2.0  # seconds a beacon run may be late before its watcher counts as dropped
+# Seconds a beacon run may be late before its watcher counts as dropped. Salt's loop stalls
+# for seconds while the minion re-initialises after its master came back; closing the watcher
+# then would be a gap in the watch, and no sync would believe a stop the beacon saw before it.
+MIN_IDLE_SLACK = 30.0
 
 
 class EventLoop:
