@@ -15,7 +15,9 @@ event bus as soon as libvirt calls back (``beacon()``'s tick is the fallback):
   back), ``restarted`` (Salt closed and rebuilt the beacon), ``overflow`` (the queue dropped
   ``lost`` events), ``master_reconnected`` (the minion's link to its master came back),
   ``burst`` (a storm of more than ``burst_limit`` events in a second: ``lost`` of them were
-  not fired one by one). The shipped reactor answers it with ``vmpower.sync``.
+  not fired one by one), ``retry`` (a reconcile or sync handed over a decision due again
+  later, through ``<cachedir>/vmpower/wakeup.json``, and it is due now). The shipped reactor
+  answers it with ``vmpower.sync``.
 
 Everything is optional:
 

@@ -21,8 +21,9 @@ config or pillar under ``vmpower:`` (pillar wins):
           on_host_shutdown: ignore  # (default) a host's shutdown is not the operator's intent
 
 A decision that must be taken again later (a grace or a restart back-off running) is retried
-on time: the result says ``retry_at`` (epoch seconds), and the minion's scheduler runs a
-``vmpower.sync`` then (the one-shot job ``vmpower-wakeup``).
+on time: the result says ``retry_at`` (epoch seconds, for people), and the job hands the
+minion's vmpower beacon the wake-up, on the host's monotonic clock; when it falls due the
+beacon fires a ``retry`` resync, which the reactor answers with a ``vmpower.sync``.
 """
 
 import logging
@@ -92,22 +93,6 @@ def _announce_sync():
         __salt__["event.fire"](sync_started(boot_id(), time.monotonic(), time.time()), SYNC_STARTED)
     except Exception as exc:  # pylint: disable=broad-except
         log.debug("vmpower: could not announce the sync on the minion's bus: %s", exc)
-
-
-def _wake_up_for(result):
-    """Ask the minion's scheduler for a sync at the result's ``retry_at``, if it has one.
-
-    A failure to ask is logged, never raised: the periodic sync is the safety net.
-    """
-    retry_at = result.get("retry_at") if isinstance(result, dict) else None
-    if retry_at is None:
-        return result
-    try:
-        minion.schedule_wakeup(__opts__, retry_at,
-                               lambda data, tag: __salt__["event.fire"](data, tag))
-    except Exception as exc:  # pylint: disable=broad-except
-        log.warning("vmpower: could not schedule the sync due at %s: %s", retry_at, exc)
-    return result
 
 
 def _check(check, *args):
@@ -246,7 +231,7 @@ def reconcile(uuid, transition=None, reason=None, test=None, seq=None):
     result = _run("reconcile", _check(arguments.uuid, uuid), _check(arguments.transition, transition),
                   reason=_check(arguments.word, reason, "reason"), test=test,
                   seq=_check(arguments.seq, seq))
-    return result if test else _wake_up_for(result)
+    return result
 
 
 def sync(test=None):
@@ -260,7 +245,7 @@ def sync(test=None):
 
     test
         A dry run: what would be written (``would_write``) and done (``actions``), and why;
-        nothing changes (no record, no audit entry, no wake-up scheduled).
+        nothing changes (no record, no audit entry, no wake-up asked for).
 
     CLI Example:
 
@@ -278,7 +263,7 @@ def sync(test=None):
         from vmpower.eventloop import read_status
 
         result["event_loop"] = loop_summary(read_status(minion.event_loop_status_path(__opts__)))
-    return result if test else _wake_up_for(result)
+    return result
 
 
 def reset_state(name, vm_state=None, force=False):

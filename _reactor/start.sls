@@ -1,5 +1,5 @@
-{#- A minion (re)started: whatever happened to its VMs while it was down, and any wake-up it
-    had scheduled, is picked up by a full sync.
+{#- A minion (re)started: whatever happened to its VMs while it was down, and any retry that
+    fell due meanwhile, is picked up by a full sync.
 
     Tag: salt/minion/<minion id>/start
     Targeted as a one-element list; a tag whose minion id is not a plain id is ignored. #}

@@ -60,7 +60,8 @@ def journal_path(cachedir: str) -> str:
 
 
 class Journal:
-    """The journal at ``path``: ``append`` for the beacon, ``read`` for reconcile.
+    """The journal at ``path``: ``append`` for the beacon, ``read`` for reconcile, ``latest``
+    for a sync.
 
     Opened lazily; a reader never creates the file (no journal: nothing observed). One
     connection per object, used by one thread at a time.

@@ -8,12 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import json
 import logging
-import math
 import os
 import sqlite3
-import time
 from collections.abc import Callable, Iterator, Mapping
 
 from vmpower.core.settings import ConfigError, Settings, merge, parse_settings
@@ -21,6 +18,7 @@ from vmpower.hypervisor import HypervisorError
 from vmpower.journal import Journal, journal_path
 from vmpower.operations import HostOperations, OperationError
 from vmpower.store import Store, StoreError, open_store
+from vmpower.wakeup import WakeUps, wakeup_path
 
 log = logging.getLogger(__name__)
 
@@ -144,11 +142,12 @@ def event_loop_status_path(opts: Mapping) -> str:
 
 @contextlib.contextmanager
 def operations(opts: Mapping, pillar: Mapping) -> Iterator[HostOperations]:
-    """HostOperations for this minion, with its store open for the length of the block, and
-    the journal of what its beacon observed."""
+    """HostOperations for this minion, with its store open for the length of the block, the
+    journal of what its beacon observed, and the wake-up it hands its beacon."""
     current = settings(opts, pillar)
     with open_minion_store(opts, current) as store, Journal(journal_path(opts["cachedir"])) as journal:
-        yield HostOperations(current, opts["id"], store, journal=journal)
+        yield HostOperations(current, opts["id"], store, journal=journal,
+                             wakeups=WakeUps(wakeup_path(opts["cachedir"])))
 
 
 def sync_schedule(current: Settings, splay: int = 0) -> dict:
@@ -186,53 +185,3 @@ def keep_sync_scheduled(opts: Mapping, fire_event: Callable[[dict, str], object]
     if (current.sync_interval, splay) != _scheduled_interval:
         fire_event(sync_schedule(current, splay), "manage_schedule")
         _scheduled_interval = (current.sync_interval, splay)
-
-
-WAKEUP_JOB = "vmpower-wakeup"
-
-
-def wakeup_path(opts: Mapping) -> str:
-    return os.path.join(opts["cachedir"], "vmpower", "wakeup.json")
-
-
-def wakeup_schedule(retry_at: float) -> dict:
-    """The one-shot scheduler job that runs ``vmpower.sync`` at ``retry_at`` (epoch seconds).
-
-    Salt's ``once`` takes the minion's local time, to the second, and fires the job on the
-    first scheduler tick (``loop_interval``, 1 s by default) at or after it: rounded up, a
-    retry is never early. Persisted (``minion.d/_schedule.conf``), so a wake-up asked for
-    before a minion restart still comes after it; the same job name is reused, so at most one
-    is kept. Salt 3006 and 3008 read ``once`` alike.
-    """
-    at = time.localtime(math.ceil(retry_at))
-    job = {"function": "vmpower.sync", "once": time.strftime("%Y-%m-%dT%H:%M:%S", at),
-           "once_fmt": "%Y-%m-%dT%H:%M:%S", "maxrunning": 1, "enabled": True,
-           "jid_include": True}
-    return {"func": "add", "schedule": {WAKEUP_JOB: job}, "persist": True}
-
-
-def schedule_wakeup(opts: Mapping, retry_at: float, fire_event: Callable[[dict, str], object],
-                    at: float | None = None) -> bool:
-    """Ask the minion's scheduler for a sync at ``retry_at``, unless an earlier one is pending.
-
-    The pending time is kept in a file next to the beacon's status (under a lock: jobs run in
-    processes of their own), because the scheduler holds one wake-up and a later request must
-    not push an earlier one back. True when a new wake-up was asked for.
-    """
-    at = time.time() if at is None else at
-    path = wakeup_path(opts)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path + ".lock", "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            with open(path) as handle:
-                pending = float(json.load(handle).get("at", 0))
-        except (OSError, ValueError, TypeError, AttributeError):
-            pending = 0.0
-        if at < pending <= retry_at:
-            return False  # an earlier (or the same) wake-up comes first; its sync asks again
-        fire_event(wakeup_schedule(retry_at), "manage_schedule")
-        with open(path + ".tmp", "w") as handle:
-            json.dump({"at": retry_at}, handle)
-        os.replace(path + ".tmp", path)
-    return True

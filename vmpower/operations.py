@@ -58,6 +58,7 @@ from vmpower.eventloop import read_status
 from vmpower.hypervisor import Hypervisor, LiveDomain
 from vmpower.journal import Journal, JournalError
 from vmpower.store import Change, Note, Store, describe_holder
+from vmpower.wakeup import WakeUps
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +99,8 @@ class HostOperations:
     ``clock`` is the host's monotonic clock and ``boot_id`` a function giving the host's boot
     id, injected so tests can step them; ``alive`` tells whether a ``task_owner`` runs.
     ``journal`` is what this host's beacon observed (None: nothing, so a reconcile believes
-    no event's claims and decides as a sync would).
+    no event's claims and decides as a sync would). ``wakeups`` is where a decision due again
+    later is handed to the beacon, which asks for a sync then (None: nowhere).
     """
 
     def __init__(self, settings: Settings, host: str, store: Store,
@@ -107,11 +109,12 @@ class HostOperations:
                  boot_id: Callable[[], str] = hostinfo.boot_id,
                  alive: Callable[[str], bool | None] | None = None,
                  stopping: Callable[[], bool | None] = hostinfo.host_stopping,
-                 journal: Journal | None = None):
+                 journal: Journal | None = None, wakeups: WakeUps | None = None):
         self.settings = settings
         self.host = host
         self.store = store
         self.journal = journal
+        self.wakeups = wakeups
         self._hypervisor = hypervisor
         self._clock = clock
         self._boot_id = boot_id
@@ -172,6 +175,25 @@ class HostOperations:
                 log.warning("vmpower: cannot read the journal %s: %s", self.journal.path, exc)
                 return Belief(None, f"this host's journal cannot be read ({exc})")
         return believe(seq, uuid, entry, later, boot_id, self.settings.uri, self._clock())
+
+    def _last_observed(self, uuid: str, boot_id: str, live: LiveState) -> Observation | None:
+        """What this host's beacon last observed of ``uuid``, for a sync: believed as a
+        reconcile of that event would believe it, and only while the live state still agrees.
+        A sync then dates an off spell from when libvirt called back, not from when the sync
+        first saw it (events Salt dropped while the master was away, say)."""
+        if self.journal is None:
+            return None
+        try:
+            latest, _ = self.journal.latest(uuid, self.settings.uri)
+        except JournalError as exc:
+            log.warning("vmpower: cannot read the journal %s: %s", self.journal.path, exc)
+            return None
+        if latest is None:
+            return None
+        observation = self._believe(uuid, latest.seq, boot_id).observation
+        if observation is None or is_stale(observation.transition, live):
+            return None
+        return observation
 
     def _owner_alive(self, task_owner: str, boot_id: str) -> bool | None:
         if not task_owner:
@@ -449,6 +471,8 @@ class HostOperations:
             result["transition"] = transition.value
         if outcome.retry_in is not None:
             result["retry_at"] = round(now() + outcome.retry_in, 3)
+            if not test:
+                self._wake_up(boot_id, outcome.retry_in)
         return result
 
     def sync(self, test: bool = False) -> dict:
@@ -474,9 +498,12 @@ class HostOperations:
             if covered_by:
                 report["queued"] = covered_by
                 return report
+            began = self._clock()  # a wake-up due by then is answered by this sync
             self._sync_held(report, retries, boot_id, test)
         if retries:
             report["retry_at"] = round(now() + min(retries), 3)
+        if not test:
+            self._wake_up(boot_id, min(retries) if retries else None, answered_before=began)
         report["took"] = round(time.monotonic() - started, 6)
         return report
 
@@ -591,11 +618,15 @@ class HostOperations:
                     reread = hv.find_listed(held) if held else {}
                     # Decided on the domain as read after its record, never on the listing:
                     # the event path may have written a newer record since the listing.
+                    now_live = {uuid: reread[uuid] if uuid in reread else (
+                        None if live[uuid].state is GONE else live[uuid]) for uuid in held}
                     outcomes = self._settle(hv, [
                         self._decide_held(hv, uuid, Cause.SYNC, fresh.get(uuid),
-                                          reread[uuid] if uuid in reread else (
-                                              None if live[uuid].state is GONE else live[uuid]),
-                                          boot_id, fresh=False, test=test, reread=reread)
+                                          now_live[uuid], boot_id,
+                                          self._last_observed(
+                                              uuid, boot_id,
+                                              now_live[uuid].state if now_live[uuid] else GONE),
+                                          fresh=False, test=test, reread=reread)
                         for uuid in held])
                     if not test:
                         self._record(outcomes)
@@ -603,6 +634,23 @@ class HostOperations:
                     self._report_outcome(report, outcome, counted=not test)
                     if outcome.retry_in is not None:
                         retries.append(outcome.retry_in)
+
+    def _wake_up(self, boot_id: str, retry_in: float | None,
+                 answered_before: float | None = None) -> None:
+        """Hand the beacon a sync due ``retry_in`` seconds from now (and say that a sync that
+        began at ``answered_before`` is over). Logged, never raised: the decision is made and
+        recorded, and the periodic sync is the safety net."""
+        if self.wakeups is None:
+            return
+        # From the clock read now, after the decisions: a retry is late by the job's length
+        # at most, never early.
+        clock = self._clock()
+        due = None if retry_in is None else clock + retry_in
+        try:
+            self.wakeups.update(boot_id, due, clock, answered_before)
+        except OSError as exc:
+            log.warning("vmpower: cannot hand the sync due in %ss to the beacon (%s): %s",
+                        retry_in, self.wakeups.path, exc)
 
     @staticmethod
     def _warn(report: dict, uuid: str, name: str, reason: str) -> None:

@@ -1,12 +1,12 @@
 """A crash loop of a VM pinned ``active`` through the whole event path, backed off on
 time: a real guest that powers itself off about two seconds after every boot, the vmpower
-beacon in a real minion (``beacon_minion``, no periodic sync during the run), the shipped
-reactor and Salt's own scheduler.
+beacon in a real minion (``beacon_minion``, no periodic sync during the run) and the shipped
+reactor.
 
 The first restart comes from the guest's STOPPED event. The later ones are backed off: the
-event's reconcile only says when the restart is due, and nothing but the one-shot wake-up the
-module asks the minion's scheduler for can make it happen, since the periodic sync is an hour
-away. So the restarts themselves show that a backed-off restart happens on time; the records
+event's reconcile only says when the restart is due, and nothing but the ``retry`` resync the
+beacon fires for the wake-up the job handed it can make it happen, since the periodic sync is
+an hour away. So the restarts themselves show that a backed-off restart happens on time; the records
 show that each came no earlier than its back-off, that ``restart_count`` and its audit entries
 are exact, and that vmpower gives up (``vm_state=error``) at ``restart_limit``.
 """
@@ -79,7 +79,8 @@ def test_crash_loop_of_a_pinned_vm_restarts_on_time_with_its_back_offs(
         # The first restart is due as the grace ends: the event's reconcile makes it, or a sync
         # running then (a pillar refresh's resync answered late on a loaded machine) makes it
         # first; both decide on the same facts, so which wins is not the product's concern.
-        # The backed-off ones were started by the scheduler's wake-up sync: no event was due.
+        # The backed-off ones were started by the sync answering the beacon's retry resync:
+        # no event was due.
         assert {entry["cause"] for entry in starts[1:]} == {"sync"}, starts
         times = [entry["new"]["last_restart_at"] for entry in starts]
         for number in range(1, LIMIT):

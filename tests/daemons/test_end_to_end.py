@@ -492,9 +492,9 @@ def test_scheduled_sync_catches_a_change_no_event_reported(salt_master, minion_f
             event_listener, salt_master.id, minion_id, "vmpower.sync", since, timeout=60,
             match=lambda ret: isinstance(ret, dict)
             and any(action.get("uuid") == guest.uuid for action in ret.get("actions", [])))
-        # The periodic job, or the one-shot wake-up a sync asked for when the VM was first
-        # seen off (no path acts within stop_grace): Salt's scheduler either way.
-        assert caught.get("schedule") in ("vmpower-sync", "vmpower-wakeup"), caught
+        # The periodic job: a retry asked for when the VM was first seen off (no path acts
+        # within stop_grace) would come from the beacon, which is disabled.
+        assert caught.get("schedule") == "vmpower-sync", caught
         record = wait_for_record(minion, guest.uuid, vm_state="stopped")
         assert record["power_state"] == "shutdown", record
         stopping = [e for e in history(minion, guest.uuid)

@@ -248,3 +248,32 @@ def test_the_module_reads_the_minions_journal_by_the_seq_the_reactor_passes(load
     assert result["observed"]["seq"] == seq and result["vm_state"] == "stopped", result
     with pytest.raises(CommandExecutionError, match="seq must be an event's sequence number"):
         mods["vmpower.reconcile"](uuid=dom.UUIDString(), seq="soon")
+
+
+# A sync believes what this host's beacon observed last, as a reconcile of that event would.
+def test_a_sync_dates_an_off_spell_from_the_stop_the_beacon_observed(store, testdriver, tmp_path):
+    """The STOPPEDs were fired while the master was away (Salt dropped them): the resync's sync
+    finds the VMs off for the first time. The beacon saw ``web`` go off 40 s ago, so its grace
+    is over and the sync acts now. Nothing else is believed: ``gapped``'s stop came before a
+    gap in the beacon's watch, ``rebooted``'s in another boot, and ``running`` runs again."""
+    web, gapped, rebooted, running = (testdriver.define(name)
+                                      for name in ("web", "gapped", "rebooted", "running"))
+    clock = Clock()
+    with Journal(str(tmp_path / "journal.sqlite"), boot_id=lambda: BOOT) as journal:
+        ops = operations(store, clock, journal)
+        ops.sync()
+        for dom in (web, gapped, rebooted):
+            dom.destroy()
+        observe(journal, gapped, Transition.STOPPED, "guest_shutdown", clock() - 40)
+        journal_event(journal, "", "gap", "reconnected", clock() - 39, BOOT)
+        observe(journal, web, Transition.STOPPED, "guest_shutdown", clock() - 40)
+        observe(journal, rebooted, Transition.STOPPED, "guest_shutdown", clock() - 40,
+                boot_id="boot-0")
+        observe(journal, running, Transition.STOPPED, "guest_shutdown", clock() - 40)
+        report = ops.sync()
+    states = [(store.get(dom.UUIDString()).vm_state.value, store.get(dom.UUIDString()).power_state.value)
+              for dom in (web, gapped, rebooted, running)]
+    assert states == [("stopped", "shutdown"), ("active", "shutdown"), ("active", "shutdown"),
+                      ("active", "running")], report
+    assert running.isActive()
+    assert 0 < report["retry_at"] - time.time() <= GRACE + 0.001  # for the two not believed

@@ -26,6 +26,8 @@ import salt.beacons
 
 from vmpower import eventloop
 from vmpower.core.settings import BeaconSettings
+from vmpower.core.wakeup import ANSWER_WAIT
+from vmpower.wakeup import WakeUps, wakeup_path
 
 from .conftest import TEST_URI
 
@@ -737,7 +739,8 @@ def test_the_master_coming_back_means_a_master_reconnected_resync(testdriver):
         watcher.retire()
 
 
-def test_a_watcher_whose_beacon_stopped_running_is_closed(tmp_path):
+def test_a_watcher_whose_beacon_stopped_running_is_closed(tmp_path, monkeypatch):
+    monkeypatch.setattr(eventloop, "MIN_IDLE_SLACK", 0.1)  # at once, rather than in 30 s
     loop = eventloop.EventLoop()
     path = str(tmp_path / "eventloop.json")
     settings = BeaconSettings(name="vmpower_removed", uri=TEST_URI)
@@ -752,6 +755,26 @@ def test_a_watcher_whose_beacon_stopped_running_is_closed(tmp_path):
     loop.drain(settings, path, {"loop_interval": 0.1})  # back in the config: connected again
     wait_until(lambda: watcher.settle() and watcher.connected, "connected again")
     assert watcher.drain()[-1] == {"tag": "resync", "reason": "restarted", "lost": 0}
+    watcher.retire()
+
+
+def test_a_beacon_late_by_seconds_keeps_its_watcher(tmp_path):
+    """Salt's loop stalls for seconds while the minion re-initialises after its master came
+    back (3.4 s seen with a 1 s tick): the watcher stays connected, which is no gap in the
+    watch; a beacon no longer run for longer than the slack has its watcher closed."""
+    late = 0.0
+    loop = eventloop.EventLoop(monotonic=lambda: time.monotonic() + late)
+    path = str(tmp_path / "eventloop.json")
+    settings = BeaconSettings(name="vmpower_late", uri=TEST_URI)
+    watcher = loop.watcher(settings)
+    loop.drain(settings, path, {"loop_interval": 1})
+    wait_until(lambda: watcher.settle() and watcher.connected, "connected")
+    late = 5.0
+    loop.close_idle()
+    assert watcher.settle() and watcher.connected and watcher.state == "connected"
+    late = 1 + eventloop.MIN_IDLE_SLACK + 1
+    loop.close_idle()
+    assert watcher.settle() and watcher.state == "closed"
     watcher.retire()
 
 
@@ -813,3 +836,133 @@ def test_settle_waits_for_callbacks_made_while_a_round_runs(testdriver, monkeypa
         assert misses == 0
     finally:
         watcher.retire()
+
+
+# The wake-up a job hands over: the beacon fires a retry resync when it is due.
+RETRY = {"tag": "resync", "reason": "retry", "lost": 0}
+
+
+class WakeUpLoop:
+    """An EventLoop of its own (a minion process) on a clock moved by hand, with one watcher of
+    the test driver whose events go through the tick (a masterless minion: no bus)."""
+
+    def __init__(self, tmp_path, boot="boot-1", mono=1000.0):
+        self.mono = mono
+        self.loop = eventloop.EventLoop(monotonic=lambda: self.mono, boot_id=lambda: boot)
+        self.settings = BeaconSettings(name=f"vmpower_wake{next(_names)}", uri=TEST_URI)
+        self.opts = {"id": "h", "file_client": "local", "loop_interval": 3600,
+                     "cachedir": str(tmp_path)}
+        self.status = str(tmp_path / "eventloop.json")
+        self.fired = []
+        self.drain()
+        self.watcher = self.loop.watcher(self.settings)
+        wait_until(lambda: self.drain() is not None and RESYNC_CONNECTED in self.fired, "connected")
+
+    def drain(self):
+        watcher = self.loop._watchers.get(self.settings.name)
+        if watcher is not None:
+            assert watcher.settle(WAIT), "the watcher's thread did not settle"
+        self.fired.extend(self.loop.drain(self.settings, self.status, self.opts))
+        return self.fired
+
+    def retries(self):
+        """Ask the loop to look at the wake-up now; the retry resyncs fired so far."""
+        self.loop.wake_up_if_due()
+        self.drain()
+        return self.fired.count(RETRY)
+
+    def close(self):
+        self.watcher.retire()
+
+
+RESYNC_CONNECTED = {"tag": "resync", "reason": "connected", "lost": 0}
+
+
+@pytest.fixture
+def wake_loop(tmp_path, testdriver):
+    made = []
+
+    def make(**kwargs):
+        made.append(WakeUpLoop(tmp_path, **kwargs))
+        return made[-1]
+
+    yield make
+    for loop in made:
+        loop.close()
+
+
+def test_a_wake_up_fires_one_retry_resync_when_it_is_due(wake_loop, tmp_path):
+
+    loop = wake_loop()
+    WakeUps(wakeup_path(str(tmp_path))).update("boot-1", 1015.0, 1000.0)
+    assert loop.retries() == 0
+    loop.mono = 1014.9
+    assert loop.retries() == 0
+    loop.mono = 1015.0
+    assert loop.retries() == 1
+    loop.mono = 1015.0 + ANSWER_WAIT - 0.1
+    assert loop.retries() == 1  # fired once; again only if no sync answers it in time
+    status = loop.loop.status()["wakeup"]
+    assert status["pending"] and status["fired"] == 1
+
+
+def test_an_unanswered_wake_up_is_fired_again_and_an_answered_one_is_not(wake_loop, tmp_path):
+
+    loop = wake_loop()
+    wakeups = WakeUps(wakeup_path(str(tmp_path)))
+    wakeups.update("boot-1", 1001.0, 1000.0)
+    loop.mono = 1001.0
+    assert loop.retries() == 1
+    loop.mono = 1001.0 + ANSWER_WAIT  # no sync came
+    assert loop.retries() == 2
+    wakeups.update("boot-1", None, 1017.0, answered_before=1016.5)  # a sync came and ended
+    loop.mono = 1100.0
+    assert loop.retries() == 2
+    assert not loop.loop.status()["wakeup"]["pending"]
+
+
+def test_after_a_minion_restart_the_wake_up_still_comes(wake_loop, tmp_path):
+    """The file outlives the minion process: a new one fires what the old one had pending,
+    on time in the same boot, at once for one of an earlier boot."""
+
+    WakeUps(wakeup_path(str(tmp_path))).update("boot-1", 1030.0, 1000.0)
+    later = wake_loop(mono=1020.0)  # the minion restarted: a new process, the same boot
+    assert later.retries() == 0
+    later.mono = 1030.0
+    assert later.retries() == 1
+    later.close()
+    rebooted = wake_loop(boot="boot-2", mono=5.0)  # the host rebooted
+    assert rebooted.retries() == 1
+
+
+def test_a_due_wake_up_waits_while_the_master_is_away(wake_loop, tmp_path):
+    loop = wake_loop()
+
+    class Link:
+        connected = False
+
+        def is_alive(self):
+            return True
+
+        def health(self):
+            return {}
+
+    loop.loop._master_link = Link()
+    WakeUps(wakeup_path(str(tmp_path))).update("boot-1", 1001.0, 1000.0)
+    loop.mono = 1002.0
+    assert loop.retries() == 0  # Salt would drop it
+    Link.connected = True
+    assert loop.retries() == 1
+
+
+def test_a_retry_due_while_salt_has_the_beacon_closed_fires_when_it_runs_again(wake_loop,
+                                                                               tmp_path):
+    loop = wake_loop()
+    loop.loop.close(loop.settings.name, loop.status)
+    assert loop.watcher.settle(WAIT) and loop.watcher.state == "closed"
+    WakeUps(wakeup_path(str(tmp_path))).update("boot-1", 1001.0, 1000.0)
+    loop.mono = 1001.0
+    loop.loop.wake_up_if_due()
+    assert loop.watcher.settle(WAIT) and loop.watcher._outbox == []  # not while closed
+    # Salt runs the beacon again: it connects, says so, and fires the retry.
+    wait_until(lambda: loop.drain() is not None and RETRY in loop.fired, "the retry resync")

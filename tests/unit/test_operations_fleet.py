@@ -11,12 +11,13 @@ import time
 import libvirt
 import pytest
 
-from vmpower import minion
 from vmpower.core.model import Cause, PowerState, VmState
 from vmpower.core.settings import parse_settings
-from vmpower.hostinfo import process_owner
+from vmpower.core.wakeup import WakeUp
+from vmpower.hostinfo import boot_id, process_owner
 from vmpower.operations import HostOperations, OperationError
 from vmpower.store import Change, open_store
+from vmpower.wakeup import WakeUps, read, wakeup_path
 
 from .conftest import TEST_URI, journal_event
 from .test_operations import BOOT, HOST, Clock, observed_stop, operations
@@ -278,36 +279,87 @@ def test_a_sync_warns_when_autostart_contradicts_the_pin(store, testdriver):
 
 
 class TestWakeUp:
-    def test_asks_the_scheduler_for_a_one_shot_sync(self, tmp_path):
-        opts = {"cachedir": str(tmp_path)}
-        fired = []
-        assert minion.schedule_wakeup(opts, 1000.2, lambda d, t: fired.append((t, d)), at=990)
-        tag, data = fired[0]
-        job = data["schedule"][minion.WAKEUP_JOB]
-        assert tag == "manage_schedule" and data["func"] == "add" and data["persist"] is True
-        assert job["function"] == "vmpower.sync"
-        assert job["once"] == time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(1001))
+    """A decision due again later is handed to the beacon, on the monotonic clock with the boot
+    id, through the wake-up file; nothing goes through Salt's scheduler."""
 
-    def test_a_later_request_does_not_push_an_earlier_one_back(self, tmp_path):
-        opts = {"cachedir": str(tmp_path)}
-        fired = []
-        def fire(d, t):
-            fired.append(d)
-        assert minion.schedule_wakeup(opts, 1000, fire, at=990)
-        assert not minion.schedule_wakeup(opts, 1005, fire, at=991)
-        assert minion.schedule_wakeup(opts, 995, fire, at=992)  # earlier: replaces it
-        assert minion.schedule_wakeup(opts, 1010, fire, at=996)  # the pending one has passed
-        assert len(fired) == 3
+    @staticmethod
+    def ops(store, tmp_path, clock, **settings):
+        ops = operations(store, clock, **settings)
+        ops.wakeups = WakeUps(str(tmp_path / "wakeup.json"))
+        return ops
 
-    def test_the_module_schedules_what_a_sync_reports(self, load_minion, testdriver, monkeypatch):
+    def test_a_sync_that_waits_out_the_grace_hands_over_its_due_time(self, store, testdriver,
+                                                                      tmp_path):
         dom = testdriver.define("web")
-        mods = load_minion(TEST_URI, None, stop_timeout=0).functions
+        clock = Clock(1000.0)
+        ops = self.ops(store, tmp_path, clock)
+        ops.sync()
+        assert read(ops.wakeups.path) is None  # nothing to wait for
+        dom.destroy()
+        held = ops.sync()  # first seen off now: 15 s of grace
+        assert held["actions"] == [] and "retry_at" in held
+        assert read(ops.wakeups.path) == WakeUp(1015.0, BOOT, 1000.0)
+
+    def test_the_sync_it_asked_for_answers_it_and_asks_for_nothing_more(self, store, testdriver,
+                                                                         tmp_path):
+        dom = testdriver.define("web")
+        clock = Clock(1000.0)
+        ops = self.ops(store, tmp_path, clock)
+        ops.sync()
+        dom.destroy()
+        ops.sync()
+        clock.step(15)
+        report = ops.sync()
+        assert store.get(dom.UUIDString()).vm_state is VmState.STOPPED, report
+        assert read(ops.wakeups.path) is None
+
+    def test_a_sync_before_the_due_time_leaves_it(self, store, testdriver, tmp_path):
+        dom = testdriver.define("web")
+        clock = Clock(1000.0)
+        ops = self.ops(store, tmp_path, clock)
+        ops.sync()
+        dom.destroy()
+        ops.sync()
+        clock.step(5)
+        ops.sync()  # still within the grace: asks for 1015 again, the one kept
+        assert read(ops.wakeups.path) == WakeUp(1015.0, BOOT, 1000.0)
+
+    def test_a_reconcile_hands_over_its_due_time_and_a_dry_run_nothing(self, store, testdriver,
+                                                                       tmp_path):
+        dom = testdriver.define("web")
+        clock = Clock(1000.0)
+        ops = self.ops(store, tmp_path, clock)
+        ops.sync()
+        dom.destroy()
+        ops.sync(test=True)
+        ops.reconcile(dom.UUIDString(), test=True)
+        assert read(ops.wakeups.path) is None
+        result = ops.reconcile(dom.UUIDString())
+        assert "retry_at" in result
+        assert read(ops.wakeups.path) == WakeUp(1015.0, BOOT, 1000.0)
+
+    def test_a_file_that_cannot_be_written_fails_nothing(self, store, testdriver, tmp_path, caplog):
+        dom = testdriver.define("web")
+        (tmp_path / "file").write_text("")
+        ops = operations(store, Clock())
+        ops.wakeups = WakeUps(str(tmp_path / "file" / "wakeup.json"))  # under a plain file
+        ops.sync()
+        dom.destroy()
+        assert "retry_at" in ops.sync()
+        assert "cannot hand the sync due" in caplog.text
+
+    def test_the_module_hands_over_what_a_sync_reports(self, load_minion, testdriver):
+        dom = testdriver.define("web")
+        loaded = load_minion(TEST_URI, None, stop_timeout=0)
+        mods = loaded.functions
         mods["vmpower.sync"]()
         dom.destroy()
-        asked = []
-        monkeypatch.setattr(minion, "schedule_wakeup", lambda opts, at, fire: asked.append(at))
+        before = time.monotonic()
         report = mods["vmpower.sync"]()
-        assert asked == [report["retry_at"]]
+        wake = read(wakeup_path(loaded.opts["cachedir"]))
+        assert wake is not None and wake.boot_id == boot_id(), report
+        assert before + 15 <= wake.due <= time.monotonic() + 15
+        assert "manage_schedule" not in str(report)
 
 
 @pytest.fixture

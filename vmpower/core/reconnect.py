@@ -22,8 +22,10 @@ from __future__ import annotations
 import dataclasses
 
 SPACING = 10.0  # seconds between two announced returns of the master
-ANSWER_WAIT = 15.0  # seconds a resync waits for its sync before it is asked again (doubling)
-RETRIES = 3  # times an unanswered resync is asked again
+# A resync fired the moment the minion has its master back is often lost (the minion is still
+# signing in): asked again soon, so that the sync comes within stop_grace + 5 s of the return.
+ANSWER_WAIT = 5.0  # seconds a resync waits for its sync before it is asked again (doubling)
+RETRIES = 5  # times an unanswered resync is asked again: 5, 15, 35, 75 and 155 s after the first
 
 
 @dataclasses.dataclass

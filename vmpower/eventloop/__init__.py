@@ -15,9 +15,11 @@ The parts, each readable alone:
   (``vmpower.core.burst``) and the journal of what it observed (``vmpower.journal``);
 - ``delivery``: the immediate path through the minion's bus, and the master link's news;
 - ``status``: the status file that ``vmpower.status`` reads in job processes;
+- ``vmpower.wakeup``: the wake-up a job hands over (a decision due again later), which the
+  status thread reads and, once due, has the watchers fire as a ``retry`` resync;
 - ``config``: Salt's beacon configuration into the core's settings;
 - this module: the process's watchers, one per beacon, and the thread that writes the status
-  file and closes the watchers of beacons Salt no longer runs.
+  file, fires due wake-ups and closes the watchers of beacons Salt no longer runs.
 
 ``drain()`` and ``close()`` run on the minion's loop and only look up, swap and flag.
 """
@@ -30,7 +32,9 @@ import threading
 import time
 from collections.abc import Mapping
 
+from vmpower import hostinfo, wakeup
 from vmpower.core.settings import DEFAULT_STOP_GRACE, BeaconSettings
+from vmpower.core.wakeup import Alarm
 from vmpower.eventloop import native
 from vmpower.eventloop.delivery import MasterLink, MinionBus, beacon_live, masterless
 from vmpower.eventloop.failures import Failures
@@ -42,14 +46,26 @@ from vmpower.journal import Journal, journal_path
 log = logging.getLogger(__name__)
 
 SUPERVISOR_EVERY = 1.0  # seconds between two status writes / idle checks
-MIN_IDLE_SLACK = 2.0  # seconds a beacon run may be late before its watcher counts as dropped
+# Seconds a beacon run may be late before its watcher counts as dropped. Salt's loop stalls
+# for seconds while the minion re-initialises after its master came back; closing the watcher
+# then would be a gap in the watch, and no sync would believe a stop the beacon saw before it.
+MIN_IDLE_SLACK = 30.0
 
 
 class EventLoop:
     """The process's watchers, one per configured beacon, and the status file they share."""
 
-    def __init__(self, monotonic=time.monotonic):
+    def __init__(self, monotonic=time.monotonic, boot_id=hostinfo.boot_id, clock=time.time):
+        """``monotonic`` runs the idle checks and the wake-ups, in the boot ``boot_id()``;
+        ``clock`` (the wall clock) only says to people when a wake-up is due."""
         self._monotonic = monotonic
+        self._boot_id = boot_id()
+        self._clock = clock
+        self._wakeup_path: str | None = None
+        self._wakeup_file: tuple | None = None  # what the file was when last read (stat)
+        self._wakeup_due_at: float | None = None  # the pending wake-up on the wall clock
+        self.alarm = Alarm()
+        self._wakeup_lock = threading.Lock()
         self._lock = threading.Lock()
         self._watchers: dict[str, Watcher] = {}
         self._ticks: dict[str, float] = {}  # beacon name -> seconds between two of its runs
@@ -106,6 +122,8 @@ class EventLoop:
         loop_interval = float((opts or {}).get("loop_interval") or 1)
         self._ticks[settings.name] = max(loop_interval, settings.interval)
         self._status_path = status_path
+        if opts is not None and opts.get("cachedir"):
+            self._wakeup_path = wakeup.wakeup_path(opts["cachedir"])
         self._ensure_supervisor()
         return watcher.drain()
 
@@ -143,6 +161,7 @@ class EventLoop:
             time.sleep(SUPERVISOR_EVERY)
             try:
                 self.close_idle()
+                self.wake_up_if_due()
                 if self._status_path:
                     self.write_status(self._status_path)
             except Exception as exc:  # pylint: disable=broad-except
@@ -166,6 +185,49 @@ class EventLoop:
                          f"not run for {idle:.1f} s, every {tick:g} s before")
                 watcher.close()
 
+    def wake_up_if_due(self) -> bool:
+        """Read the wake-up jobs handed over (once it changed) and, when it is due, have every
+        watcher fire a ``retry`` resync; True when they were told to. While the minion knows
+        its master is away, a due wake-up waits: Salt would drop the resync, and the master's
+        return brings a resync of its own."""
+        path = self._wakeup_path
+        if path is None:
+            return False
+        with self._wakeup_lock:
+            self.alarm.seen(self._read_wakeup(path))
+            link = self._master_link
+            if link is not None and link.connected is False:
+                return False
+            watchers = [w for w in list(self._watchers.values()) if w.state != "retired"]
+            if not watchers or not self.alarm.due(self._monotonic(), self._boot_id):
+                return False
+        log.info("vmpower: a decision taken earlier is due again: firing a retry resync%s",
+                 f" (again, {self.alarm.tries} of {self.alarm.retries}: no sync answered)"
+                 if self.alarm.tries else "")
+        for watcher in watchers:
+            watcher.wake_up()
+        return True
+
+    def _read_wakeup(self, path: str):
+        """The pending wake-up at ``path``, read again only when the file changed."""
+        try:
+            stat = os.stat(path)
+            seen = (stat.st_ino, stat.st_mtime_ns, stat.st_size)
+        except FileNotFoundError:
+            seen = None
+        except OSError as exc:
+            self.failures.note("wakeup", "cannot read the wake-up at %s: %s", path, exc)
+            return self.alarm.pending
+        if seen == self._wakeup_file:
+            return self.alarm.pending
+        self._wakeup_file = seen
+        pending = wakeup.read(path) if seen is not None else None
+        if pending != self.alarm.pending:
+            self._wakeup_due_at = None if pending is None else (
+                self._clock() + max(0.0, pending.due - self._monotonic())
+                if pending.boot_id == self._boot_id else self._clock())
+        return pending
+
     # Health.
     def status(self) -> dict:
         """The health of the event thread, of every watcher and of the master link."""
@@ -173,6 +235,8 @@ class EventLoop:
         return {"pid": os.getpid(), "thread_alive": native.thread_alive(),
                 "loop_errors": native.loop_errors, "failures": self.failures.counts(),
                 "master": link.health() if link is not None else None,
+                "wakeup": {"pending": self.alarm.pending is not None, "due_at": self._wakeup_due_at,
+                           "fired": self.alarm.fired, "unanswered": self.alarm.given_up},
                 "stuck": any(w.health()["stuck"] for w in self._watchers.values()),
                 "watchers": {name: watcher.health() for name, watcher in self._watchers.items()}}
 

@@ -109,7 +109,8 @@ def resync_data(reason: str, lost: int) -> dict:
 
     ``lost`` counts the events that were not fired one by one (dropped by an overflowing queue,
     or coalesced by a burst); a gap in a connection cannot be counted, so it is 0 for
-    ``connected``, ``reconnected``, ``restarted`` and ``master_reconnected``.
+    ``connected``, ``reconnected``, ``restarted`` and ``master_reconnected``, and for ``retry``
+    (a decision taken earlier is due again), which is no gap at all.
     """
     return {"tag": "resync", "reason": reason, "lost": lost}
 
@@ -159,6 +160,7 @@ class Watcher:
         self._retired = False
         self._pending_settings: tuple[BeaconSettings, float] | None = None
         self._master_reconnected = False
+        self._wake_up = False  # a decision is due again: fire a retry resync when the beacon runs
         self.last_drain = monotonic()
         # The watcher's thread only:
         self._conn = None
@@ -291,6 +293,13 @@ class Watcher:
             self._master_reconnected = self._poked = True
             self._cond.notify()
 
+    def wake_up(self) -> None:
+        """A decision taken earlier is due again: fire a ``retry`` resync (once Salt runs the
+        beacon, if it has closed it meanwhile)."""
+        with self._cond:
+            self._wake_up = self._poked = True
+            self._cond.notify()
+
     def settle(self, timeout: float = 30.0) -> bool:
         """Wait until the thread has handled everything queued so far (tests, benchmarks);
         False if it did not within ``timeout`` (it is blocked in libvirt)."""
@@ -334,6 +343,7 @@ class Watcher:
                 close, self._close_requested = self._close_requested, False
                 pending, self._pending_settings = self._pending_settings, None
                 master_back, self._master_reconnected = self._master_reconnected, False
+                wake_up, self._wake_up = self._wake_up, False
             try:
                 if retired:
                     self._disconnect()
@@ -341,6 +351,8 @@ class Watcher:
                     return
                 if pending is not None:
                     self._apply(*pending)
+                if wake_up:
+                    self._retry(wanted)
                 self._step(raw, lost, wanted, close, master_back)
             except Exception as exc:  # pylint: disable=broad-except
                 # The thread must outlive anything; a bug here is counted and shown, once.
@@ -378,6 +390,13 @@ class Watcher:
         self._release_due(self._monotonic())
         if master_back and wanted:
             self._resync("master_reconnected", 0)
+
+    def _retry(self, wanted: bool) -> None:
+        if wanted:
+            self._resync("retry", 0)
+        else:  # Salt closed the beacon: the resync waits for its next run
+            with self._cond:
+                self._wake_up = True
 
     def _apply(self, settings: BeaconSettings, stop_grace: float) -> None:
         keepalive_changed = (settings.keepalive_interval, settings.keepalive_count) != (
