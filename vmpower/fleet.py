@@ -67,7 +67,7 @@ def keep_events(opts: Mapping, events: Sequence[Any]) -> dict[str, Any]:
     batch tries again); it never raises, because Salt would only log a less clear message.
     """
     received = time.time()
-    kept, skipped = core.split_batch(events, received)
+    kept, skipped = core.split_batch(events, received, signature_check(opts))
     for why in skipped:
         log.warning("vmpower returner: skipped a malformed vmpower event: %s", why)
     result = {"kept": len(kept), "skipped": len(skipped), "error": None}
@@ -97,6 +97,41 @@ def keep_events(opts: Mapping, events: Sequence[Any]) -> dict[str, Any]:
         log.error("vmpower returner: %d vmpower event(s) not kept: %s", len(kept), exc)
         return {**result, "kept": 0, "error": str(exc)}
     return result
+
+
+# What Salt's master bus adds to a load it fires, after the master checked the minion's signature.
+ADDED_BY_THE_BUS = ("sig", "_stamp")
+
+
+def signature_check(opts: Mapping) -> core.SignedBy:
+    """``core.SignedBy`` from the master's accepted minion keys (``pki_dir/minions/<id>``) and
+    its ``signing_algorithm``: whether an event's data is a load the minion signed
+    (``minion_sign_messages: True``), checked as the master checks a return it receives
+    (``AESFuncs._return``: the load without ``sig``, serialized with msgpack). The bus added
+    ``_stamp`` after that. Anything that cannot be checked is no signature."""
+    import salt.crypt
+    import salt.serializers.msgpack
+    import salt.utils.verify
+
+    keys = os.path.join(opts.get("pki_dir") or "", "minions")
+    algorithm = opts.get("signing_algorithm") or "PKCS1v15-SHA1"
+
+    def signed_by(minion: str, data: Mapping) -> bool:
+        try:
+            if not salt.utils.verify.valid_id(opts, minion):
+                return False
+            key = salt.utils.verify.clean_join(keys, minion)
+            if not os.path.isfile(key):
+                return False
+            load = {k: v for k, v in data.items() if k not in ADDED_BY_THE_BUS}
+            signature = data["sig"]
+            message = salt.serializers.msgpack.serialize(load)
+            return salt.crypt.verify_signature(key, message, signature, algorithm=algorithm) is True
+        except Exception as exc:  # pylint: disable=broad-except (an unchecked signature vouches for nothing)
+            log.debug("vmpower returner: the signature of an event from %r cannot be checked: %s", minion, exc)
+            return False
+
+    return signed_by
 
 
 def keep_job_return(

@@ -4,28 +4,32 @@ fleet report says about each VM and each host, and the master-side settings.
 No Salt, no database: the returner and the runner (``vmpower/fleet.py``) read and write, and
 ask this module what the data means.
 
-Who sent an event. The master's bus carries three shapes, and only two of them name the sender
-in a way the master checked:
+Who vouches for an event. Nothing on the master's bus says which minion made the master fire
+an event: a minion's beacon batch (``events`` in its ``_minion_event`` load) fires any tag it
+likes (``salt/job/<jid>/ret/<another minion>`` included) with any data (an ``event.send``
+load's shape included), and the master fires a job return it took over the request channel
+with the same tag and data. Salt also builds job returns for any minion id out of one minion's
+``_syndic_return`` (and, on 3008, its ``resource_id``). What no other minion can make is a
+signature by a minion's key: with ``minion_sign_messages: True`` a minion signs every load it
+sends, and the master fires that load with the signature (``sig``) in it. So:
 
-- a job return, ``salt/job/<jid>/ret/<minion id>``: the master builds the tag and ``id`` from
-  the minion's verified load;
-- an event a minion sent with ``event.send`` / ``fire_master`` (one tag): the master fires the
-  minion's verified load itself, so the top-level ``id`` is the sender, and the event's own data
-  is under ``data``;
-- a beacon's events (Salt's beacon path sends them in a batch): the master fires each event's
-  data as the minion wrote it, so the ``<minion id>`` in the tag and the ``id`` in the data are
-  the minion's own claim. They are kept with ``authenticated=False``.
+- a fact about minion M is an event whose data carries M's signature over the rest of it, as
+  the master's key for M verifies it (``signed_by(M, data)``, which the returner asks of the
+  master's ``pki_dir``); a job return must also name M in its tag and its ``id``;
+- anything else is kept as a claim (``authenticated=False``), under the sender it claims (the
+  ``id`` of an ``event.send``-shaped load, else the tag's ``<minion id>``), and marked
+  ``forged`` where the tag, the load and the data name different minions.
 
-What a payload claims about its sender (an ``id`` inside the data) never overrides the verified
-id; where they differ the event is kept under the verified id and marked ``forged``.
+Only facts say that a host synced and how its event loop is (``FleetStore.add``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from vmpower.core.model import Transition
@@ -42,15 +46,18 @@ _TRANSITIONS = frozenset(t.value for t in Transition)
 DEFAULT_RETENTION_DAYS = 30.0
 DEFAULT_STUCK_AFTER = 900.0  # a task_state older than this (seconds) is reported stuck
 DEFAULT_FLEET_STORE = "/var/lib/vmpower/fleet.sqlite"
+# A host with no sync the master could vouch for (see the module docstring), and what to do.
+NO_SYNC = "no authenticated sync (a minion signs its returns with minion_sign_messages: True)"
 
 
 @dataclasses.dataclass(frozen=True)
 class FleetEvent:
     """One vmpower event or job result, as the fleet store keeps it.
 
-    ``minion`` is the sender as the master knows it (see the module docstring);
-    ``authenticated`` says whether the master vouched for it. ``data`` is the event's own data
-    (JSON-able), kept whole.
+    ``minion`` is the sender (see the module docstring); ``authenticated`` says whether the
+    master's key for it vouches for the event (a fact) or it is the sender's claim. ``data`` is
+    the event's own data, kept whole as ``data_json``. An event that a store cannot keep
+    (a key of its data that is not a string, a NUL character in a text) raises Malformed.
     """
 
     at: float
@@ -64,10 +71,47 @@ class FleetEvent:
     reason: str = ""
     forged: bool = False
     data: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    data_json: str = ""
+
+    def __post_init__(self) -> None:
+        for field in ("minion", "tag", "uuid", "name", "transition", "reason"):
+            if "\x00" in getattr(self, field):
+                # PostgreSQL's text cannot hold it: the whole batch's write would fail.
+                raise Malformed(f"{self.tag!r}: its {field} holds a NUL character")
+        if not self.data_json:
+            object.__setattr__(self, "data_json", _encoded(self.tag, self.data))
 
 
 class Malformed(ValueError):
     """A vmpower event that cannot be kept as it is; the message says what is wrong."""
+
+
+def _encoded(tag: str, data: Mapping) -> str:
+    """``data`` as the store keeps it (JSON); Malformed naming a key that is not a string."""
+    stack: list[tuple[Any, str]] = [(data, "")]
+    while stack:  # not recursive: a deeply nested event must not blow the returner's stack
+        value, path = stack.pop()
+        if isinstance(value, Mapping):
+            for key, item in value.items():
+                if not isinstance(key, str):
+                    raise Malformed(f"{tag!r}: the key {key!r} of its data{path and ' at ' + path} is not a string")
+                stack.append((item, f"{path}.{key}" if path else key))
+        elif isinstance(value, (list, tuple)):
+            stack.extend((item, f"{path}[{i}]") for i, item in enumerate(value))
+    try:
+        return json.dumps(data, default=str, sort_keys=True)
+    except (TypeError, ValueError, RecursionError) as exc:
+        raise Malformed(f"{tag!r}: its data cannot be kept as JSON: {exc}") from exc
+
+
+# Whether ``data`` carries ``minion``'s signature over the rest of it, as the master's key for
+# that minion verifies it. The returner asks the master (vmpower.fleet.signature_check).
+SignedBy = Callable[[str, Mapping], bool]
+
+
+def unsigned(minion: str, data: Mapping) -> bool:  # pylint: disable=unused-argument
+    """The ``SignedBy`` of a master that verifies nothing: every event is a claim."""
+    return False
 
 
 def _number(value: Any) -> bool:
@@ -83,21 +127,29 @@ def _text(data: Mapping, key: str, what: str, required: bool = True) -> str:
     return value
 
 
-def _sender(tag_minion: str, data: Mapping) -> tuple[str, bool, Mapping, bool]:
-    """``(minion, authenticated, payload, forged)`` of a beacon-tag event in either shape."""
+def _sender(tag_minion: str, data: Mapping, signed_by: SignedBy) -> tuple[str, bool, Mapping, bool]:
+    """``(minion, authenticated, payload, forged)`` of a beacon-tag event in either shape: an
+    ``event.send`` load (its ``id`` is the sender it claims, its event under ``data``) or a
+    beacon's data as it is. Either shape is only a claim unless its sender signed it."""
     inner = data.get("data")
     if data.get("cmd") == "_minion_event" and isinstance(inner, Mapping) and isinstance(data.get("id"), str):
-        verified = data["id"]
-        claimed = inner.get("id", tag_minion)
-        return verified, True, inner, verified != tag_minion or claimed != verified
-    claimed = data.get("id", tag_minion)
-    return tag_minion, False, data, claimed != tag_minion
+        sender, payload = data["id"], inner
+    else:
+        sender, payload = tag_minion, data
+    forged = sender != tag_minion or payload.get("id", sender) != sender
+    return sender, _vouched(signed_by, sender, data), payload, forged
 
 
-def classify(tag: Any, data: Any, received_at: float) -> FleetEvent | None:
+def _vouched(signed_by: SignedBy, minion: str, data: Mapping) -> bool:
+    return isinstance(data.get("sig"), (bytes, str)) and signed_by(minion, data) is True
+
+
+def classify(tag: Any, data: Any, received_at: float, signed_by: SignedBy = unsigned) -> FleetEvent | None:
     """The fleet store's entry for one bus event; None if it is not vmpower's.
 
-    Raises Malformed for a vmpower tag whose data is unusable (the returner skips and counts it).
+    ``signed_by`` says whether an event carries its sender's signature (module docstring): only
+    then is it kept as a fact. Raises Malformed for a vmpower tag whose data is unusable (the
+    returner skips and counts it).
     """
     if not isinstance(tag, str):
         return None
@@ -105,7 +157,7 @@ def classify(tag: Any, data: Any, received_at: float) -> FleetEvent | None:
     if match:
         if not isinstance(data, Mapping):
             raise Malformed(f"{tag}: the event's data must be a mapping, not {type(data).__name__}")
-        minion, authenticated, payload, forged = _sender(match.group("minion"), data)
+        minion, authenticated, payload, forged = _sender(match.group("minion"), data, signed_by)
         rest = match.group("rest")
         if rest.startswith("lifecycle/"):
             return _lifecycle(
@@ -118,7 +170,11 @@ def classify(tag: Any, data: Any, received_at: float) -> FleetEvent | None:
     if match:
         if not isinstance(data, Mapping) or not str(data.get("fun", "")).startswith("vmpower."):
             return None  # not a vmpower job: none of our business
-        return job_return(tag, match.group("minion"), data, received_at)
+        minion = match.group("minion")
+        # The master names a return's sender twice, in the tag and as ``id``, from one load.
+        forged = data.get("id") != minion
+        authenticated = not forged and _vouched(signed_by, minion, data)
+        return job_return(tag, minion, data, received_at, authenticated, forged)
     return None
 
 
@@ -160,8 +216,11 @@ def _resync(tag, payload, minion, authenticated, forged, received_at) -> FleetEv
     )
 
 
-def job_return(tag: str, minion: str, data: Mapping, received_at: float) -> FleetEvent:
-    """A vmpower job's return (the reactor's reconcile and sync, or any other vmpower.* job).
+def job_return(
+    tag: str, minion: str, data: Mapping, received_at: float, authenticated: bool = True, forged: bool = False
+) -> FleetEvent:
+    """A vmpower job's return (the reactor's reconcile and sync, or any other vmpower.* job);
+    ``authenticated`` as ``classify`` decided it (a minion keeping its own result: True).
 
     A job that failed (its return is the error text) is kept as what happened, not refused.
     """
@@ -177,25 +236,29 @@ def job_return(tag: str, minion: str, data: Mapping, received_at: float) -> Flee
                 minion,
                 RECONCILE,
                 tag,
-                True,
+                authenticated,
                 uuid=uuid,
                 name=str(ret.get("name") or ""),
                 transition=str(ret.get("transition") or ""),
                 reason=str(ret.get("reason") or ""),
+                forged=forged,
                 data=kept,
             )
-        return FleetEvent(received_at, minion, RECONCILE, tag, True, reason=str(ret), data=kept)
+        return FleetEvent(
+            received_at, minion, RECONCILE, tag, authenticated, reason=str(ret), forged=forged, data=kept
+        )
     if fun == "vmpower.sync":
         return FleetEvent(
             received_at,
             minion,
             SYNC,
             tag,
-            True,
+            authenticated,
             reason=sync_summary(ret)["summary"],
+            forged=forged,
             data={**kept, "return": sync_summary(ret)},
         )
-    return FleetEvent(received_at, minion, JOB, tag, True, reason=fun, data=kept)
+    return FleetEvent(received_at, minion, JOB, tag, authenticated, reason=fun, forged=forged, data=kept)
 
 
 def sync_summary(ret: Any) -> dict[str, Any]:
@@ -391,7 +454,7 @@ def host_row(
     problems = []
     if not last_sync_at:
         if sync_known:
-            problems.append("never synced")
+            problems.append(NO_SYNC)
     elif now - last_sync_at > 2 * sync_interval:
         problems.append(
             f"not synced for {now - last_sync_at:.0f} s (> 2 x sync_interval {sync_interval:g} s)"
@@ -511,7 +574,9 @@ def metrics_file(raw: Any) -> str:
     return raw
 
 
-def split_batch(events: Sequence[Any], received_at: float) -> tuple[list[FleetEvent], list[str]]:
+def split_batch(
+    events: Sequence[Any], received_at: float, signed_by: SignedBy = unsigned
+) -> tuple[list[FleetEvent], list[str]]:
     """A batch of ``{tag, data}`` from the master's event_return: the vmpower events to keep,
     and why each malformed one was skipped. Nothing malformed stops the rest."""
     kept: list[FleetEvent] = []
@@ -521,7 +586,7 @@ def split_batch(events: Sequence[Any], received_at: float) -> tuple[list[FleetEv
             skipped.append(f"an event must be a mapping of tag and data, not {type(item).__name__}")
             continue
         try:
-            event = classify(item.get("tag"), item.get("data"), received_at)
+            event = classify(item.get("tag"), item.get("data"), received_at, signed_by)
         except Malformed as exc:
             skipped.append(str(exc))
             continue
@@ -530,6 +595,7 @@ def split_batch(events: Sequence[Any], received_at: float) -> tuple[list[FleetEv
             ValueError,
             KeyError,
             AttributeError,
+            RecursionError,
         ) as exc:  # odd shapes: skip, never lose the rest
             skipped.append(f"{item.get('tag')!r}: {type(exc).__name__}: {exc}")
             continue
