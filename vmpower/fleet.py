@@ -8,6 +8,7 @@ decided in ``vmpower.core.fleet``; this module reads and writes the store and li
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import logging
 import os
@@ -99,39 +100,50 @@ def keep_events(opts: Mapping, events: Sequence[Any]) -> dict[str, Any]:
     return result
 
 
-# What Salt's master bus adds to a load it fires, after the master checked the minion's signature.
-ADDED_BY_THE_BUS = ("sig", "_stamp")
-
-
 def signature_check(opts: Mapping) -> core.SignedBy:
-    """``core.SignedBy`` from the master's accepted minion keys (``pki_dir/minions/<id>``) and
-    its ``signing_algorithm``: whether an event's data is a load the minion signed
-    (``minion_sign_messages: True``), checked as the master checks a return it receives
-    (``AESFuncs._return``: the load without ``sig``, serialized with msgpack). The bus added
-    ``_stamp`` after that. Anything that cannot be checked is no signature."""
+    """``core.SignedBy`` from the master's accepted minion keys (``pki_dir/minions/<id>``, Salt's
+    default key store): whether a seal was made with the minion's key. Anything that cannot be
+    checked is no signature."""
     import salt.crypt
-    import salt.serializers.msgpack
     import salt.utils.verify
 
     keys = os.path.join(opts.get("pki_dir") or "", "minions")
-    algorithm = opts.get("signing_algorithm") or "PKCS1v15-SHA1"
 
-    def signed_by(minion: str, data: Mapping) -> bool:
+    def signed_by(minion: str, message: bytes, signature: str) -> bool:
         try:
             if not salt.utils.verify.valid_id(opts, minion):
                 return False
             key = salt.utils.verify.clean_join(keys, minion)
             if not os.path.isfile(key):
                 return False
-            load = {k: v for k, v in data.items() if k not in ADDED_BY_THE_BUS}
-            signature = data["sig"]
-            message = salt.serializers.msgpack.serialize(load)
-            return salt.crypt.verify_signature(key, message, signature, algorithm=algorithm) is True
+            raw = base64.b64decode(signature, validate=True)
+            return salt.crypt.verify_signature(key, message, raw, algorithm=core.SEAL_ALGORITHM) is True
         except Exception as exc:  # pylint: disable=broad-except (an unchecked signature vouches for nothing)
-            log.debug("vmpower returner: the signature of an event from %r cannot be checked: %s", minion, exc)
+            log.debug("vmpower returner: the seal of a return from %r cannot be checked: %s", minion, exc)
             return False
 
     return signed_by
+
+
+def seal(opts: Mapping, ret: Any) -> Any:
+    """``ret``, a vmpower job's result on the minion, with the minion's seal (``core.SEAL``):
+    its Salt key's signature, by which the master's returner knows the result is this
+    minion's. A result that cannot be sealed (no key, not a mapping) is returned as it is: the
+    master then keeps it as a claim."""
+    if not isinstance(ret, dict):
+        return ret
+    import salt.crypt
+
+    minion = str(opts.get("id") or "")
+    try:
+        at = time.time()
+        message = core.seal_message(minion, ret, at)
+        key = os.path.join(opts["pki_dir"], "minion.pem")
+        sig = salt.crypt.sign_message(key, message, algorithm=core.SEAL_ALGORITHM)
+    except Exception as exc:  # pylint: disable=broad-except (the result matters more than its seal)
+        log.warning("vmpower: this result cannot be sealed, the master will keep it as a claim: %s", exc)
+        return ret
+    return {**ret, core.SEAL: {"at": at, "sig": base64.b64encode(sig).decode()}}
 
 
 def keep_job_return(

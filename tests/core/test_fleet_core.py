@@ -28,18 +28,22 @@ def beacon_path(minion, data, claimed=None):
 
 def fire_master_path(sender, data, signer=None):
     """A load as the master fires it for ``event.send``/``fire_master`` (or as a beacon batch
-    can forge it): ``id`` is the sender it claims; ``sig`` when ``signer`` signed it."""
+    can forge it): ``id`` is the sender it claims; Salt's ``sig`` when ``signer`` signed it."""
     load = {"id": sender, "tag": "ignored", "data": data, "cmd": "_minion_event"}
     return {**load, "sig": f"signature of {signer}"} if signer else load
 
 
-def signed(data, signer):
-    return {**data, "sig": f"signature of {signer}"}
+def signed(data, signer, at=1500.0):
+    """A job return whose result ``signer`` sealed, as vmpower's module seals it."""
+    ret = data["return"]
+    message = core.seal_message(signer, ret, at).decode()
+    return {**data, "return": {**ret, core.SEAL: {"at": at, "sig": f"{signer} signed {message}"}}}
 
 
-def keys(minion, data):
-    """The master's keys, faked: a signature verifies with the key of the minion who made it."""
-    return data["sig"] == f"signature of {minion}"
+def keys(minion, message, signature):
+    """The master's keys, faked: a seal verifies with the key of the minion who made it, over
+    what it signed."""
+    return signature == f"{minion} signed {message.decode()}"
 
 
 # --- classify: who vouches for an event ------------------------------------------------------
@@ -50,26 +54,26 @@ BEACON_TAG = "salt/beacon/hv1/vmpower/lifecycle/stopped"
 @pytest.mark.parametrize(
     "tag, data, expected",
     [
-        # A job return: a fact only when the minion its tag names signed it.
+        # A job return: a fact only when the minion its tag names sealed it.
         ("salt/job/1/ret/hv1", {**JOB, "id": "hv1"}, ("hv1", False, False)),
         ("salt/job/1/ret/hv1", signed({**JOB, "id": "hv1"}, "hv1"), ("hv1", True, False)),
         ("salt/job/1/ret/hv1", signed({**JOB, "id": "hv1"}, "evil"), ("hv1", False, False)),
         ("salt/job/1/ret/hv1", signed({**JOB, "id": "hv2"}, "hv2"), ("hv1", False, True)),
         ("salt/job/1/ret/hv1", signed(JOB, "hv1"), ("hv1", False, True)),
-        ("salt/job/1/ret/hv1", {**JOB, "id": "hv1", "sig": None}, ("hv1", False, False)),
+        ("salt/job/1/ret/hv1", {**JOB, "id": "hv1", "return": {"checked": 1, core.SEAL: None}},
+         ("hv1", False, False)),
+        # Salt's own signature (minion_sign_messages) vouches for nothing here.
+        ("salt/job/1/ret/hv1", {**JOB, "id": "hv1", "sig": "signature of hv1"}, ("hv1", False, False)),
         # A beacon's data as it is: a claim under its tag's minion.
         (BEACON_TAG, beacon_path("hv1", LIFE), ("hv1", False, False)),
         (BEACON_TAG, LIFE, ("hv1", False, False)),
         (BEACON_TAG, beacon_path("hv1", LIFE, claimed="hv2"), ("hv1", False, True)),
-        (BEACON_TAG, signed(beacon_path("hv1", LIFE), "hv1"), ("hv1", True, False)),
-        (BEACON_TAG, signed(beacon_path("hv1", LIFE), "evil"), ("hv1", False, False)),
-        # An event.send load (or a batch's copy of one): a claim under its id, unless signed.
+        # An event.send load (or a batch's copy of one): a claim under its id, signed or not.
         (BEACON_TAG, fire_master_path("hv1", LIFE), ("hv1", False, False)),
-        (BEACON_TAG, fire_master_path("hv1", LIFE, signer="hv1"), ("hv1", True, False)),
-        (BEACON_TAG, fire_master_path("hv1", LIFE, signer="evil"), ("hv1", False, False)),
-        (BEACON_TAG, fire_master_path("hv1", {**LIFE, "id": "hv2"}, signer="hv1"), ("hv1", True, True)),
+        (BEACON_TAG, fire_master_path("hv1", LIFE, signer="hv1"), ("hv1", False, False)),
+        (BEACON_TAG, fire_master_path("hv1", {**LIFE, "id": "hv2"}, signer="hv1"), ("hv1", False, True)),
         ("salt/beacon/hv2/vmpower/lifecycle/stopped", fire_master_path("evil", LIFE, "evil"),
-         ("evil", True, True)),
+         ("evil", False, True)),
         ("salt/beacon/hv2/vmpower/lifecycle/stopped", fire_master_path("hv2", LIFE), ("hv2", False, False)),
         (BEACON_TAG, {**fire_master_path("hv1", LIFE), "id": 7, **LIFE}, ("hv1", False, True)),
     ],
@@ -80,16 +84,27 @@ def test_who_vouches_for_an_event(tag, data, expected):
 
 
 def test_without_the_masters_keys_everything_is_a_claim():
-    for tag, data in [("salt/job/1/ret/hv1", signed({**JOB, "id": "hv1"}, "hv1")),
-                      (BEACON_TAG, fire_master_path("hv1", LIFE, signer="hv1"))]:
-        assert core.classify(tag, data, 1.0).authenticated is False
+    data = signed({**JOB, "id": "hv1"}, "hv1")
+    assert core.classify("salt/job/1/ret/hv1", data, 2000.0).authenticated is False
 
 
 @pytest.mark.parametrize("answer", [1, "yes", None])
 def test_only_a_plain_yes_from_the_keys_vouches(answer):
     event = core.classify("salt/job/1/ret/hv1", signed({**JOB, "id": "hv1"}, "hv1"), 1.0,
-                          lambda minion, data: answer)
+                          lambda minion, message, signature: answer)
     assert event.authenticated is False
+
+
+def test_a_sealed_sync_is_a_fact_from_when_it_was_sealed():
+    data = signed({**JOB, "id": "hv1"}, "hv1", at=1500.0)
+    assert core.classify("salt/job/1/ret/hv1", data, 2000.0, keys).at == 1500.0  # a replay is old news
+    assert core.classify("salt/job/1/ret/hv1", data, 1000.0, keys).at == 1000.0  # never ahead of the master
+
+
+def test_a_seal_covers_the_whole_result():
+    data = signed({**JOB, "id": "hv1"}, "hv1")
+    tampered = {**data, "return": {**data["return"], "checked": 99}}
+    assert core.classify("salt/job/1/ret/hv1", tampered, 2000.0, keys).authenticated is False
 
 
 def test_a_beacon_path_lifecycle_event_keeps_what_libvirt_said():

@@ -11,6 +11,7 @@ import salt.config
 import salt.loader
 from salt.exceptions import SaltInvocationError
 
+from vmpower import fleet
 from vmpower.core.fleet import NO_SYNC
 from vmpower.core.model import Cause, PowerState, Record, VmState
 from vmpower.store import Change, open_store
@@ -264,35 +265,31 @@ def test_a_note_is_not_the_last_change(store_location):
 
 # --- who vouches for an event --------------------------------------------------------------
 def accept_key(tmp_path, minion):
-    """A key pair for ``minion``, its public key accepted by the master (``pki_dir/minions``)."""
+    """A key pair for ``minion``, its public key accepted by the master (``pki_dir/minions``);
+    the minion's ``pki_dir``, where its ``minion.pem`` is."""
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import rsa
 
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    private = tmp_path / "minion-keys" / f"{minion}.pem"
-    private.parent.mkdir(exist_ok=True)
-    private.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL,
-                                          serialization.NoEncryption()))
+    pki = tmp_path / "minion-pki" / minion
+    pki.mkdir(parents=True)
+    (pki / "minion.pem").write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL, serialization.NoEncryption()))
     accepted = tmp_path / "mpki" / "minions"
     accepted.mkdir(parents=True, exist_ok=True)
     (accepted / minion).write_bytes(key.public_key().public_bytes(
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
-    return str(private)
+    return str(pki)
 
 
-def sign(event, private_key):
-    """``event`` with its data signed as a minion with ``minion_sign_messages: True`` signs the
-    load it sends, and as the master's bus then fires it (``sig`` kept, ``_stamp`` added)."""
-    import salt.crypt
-    import salt.serializers.msgpack
-
-    load = event["data"]
-    algorithm = salt.config.DEFAULT_MINION_OPTS["signing_algorithm"]  # the master has none of its own
-    sig = salt.crypt.sign_message(private_key, salt.serializers.msgpack.serialize(load), algorithm=algorithm)
-    return {**event, "data": {**load, "sig": sig, "_stamp": "2024-01-01T00:00:00.000000"}}
+def sign(event, minion_pki):
+    """``event`` (a job return) with its result sealed as vmpower's module seals it on the
+    minion whose ``pki_dir`` is ``minion_pki``, in the name of the return's ``id``."""
+    opts = {"id": event["data"]["id"], "pki_dir": minion_pki}
+    return {**event, "data": {**event["data"], "return": fleet.seal(opts, event["data"]["return"])}}
 
 
-def test_only_a_return_its_minion_signed_says_it_synced(tmp_path, returner, runner, store_location):
+def test_only_a_return_its_minion_sealed_says_it_synced(tmp_path, returner, runner, store_location):
     hv1, evil = accept_key(tmp_path, "hv1"), accept_key(tmp_path, "evil")
     accept_key(tmp_path, "hv2")
     connected = {"connected": True, "watchers": {"qemu:///system": {"connected": True}}}
@@ -305,7 +302,7 @@ def test_only_a_return_its_minion_signed_says_it_synced(tmp_path, returner, runn
     batch = [
         sign(sync_return("hv1", took=0.25), hv1),
         forged_sync("hv2"),  # from evil's beacon batch: the tag and data of a real return
-        sign(forged_sync("hv2"), evil),  # signed, but not by hv2
+        sign(forged_sync("hv2"), evil),  # sealed in hv2's name, with evil's key
         {"tag": "salt/beacon/hv2/vmpower/resync",  # shaped like an event.send load from hv2
          "data": {"cmd": "_minion_event", "id": "hv2", "tag": "salt/beacon/hv2/vmpower/resync",
                   "data": {"reason": "connected", "lost": 0, "id": "hv2"}}},

@@ -6,19 +6,23 @@ ask this module what the data means.
 
 Who vouches for an event. Nothing on the master's bus says which minion made the master fire
 an event: a minion's beacon batch (``events`` in its ``_minion_event`` load) fires any tag it
-likes (``salt/job/<jid>/ret/<another minion>`` included) with any data (an ``event.send``
-load's shape included), and the master fires a job return it took over the request channel
-with the same tag and data. Salt also builds job returns for any minion id out of one minion's
-``_syndic_return`` (and, on 3008, its ``resource_id``). What no other minion can make is a
-signature by a minion's key: with ``minion_sign_messages: True`` a minion signs every load it
-sends, and the master fires that load with the signature (``sig``) in it. So:
+likes (``salt/job/<jid>/ret/<another minion>`` included) with any data, exactly as the master
+fires a job return it took over the request channel. Salt also builds job returns for any
+minion id out of one minion's ``_syndic_return`` (and, on 3008, its ``resource_id``). Salt's
+own ``minion_sign_messages`` signature does not survive the trip either: a minion's job
+process hands its return to the minion's main process over the minion's event bus, which
+stamps ``_stamp`` into the load before it is signed, and the master's bus overwrites
+``_stamp``. What no other minion can make is a signature by a minion's key over the return
+itself, so vmpower's ``sync`` and ``reconcile`` seal their results (``seal_message``, under
+``SEAL``) with the minion's Salt key, and:
 
-- a fact about minion M is an event whose data carries M's signature over the rest of it, as
-  the master's key for M verifies it (``signed_by(M, data)``, which the returner asks of the
-  master's ``pki_dir``); a job return must also name M in its tag and its ``id``;
+- a fact about minion M is a job return whose tag and ``id`` name M and whose return carries
+  M's seal, as the master's key for M verifies it (``signed_by(M, message, signature)``, which
+  the returner asks of the master's ``pki_dir``);
 - anything else is kept as a claim (``authenticated=False``), under the sender it claims (the
   ``id`` of an ``event.send``-shaped load, else the tag's ``<minion id>``), and marked
-  ``forged`` where the tag, the load and the data name different minions.
+  ``forged`` where the tag, the load and the data name different minions. Beacon events are
+  always claims: they only trigger the reactor, whose sealed returns are the facts.
 
 Only facts say that a host synced and how its event loop is (``FleetStore.add``).
 """
@@ -47,7 +51,10 @@ DEFAULT_RETENTION_DAYS = 30.0
 DEFAULT_STUCK_AFTER = 900.0  # a task_state older than this (seconds) is reported stuck
 DEFAULT_FLEET_STORE = "/var/lib/vmpower/fleet.sqlite"
 # A host with no sync the master could vouch for (see the module docstring), and what to do.
-NO_SYNC = "no authenticated sync (a minion signs its returns with minion_sign_messages: True)"
+NO_SYNC = "no authenticated sync (no sealed vmpower.sync return from this minion reached the master)"
+# The key of a job's return under which vmpower's module puts its seal: {"at", "sig"}.
+SEAL = "vmpower_seal"
+SEAL_ALGORITHM = "PKCS1v15-SHA224"  # one that Salt 3006 and 3008 both sign and verify with
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,14 +111,37 @@ def _encoded(tag: str, data: Mapping) -> str:
         raise Malformed(f"{tag!r}: its data cannot be kept as JSON: {exc}") from exc
 
 
-# Whether ``data`` carries ``minion``'s signature over the rest of it, as the master's key for
-# that minion verifies it. The returner asks the master (vmpower.fleet.signature_check).
-SignedBy = Callable[[str, Mapping], bool]
+def seal_message(minion: str, ret: Mapping, at: float) -> bytes:
+    """What a minion signs of its job's return ``ret`` (the seal left out): canonical JSON,
+    the same after Salt's msgpack round trips, of who, when and what."""
+    body = {k: v for k, v in ret.items() if k != SEAL}
+    return json.dumps(
+        {"minion": minion, "at": at, "return": body}, sort_keys=True, separators=(",", ":"), default=str
+    ).encode()
 
 
-def unsigned(minion: str, data: Mapping) -> bool:  # pylint: disable=unused-argument
+# Whether ``signature`` is ``minion``'s over ``message``, as the master's key for that minion
+# verifies it. The returner asks the master (vmpower.fleet.signature_check).
+SignedBy = Callable[[str, bytes, str], bool]
+
+
+def unsigned(minion: str, message: bytes, signature: str) -> bool:  # pylint: disable=unused-argument
     """The ``SignedBy`` of a master that verifies nothing: every event is a claim."""
     return False
+
+
+def sealed_at(minion: str, data: Mapping, signed_by: SignedBy) -> float | None:
+    """When ``minion`` sealed the return in a job return's ``data``; None unless its seal
+    verifies (a claim)."""
+    ret = data.get("return")
+    seal = ret.get(SEAL) if isinstance(ret, Mapping) else None
+    if not isinstance(seal, Mapping) or not _number(seal.get("at")) or not isinstance(seal.get("sig"), str):
+        return None
+    try:
+        message = seal_message(minion, ret, seal["at"])
+    except (TypeError, ValueError, RecursionError):
+        return None
+    return float(seal["at"]) if signed_by(minion, message, seal["sig"]) is True else None
 
 
 def _number(value: Any) -> bool:
@@ -127,28 +157,24 @@ def _text(data: Mapping, key: str, what: str, required: bool = True) -> str:
     return value
 
 
-def _sender(tag_minion: str, data: Mapping, signed_by: SignedBy) -> tuple[str, bool, Mapping, bool]:
-    """``(minion, authenticated, payload, forged)`` of a beacon-tag event in either shape: an
-    ``event.send`` load (its ``id`` is the sender it claims, its event under ``data``) or a
-    beacon's data as it is. Either shape is only a claim unless its sender signed it."""
+def _sender(tag_minion: str, data: Mapping) -> tuple[str, Mapping, bool]:
+    """``(minion, payload, forged)`` of a beacon-tag event in either shape: an ``event.send``
+    load (its ``id`` is the sender it claims, its event under ``data``) or a beacon's data as
+    it is. Either shape is only a claim."""
     inner = data.get("data")
     if data.get("cmd") == "_minion_event" and isinstance(inner, Mapping) and isinstance(data.get("id"), str):
         sender, payload = data["id"], inner
     else:
         sender, payload = tag_minion, data
     forged = sender != tag_minion or payload.get("id", sender) != sender
-    return sender, _vouched(signed_by, sender, data), payload, forged
-
-
-def _vouched(signed_by: SignedBy, minion: str, data: Mapping) -> bool:
-    return isinstance(data.get("sig"), (bytes, str)) and signed_by(minion, data) is True
+    return sender, payload, forged
 
 
 def classify(tag: Any, data: Any, received_at: float, signed_by: SignedBy = unsigned) -> FleetEvent | None:
     """The fleet store's entry for one bus event; None if it is not vmpower's.
 
-    ``signed_by`` says whether an event carries its sender's signature (module docstring): only
-    then is it kept as a fact. Raises Malformed for a vmpower tag whose data is unusable (the
+    ``signed_by`` checks a job return's seal (module docstring): only a sealed return is kept
+    as a fact, at the time it was sealed (never later than it was received). Raises Malformed for a vmpower tag whose data is unusable (the
     returner skips and counts it).
     """
     if not isinstance(tag, str):
@@ -157,7 +183,8 @@ def classify(tag: Any, data: Any, received_at: float, signed_by: SignedBy = unsi
     if match:
         if not isinstance(data, Mapping):
             raise Malformed(f"{tag}: the event's data must be a mapping, not {type(data).__name__}")
-        minion, authenticated, payload, forged = _sender(match.group("minion"), data, signed_by)
+        minion, payload, forged = _sender(match.group("minion"), data)
+        authenticated = False
         rest = match.group("rest")
         if rest.startswith("lifecycle/"):
             return _lifecycle(
@@ -173,8 +200,11 @@ def classify(tag: Any, data: Any, received_at: float, signed_by: SignedBy = unsi
         minion = match.group("minion")
         # The master names a return's sender twice, in the tag and as ``id``, from one load.
         forged = data.get("id") != minion
-        authenticated = not forged and _vouched(signed_by, minion, data)
-        return job_return(tag, minion, data, received_at, authenticated, forged)
+        at = None if forged else sealed_at(minion, data, signed_by)
+        if at is None:
+            return job_return(tag, minion, data, received_at, False, forged)
+        # A replayed old seal must not make a host look freshly synced.
+        return job_return(tag, minion, data, min(at, received_at), True, forged)
     return None
 
 
