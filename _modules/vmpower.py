@@ -95,6 +95,13 @@ def _announce_sync():
         log.debug("vmpower: could not announce the sync on the minion's bus: %s", exc)
 
 
+def _sealed(result):
+    """The result with this minion's seal, by which the master believes it is this minion's."""
+    from vmpower.fleet import seal
+
+    return seal(__opts__, result)
+
+
 def _check(check, *args):
     try:
         return check(*args)
@@ -231,7 +238,7 @@ def reconcile(uuid, transition=None, reason=None, test=None, seq=None):
     result = _run("reconcile", _check(arguments.uuid, uuid), _check(arguments.transition, transition),
                   reason=_check(arguments.word, reason, "reason"), test=test,
                   seq=_check(arguments.seq, seq))
-    return result
+    return result if test else _sealed(result)
 
 
 def sync(test=None):
@@ -240,7 +247,8 @@ def sync(test=None):
     power-state sync does, with one bulk libvirt listing.
 
     Returns ``{host, checked, updated, actions, skipped, warnings, busy, took}``, and
-    ``retry_at`` when a decision is due again later. A VM whose instance lock another job
+    ``retry_at`` when a decision is due again later; ``vmpower_seal`` is this minion's
+    signature, by which the master's fleet store believes the sync is this minion's. A VM whose instance lock another job
     holds is not waited for: it is listed under ``busy`` and the rest are synced.
 
     test
@@ -263,7 +271,7 @@ def sync(test=None):
         from vmpower.eventloop import read_status
 
         result["event_loop"] = loop_summary(read_status(minion.event_loop_status_path(__opts__)))
-    return result
+    return result if test else _sealed(result)
 
 
 def reset_state(name, vm_state=None, force=False):

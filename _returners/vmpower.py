@@ -3,8 +3,9 @@ Keep vmpower's events and job results in the fleet store.
 
 On the master, as ``event_return``, it keeps every vmpower event of the master's bus
 (lifecycle and resync events of the beacons, the results of the reactor's ``vmpower.reconcile``
-and ``vmpower.sync`` jobs), each under the minion id the master authenticated, in the fleet
-store: ``vmpower:store`` of the master's config (a PostgreSQL DSN, shared with the minions'
+and ``vmpower.sync`` jobs) in the fleet store, as a fact about a minion only when that minion
+sealed its result with its key (docs/fleet.md), else as its sender's claim:
+``vmpower:store`` of the master's config (a PostgreSQL DSN, shared with the minions'
 records, or a SQLite file; by default ``/var/lib/vmpower/fleet.sqlite``). Events older than
 ``vmpower:retention_days`` (30 by default, 0 for ever) are pruned.
 

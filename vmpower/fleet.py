@@ -8,6 +8,7 @@ decided in ``vmpower.core.fleet``; this module reads and writes the store and li
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import logging
 import os
@@ -67,7 +68,7 @@ def keep_events(opts: Mapping, events: Sequence[Any]) -> dict[str, Any]:
     batch tries again); it never raises, because Salt would only log a less clear message.
     """
     received = time.time()
-    kept, skipped = core.split_batch(events, received)
+    kept, skipped = core.split_batch(events, received, signature_check(opts))
     for why in skipped:
         log.warning("vmpower returner: skipped a malformed vmpower event: %s", why)
     result = {"kept": len(kept), "skipped": len(skipped), "error": None}
@@ -97,6 +98,52 @@ def keep_events(opts: Mapping, events: Sequence[Any]) -> dict[str, Any]:
         log.error("vmpower returner: %d vmpower event(s) not kept: %s", len(kept), exc)
         return {**result, "kept": 0, "error": str(exc)}
     return result
+
+
+def signature_check(opts: Mapping) -> core.SignedBy:
+    """``core.SignedBy`` from the master's accepted minion keys (``pki_dir/minions/<id>``, Salt's
+    default key store): whether a seal was made with the minion's key. Anything that cannot be
+    checked is no signature."""
+    import salt.crypt
+    import salt.utils.verify
+
+    keys = os.path.join(opts.get("pki_dir") or "", "minions")
+
+    def signed_by(minion: str, message: bytes, signature: str) -> bool:
+        try:
+            if not salt.utils.verify.valid_id(opts, minion):
+                return False
+            key = salt.utils.verify.clean_join(keys, minion)
+            if not os.path.isfile(key):
+                return False
+            raw = base64.b64decode(signature, validate=True)
+            return salt.crypt.verify_signature(key, message, raw, algorithm=core.SEAL_ALGORITHM) is True
+        except Exception as exc:  # pylint: disable=broad-except (an unchecked signature vouches for nothing)
+            log.debug("vmpower returner: the seal of a return from %r cannot be checked: %s", minion, exc)
+            return False
+
+    return signed_by
+
+
+def seal(opts: Mapping, ret: Any) -> Any:
+    """``ret``, a vmpower job's result on the minion, with the minion's seal (``core.SEAL``):
+    its Salt key's signature, by which the master's returner knows the result is this
+    minion's. A result that cannot be sealed (no key, not a mapping) is returned as it is: the
+    master then keeps it as a claim."""
+    if not isinstance(ret, dict):
+        return ret
+    import salt.crypt
+
+    minion = str(opts.get("id") or "")
+    try:
+        at = time.time()
+        message = core.seal_message(minion, ret, at)
+        key = os.path.join(opts["pki_dir"], "minion.pem")
+        sig = salt.crypt.sign_message(key, message, algorithm=core.SEAL_ALGORITHM)
+    except Exception as exc:  # pylint: disable=broad-except (the result matters more than its seal)
+        log.warning("vmpower: this result cannot be sealed, the master will keep it as a claim: %s", exc)
+        return ret
+    return {**ret, core.SEAL: {"at": at, "sig": base64.b64encode(sig).decode()}}
 
 
 def keep_job_return(

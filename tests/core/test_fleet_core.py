@@ -1,6 +1,8 @@
 """The fleet's pure core (vmpower/core/fleet.py): which bus events are vmpower's and who sent
 them, what a report says of each VM and host, and the master-side settings; cell by cell."""
 
+import json
+
 import pytest
 
 from vmpower.core import fleet as core
@@ -24,15 +26,90 @@ def beacon_path(minion, data, claimed=None):
     return {**data, "id": claimed or minion}
 
 
-def fire_master_path(verified, data):
-    """An event sent with event.send/fire_master: the master fires the minion's verified load."""
-    return {"id": verified, "tag": "ignored", "data": data, "cmd": "_minion_event"}
+def fire_master_path(sender, data, signer=None):
+    """A load as the master fires it for ``event.send``/``fire_master`` (or as a beacon batch
+    can forge it): ``id`` is the sender it claims; Salt's ``sig`` when ``signer`` signed it."""
+    load = {"id": sender, "tag": "ignored", "data": data, "cmd": "_minion_event"}
+    return {**load, "sig": f"signature of {signer}"} if signer else load
 
 
-# --- classify: the shapes ----------------------------------------------------------------
-def test_a_beacon_path_lifecycle_event_is_kept_under_the_tags_minion_unauthenticated():
-    event = core.classify("salt/beacon/hv1/vmpower/lifecycle/stopped", beacon_path("hv1", LIFE), 2000.0)
-    assert (event.kind, event.minion, event.authenticated, event.forged) == ("lifecycle", "hv1", False, False)
+def signed(data, signer, at=1500.0):
+    """A job return whose result ``signer`` sealed, as vmpower's module seals it."""
+    ret = data["return"]
+    message = core.seal_message(signer, ret, at).decode()
+    return {**data, "return": {**ret, core.SEAL: {"at": at, "sig": f"{signer} signed {message}"}}}
+
+
+def keys(minion, message, signature):
+    """The master's keys, faked: a seal verifies with the key of the minion who made it, over
+    what it signed."""
+    return signature == f"{minion} signed {message.decode()}"
+
+
+# --- classify: who vouches for an event ------------------------------------------------------
+JOB = {"fun": "vmpower.sync", "jid": "1", "return": {"checked": 1}}
+BEACON_TAG = "salt/beacon/hv1/vmpower/lifecycle/stopped"
+
+
+@pytest.mark.parametrize(
+    "tag, data, expected",
+    [
+        # A job return: a fact only when the minion its tag names sealed it.
+        ("salt/job/1/ret/hv1", {**JOB, "id": "hv1"}, ("hv1", False, False)),
+        ("salt/job/1/ret/hv1", signed({**JOB, "id": "hv1"}, "hv1"), ("hv1", True, False)),
+        ("salt/job/1/ret/hv1", signed({**JOB, "id": "hv1"}, "evil"), ("hv1", False, False)),
+        ("salt/job/1/ret/hv1", signed({**JOB, "id": "hv2"}, "hv2"), ("hv1", False, True)),
+        ("salt/job/1/ret/hv1", signed(JOB, "hv1"), ("hv1", False, True)),
+        ("salt/job/1/ret/hv1", {**JOB, "id": "hv1", "return": {"checked": 1, core.SEAL: None}},
+         ("hv1", False, False)),
+        # Salt's own signature (minion_sign_messages) vouches for nothing here.
+        ("salt/job/1/ret/hv1", {**JOB, "id": "hv1", "sig": "signature of hv1"}, ("hv1", False, False)),
+        # A beacon's data as it is: a claim under its tag's minion.
+        (BEACON_TAG, beacon_path("hv1", LIFE), ("hv1", False, False)),
+        (BEACON_TAG, LIFE, ("hv1", False, False)),
+        (BEACON_TAG, beacon_path("hv1", LIFE, claimed="hv2"), ("hv1", False, True)),
+        # An event.send load (or a batch's copy of one): a claim under its id, signed or not.
+        (BEACON_TAG, fire_master_path("hv1", LIFE), ("hv1", False, False)),
+        (BEACON_TAG, fire_master_path("hv1", LIFE, signer="hv1"), ("hv1", False, False)),
+        (BEACON_TAG, fire_master_path("hv1", {**LIFE, "id": "hv2"}, signer="hv1"), ("hv1", False, True)),
+        ("salt/beacon/hv2/vmpower/lifecycle/stopped", fire_master_path("evil", LIFE, "evil"),
+         ("evil", False, True)),
+        ("salt/beacon/hv2/vmpower/lifecycle/stopped", fire_master_path("hv2", LIFE), ("hv2", False, False)),
+        (BEACON_TAG, {**fire_master_path("hv1", LIFE), "id": 7, **LIFE}, ("hv1", False, True)),
+    ],
+)
+def test_who_vouches_for_an_event(tag, data, expected):
+    event = core.classify(tag, data, 2000.0, keys)
+    assert (event.minion, event.authenticated, event.forged) == expected
+
+
+def test_without_the_masters_keys_everything_is_a_claim():
+    data = signed({**JOB, "id": "hv1"}, "hv1")
+    assert core.classify("salt/job/1/ret/hv1", data, 2000.0).authenticated is False
+
+
+@pytest.mark.parametrize("answer", [1, "yes", None])
+def test_only_a_plain_yes_from_the_keys_vouches(answer):
+    event = core.classify("salt/job/1/ret/hv1", signed({**JOB, "id": "hv1"}, "hv1"), 1.0,
+                          lambda minion, message, signature: answer)
+    assert event.authenticated is False
+
+
+def test_a_sealed_sync_is_a_fact_from_when_it_was_sealed():
+    data = signed({**JOB, "id": "hv1"}, "hv1", at=1500.0)
+    assert core.classify("salt/job/1/ret/hv1", data, 2000.0, keys).at == 1500.0  # a replay is old news
+    assert core.classify("salt/job/1/ret/hv1", data, 1000.0, keys).at == 1000.0  # never ahead of the master
+
+
+def test_a_seal_covers_the_whole_result():
+    data = signed({**JOB, "id": "hv1"}, "hv1")
+    tampered = {**data, "return": {**data["return"], "checked": 99}}
+    assert core.classify("salt/job/1/ret/hv1", tampered, 2000.0, keys).authenticated is False
+
+
+def test_a_beacon_path_lifecycle_event_keeps_what_libvirt_said():
+    event = core.classify(BEACON_TAG, beacon_path("hv1", LIFE), 2000.0)
+    assert event.kind == "lifecycle"
     assert (event.uuid, event.name, event.transition, event.reason) == (
         UUID,
         "web1",
@@ -40,25 +117,6 @@ def test_a_beacon_path_lifecycle_event_is_kept_under_the_tags_minion_unauthentic
         "guest_shutdown",
     )
     assert event.at == 1000.5  # when libvirt called back, not when the master heard of it
-
-
-def test_a_beacon_path_event_whose_data_names_another_minion_is_marked_forged():
-    event = core.classify(
-        "salt/beacon/hv1/vmpower/lifecycle/stopped", beacon_path("hv1", LIFE, claimed="hv2"), 2000.0
-    )
-    assert (event.minion, event.forged) == ("hv1", True)
-
-
-def test_an_event_sent_through_fire_master_is_kept_under_the_verified_id():
-    event = core.classify("salt/beacon/hv1/vmpower/lifecycle/stopped", fire_master_path("hv1", LIFE), 2000.0)
-    assert (event.minion, event.authenticated, event.forged) == ("hv1", True, False)
-
-
-def test_a_minion_forging_anothers_tag_is_kept_under_its_own_verified_id():
-    event = core.classify(
-        "salt/beacon/hv2/vmpower/lifecycle/stopped", fire_master_path("evil", {**LIFE, "id": "hv2"}), 2000.0
-    )
-    assert (event.minion, event.authenticated, event.forged) == ("evil", True, True)
 
 
 def test_a_resync_event():
@@ -83,7 +141,7 @@ def test_a_reconcile_return_is_kept_with_its_decision_and_reason():
             "transition": "stopped",
         },
     }
-    event = core.classify("salt/job/1/ret/hv1", data, 9.0)
+    event = core.classify("salt/job/1/ret/hv1", signed(data, "hv1"), 9.0, keys)
     assert (event.kind, event.minion, event.authenticated) == ("reconcile", "hv1", True)
     assert (event.uuid, event.transition, event.reason) == (UUID, "stopped", "the guest shut down")
 
@@ -162,6 +220,17 @@ def test_events_that_are_not_vmpowers_are_ignored(tag, data):
         ("salt/beacon/hv1/vmpower/resync", {"reason": "overflow", "lost": -1}, "lost must be a count"),
         ("salt/beacon/hv1/vmpower/resync", {"lost": 1}, "reason must be a non-empty string"),
         ("salt/beacon/hv1/vmpower/whatever", {}, "not a vmpower event"),
+        # What a store cannot keep: a key that is not a string, a NUL character (PostgreSQL).
+        (BEACON_TAG, {**LIFE, 1: "one"}, "the key 1 of its data is not a string"),
+        (BEACON_TAG, {**LIFE, "libvirt": {"detail": {(1, 2): 0}}}, r"the key \(1, 2\) of its data at libvirt.detail"),
+        (BEACON_TAG, {**LIFE, "extra": [{}, {None: 1}]}, r"the key None of its data at extra\[1\] is not"),
+        ("salt/job/1/ret/hv1", {**JOB, "id": "hv1", "return": {"checked": 1, "event_loop": {2: 1}}},
+         "the key 2 of its data at return.event_loop"),
+        (BEACON_TAG, {**LIFE, "reason": "guest\x00shutdown"}, "its reason holds a NUL character"),
+        (BEACON_TAG, {**LIFE, "name": "web\x001"}, "its name holds a NUL character"),
+        ("salt/beacon/hv\x001/vmpower/resync", {"reason": "overflow"}, "its minion holds a NUL character"),
+        ("salt/job/1/ret/hv1", {**JOB, "id": "hv1", "fun": "vmpower.reconcile", "return": "bad\x00"},
+         "its reason holds a NUL character"),
     ],
 )
 def test_malformed_vmpower_events_are_refused_with_a_reason(tag, data, message):
@@ -170,16 +239,30 @@ def test_malformed_vmpower_events_are_refused_with_a_reason(tag, data, message):
 
 
 def test_a_batch_keeps_the_good_and_counts_the_malformed():
+    deep: list = []
+    for _ in range(100_000):  # deeper than Python's recursion limit
+        deep = [deep]
     batch = [
         {"tag": "salt/beacon/hv1/vmpower/lifecycle/stopped", "data": LIFE},
         {"tag": "salt/beacon/hv1/vmpower/lifecycle/stopped", "data": {**LIFE, "uuid": 5}},
         "not even a mapping",
         {"tag": "salt/job/1/ret/hv1", "data": {"fun": "test.ping"}},
+        {"tag": "salt/beacon/hv1/vmpower/lifecycle/stopped", "data": {**LIFE, 1: "one"}},
+        {"tag": "salt/beacon/hv1/vmpower/lifecycle/stopped", "data": {**LIFE, "reason": "a\x00"}},
+        {"tag": "salt/beacon/hv1/vmpower/lifecycle/stopped", "data": {**LIFE, "deep": deep}},
+        {"tag": "salt/job/1/ret/hv1", "data": signed({**JOB, "id": "hv1"}, "hv1")},
         {"tag": "salt/beacon/hv2/vmpower/resync", "data": {"reason": "connected", "lost": 0}},
     ]
-    kept, skipped = core.split_batch(batch, 1.0)
-    assert [e.kind for e in kept] == ["lifecycle", "resync"]
-    assert len(skipped) == 2
+    kept, skipped = core.split_batch(batch, 1.0, keys)
+    assert [(e.kind, e.authenticated) for e in kept] == [("lifecycle", False), ("sync", True), ("resync", False)]
+    assert len(skipped) == 5
+    assert "cannot be kept as JSON" in skipped[4]
+
+
+def test_an_event_is_kept_as_sorted_json():
+    event = core.classify(BEACON_TAG, {**LIFE, "id": "hv1"}, 1.0)
+    assert json.loads(event.data_json) == {**LIFE, "id": "hv1"}
+    assert event.data_json == json.dumps({**LIFE, "id": "hv1"}, sort_keys=True)
 
 
 # --- what a report says --------------------------------------------------------------------
@@ -283,7 +366,7 @@ def test_filters_from_the_command_line():
 @pytest.mark.parametrize(
     "seen, problems",
     [
-        ({}, ["never synced"]),
+        ({}, [core.NO_SYNC]),
         ({"last_sync_at": 1000.0 - 1200}, []),  # exactly 2 x sync_interval: still in time
         ({"last_sync_at": 1000.0 - 1201}, ["not synced for 1201 s (> 2 x sync_interval 600 s)"]),
         ({"last_sync_at": 999.0, "loop": {"connected": False}}, ["event loop disconnected"]),

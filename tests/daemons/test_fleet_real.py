@@ -6,7 +6,9 @@ PostgreSQL database):
 - ``vmp-fleet-a``: the vmpower beacon on the real libvirtd (``qemu:///system``) with real QEMU
   guests, and a metrics file;
 - ``vmp-fleet-b``: libvirt's test driver (``test:///default``), no beacon: a second host with
-  VMs of its own.
+  VMs of its own;
+- ``vmp-fleet-c``: the test driver, no beacon, a store of its own: the master learns of its
+  syncs only from their returns, and ``vmp-fleet-b`` forges one in its name.
 
 A guest that shuts itself down and a stopped guest started behind vmpower's back go through
 the whole loop (beacon -> master bus -> reactor -> reconcile); then ``salt-run vmpower.report``
@@ -22,6 +24,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from vmpower import fleet
 from vmpower_lab import lab
 
 from .conftest import _check_socket_room, master_config, minion_config
@@ -46,7 +49,7 @@ libvirt = pytest.importorskip("libvirt")
 pytestmark = pytest.mark.real
 
 MASTER = "vmp-fleet-master"
-HOST_A, HOST_B = "vmp-fleet-a", "vmp-fleet-b"
+HOST_A, HOST_B, HOST_C = "vmp-fleet-a", "vmp-fleet-b", "vmp-fleet-c"
 STOP_GRACE = 3
 
 
@@ -108,6 +111,16 @@ def host_b(fleet_master, salt_factories, fleet_store):
             yield factory
     finally:
         fleet_master.salt_key_cli().run("--yes", "--delete", HOST_B)
+
+
+@pytest.fixture(scope="module")
+def host_c(fleet_master, salt_factories):
+    factory = _minion(fleet_master, salt_factories, HOST_C, minion_config(TEST_URI, {"sync_interval": 3600}))
+    try:
+        with factory.started():
+            yield factory
+    finally:
+        fleet_master.salt_key_cli().run("--yes", "--delete", HOST_C)
 
 
 def run(fleet_master, fun, *args, **kwargs):
@@ -253,3 +266,43 @@ def test_an_unreachable_store_is_a_clear_error_and_the_master_keeps_running(brok
     assert broken_master.is_running()
     again = broken_master.salt_run_cli(timeout=120).run("vmpower.hosts", "source=store")
     assert "the fleet store cannot be read" in f"{again.stdout}\n{again.stderr}"
+
+
+def test_a_sync_return_is_a_fact_only_when_its_minion_sealed_it(
+        fleet_master, host_b, host_c, fleet_store):
+    def host(view="vmpower.hosts"):
+        return run(fleet_master, view, "source=store")["hosts"][HOST_C]
+
+    # The reactor syncs a minion that started: its sealed return, through the master, is a fact.
+    wait_until(lambda: stored_events(fleet_store, minion=HOST_C, kind="sync", authenticated=1), 60,
+               "host C's sync after its start, kept as a fact")
+    before = host()
+    assert before["last_sync_at"] and before["problems"] == [] and before["event_loop_connected"] is None
+
+    # Host B's beacon batch carries a return of a later sync in host C's name, sealed with the
+    # only key host B has: on the master's bus it is the same tag and data as a real return.
+    jid = "20990101000000000001"
+    forged = fleet.seal({"id": HOST_C, "pki_dir": host_b.config["pki_dir"]},
+                        {"host": HOST_C, "checked": 3, "updated": 0, "actions": [], "took": 12.5,
+                         "event_loop": {"connected": True}})
+    fire_beacon_event(host_b, f"salt/job/{jid}/ret/{HOST_C}",
+                      {"fun": "vmpower.sync", "id": HOST_C, "jid": jid, "success": True, "retcode": 0,
+                       "fun_args": [], "return": forged})
+    kept = wait_until(lambda: stored_events(fleet_store, tag=f"salt/job/{jid}/ret/{HOST_C}"), 60,
+                      "the forged return in the fleet store")
+    assert [(e["minion"], e["kind"], e["authenticated"]) for e in kept] == [(HOST_C, "sync", 0)]
+    for view in ("vmpower.hosts", "vmpower.report"):
+        seen = host(view)
+        assert (seen["last_sync_at"], seen["last_sync_took"], seen["event_loop_connected"]) == (
+            before["last_sync_at"], before["last_sync_took"], None), seen
+
+    # A real sync on host C is a fact again.
+    since = time.time()
+    summary = minion_return(salt_cmd(fleet_master, HOST_C, "vmpower.sync"), HOST_C)
+    assert summary["vmpower_seal"]["at"] >= since
+    wait_until(lambda: [e for e in stored_events(fleet_store, minion=HOST_C, kind="sync", authenticated=1)
+                        if e["at"] >= since], 60, "host C's new sealed sync, kept as a fact")
+    for view in ("vmpower.hosts", "vmpower.report"):
+        seen = host(view)
+        assert seen["last_sync_at"] >= since and seen["last_sync_took"] == summary["took"], seen
+        assert seen["problems"] == [], seen

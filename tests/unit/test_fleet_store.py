@@ -11,6 +11,8 @@ import salt.config
 import salt.loader
 from salt.exceptions import SaltInvocationError
 
+from vmpower import fleet
+from vmpower.core.fleet import NO_SYNC
 from vmpower.core.model import Cause, PowerState, Record, VmState
 from vmpower.store import Change, open_store
 from vmpower.store.events import FleetStore
@@ -131,7 +133,8 @@ def test_event_return_keeps_vmpower_events_and_counts_the_malformed(returner, st
         assert fleet.counters() == {"events": 3, "malformed_events": 1}
         hosts = fleet.hosts()
         assert hosts["hv2"]["last_resync_reason"] == "reconnected"
-        assert hosts["hv2"]["last_sync_took"] == 0.5 and hosts["hv2"]["last_sync"]["checked"] == 2
+        # Nobody signed the sync: kept as hv2's claim, it says nothing of when hv2 synced.
+        assert hosts["hv2"]["last_sync_at"] == 0 and hosts["hv2"]["last_sync_took"] is None
         assert hosts["hv1"]["last_sync_at"] == 0
 
 
@@ -164,7 +167,7 @@ def test_an_unreachable_store_is_a_clear_error_and_the_returner_goes_on(returner
     assert returner(store=good)([lifecycle("hv1", U1, "stopped", "guest_shutdown")])["kept"] == 1
 
 
-def test_the_report_from_the_store(runner, returner, store_location):
+def test_the_report_from_the_store(tmp_path, runner, returner, store_location):
     write_records(
         store_location,
         rec(U1, "web1", "hv1", "stopped", "shutdown"),
@@ -175,7 +178,7 @@ def test_the_report_from_the_store(runner, returner, store_location):
         [
             lifecycle("hv1", U1, "stopped", "guest_shutdown"),
             lifecycle("hv1", U2, "started", "booted"),
-            sync_return("hv1"),
+            sign(sync_return("hv1"), accept_key(tmp_path, "hv1")),
         ]
     )
     functions = runner()
@@ -189,7 +192,7 @@ def test_the_report_from_the_store(runner, returner, store_location):
     assert web1["last_event"]["reason"] == "guest_shutdown"
     assert rows[("hv1", "db1")]["disagreement"] == "vm_state stopped but power_state running"
     assert report["hosts"]["hv1"]["problems"] == []
-    assert report["hosts"]["hv2"]["problems"] == ["never synced"]
+    assert report["hosts"]["hv2"]["problems"] == [NO_SYNC]
     assert report["summary"]["vms"] == 3 and report["summary"]["disagreeing"] == 1
 
     only = functions["vmpower.report"](disagreement=True)
@@ -258,3 +261,78 @@ def test_a_note_is_not_the_last_change(store_location):
         assert FleetStore(store).last_changes()[U1]["action"] == "adopt"
         assert FleetStore.last_changes_of(store, [U1])[U1]["reason"] == "first seen shutdown"
         assert [e["action"] for e in store.history(U1)][-3:] == ["dropped", "none", "update"]  # history
+
+
+# --- who vouches for an event --------------------------------------------------------------
+def accept_key(tmp_path, minion):
+    """A key pair for ``minion``, its public key accepted by the master (``pki_dir/minions``);
+    the minion's ``pki_dir``, where its ``minion.pem`` is."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    pki = tmp_path / "minion-pki" / minion
+    pki.mkdir(parents=True)
+    (pki / "minion.pem").write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL, serialization.NoEncryption()))
+    accepted = tmp_path / "mpki" / "minions"
+    accepted.mkdir(parents=True, exist_ok=True)
+    (accepted / minion).write_bytes(key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+    return str(pki)
+
+
+def sign(event, minion_pki):
+    """``event`` (a job return) with its result sealed as vmpower's module seals it on the
+    minion whose ``pki_dir`` is ``minion_pki``, in the name of the return's ``id``."""
+    opts = {"id": event["data"]["id"], "pki_dir": minion_pki}
+    return {**event, "data": {**event["data"], "return": fleet.seal(opts, event["data"]["return"])}}
+
+
+def test_only_a_return_its_minion_sealed_says_it_synced(tmp_path, returner, runner, store_location):
+    hv1, evil = accept_key(tmp_path, "hv1"), accept_key(tmp_path, "evil")
+    accept_key(tmp_path, "hv2")
+    connected = {"connected": True, "watchers": {"qemu:///system": {"connected": True}}}
+
+    def forged_sync(minion):
+        event = sync_return(minion)
+        event["data"]["return"]["event_loop"] = connected
+        return event
+
+    batch = [
+        sign(sync_return("hv1", took=0.25), hv1),
+        forged_sync("hv2"),  # from evil's beacon batch: the tag and data of a real return
+        sign(forged_sync("hv2"), evil),  # sealed in hv2's name, with evil's key
+        {"tag": "salt/beacon/hv2/vmpower/resync",  # shaped like an event.send load from hv2
+         "data": {"cmd": "_minion_event", "id": "hv2", "tag": "salt/beacon/hv2/vmpower/resync",
+                  "data": {"reason": "connected", "lost": 0, "id": "hv2"}}},
+    ]
+    assert returner()(batch) == {"kept": 4, "skipped": 0, "error": None}
+    with open_store(store_location) as store:
+        events = FleetStore(store).events()
+    assert [(e["minion"], e["kind"], e["authenticated"]) for e in events] == [
+        ("hv1", "sync", True), ("hv2", "sync", False), ("hv2", "sync", False), ("hv2", "resync", False)]
+    functions = runner(sync_interval=600)
+    for hosts in (functions["vmpower.hosts"]()["hosts"], functions["vmpower.report"]()["hosts"]):
+        assert hosts["hv1"]["last_sync_took"] == 0.25 and hosts["hv1"]["problems"] == []
+        assert hosts["hv2"]["last_sync_at"] is None and hosts["hv2"]["event_loop_connected"] is None
+        assert hosts["hv2"]["problems"] == [NO_SYNC]
+
+
+def test_a_batch_with_an_event_no_store_can_keep_keeps_the_rest(returner, store_location, caplog):
+    batch = [
+        lifecycle("hv1", U1, "stopped", "guest_shutdown"),
+        {"tag": "salt/beacon/hv1/vmpower/lifecycle/started",
+         "data": {**lifecycle("hv1", U2, "started", "booted")["data"], 1: "a key that is no string"}},
+        lifecycle("hv1", U3, "stopped", "guest\x00shutdown"),
+        {"tag": "salt/beacon/hv\x002/vmpower/resync", "data": {"reason": "connected", "lost": 0}},
+        {"tag": "salt/beacon/hv2/vmpower/resync", "data": {"reason": "connected", "lost": 0, "id": "hv2"}},
+    ]
+    with caplog.at_level(logging.WARNING):
+        assert returner()(batch) == {"kept": 2, "skipped": 3, "error": None}
+    assert "the key 1 of its data is not a string" in caplog.text
+    assert "its reason holds a NUL character" in caplog.text
+    with open_store(store_location) as store:
+        fleet = FleetStore(store)
+        assert [(e["minion"], e["uuid"]) for e in fleet.events()] == [("hv1", U1), ("hv2", "")]
+        assert fleet.counters() == {"events": 2, "malformed_events": 3}

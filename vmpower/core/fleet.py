@@ -4,28 +4,36 @@ fleet report says about each VM and each host, and the master-side settings.
 No Salt, no database: the returner and the runner (``vmpower/fleet.py``) read and write, and
 ask this module what the data means.
 
-Who sent an event. The master's bus carries three shapes, and only two of them name the sender
-in a way the master checked:
+Who vouches for an event. Nothing on the master's bus says which minion made the master fire
+an event: a minion's beacon batch (``events`` in its ``_minion_event`` load) fires any tag it
+likes (``salt/job/<jid>/ret/<another minion>`` included) with any data, exactly as the master
+fires a job return it took over the request channel. Salt also builds job returns for any
+minion id out of one minion's ``_syndic_return`` (and, on 3008, its ``resource_id``). Salt's
+own ``minion_sign_messages`` signature does not survive the trip either: a minion's job
+process hands its return to the minion's main process over the minion's event bus, which
+stamps ``_stamp`` into the load before it is signed, and the master's bus overwrites
+``_stamp``. What no other minion can make is a signature by a minion's key over the return
+itself, so vmpower's ``sync`` and ``reconcile`` seal their results (``seal_message``, under
+``SEAL``) with the minion's Salt key, and:
 
-- a job return, ``salt/job/<jid>/ret/<minion id>``: the master builds the tag and ``id`` from
-  the minion's verified load;
-- an event a minion sent with ``event.send`` / ``fire_master`` (one tag): the master fires the
-  minion's verified load itself, so the top-level ``id`` is the sender, and the event's own data
-  is under ``data``;
-- a beacon's events (Salt's beacon path sends them in a batch): the master fires each event's
-  data as the minion wrote it, so the ``<minion id>`` in the tag and the ``id`` in the data are
-  the minion's own claim. They are kept with ``authenticated=False``.
+- a fact about minion M is a job return whose tag and ``id`` name M and whose return carries
+  M's seal, as the master's key for M verifies it (``signed_by(M, message, signature)``, which
+  the returner asks of the master's ``pki_dir``);
+- anything else is kept as a claim (``authenticated=False``), under the sender it claims (the
+  ``id`` of an ``event.send``-shaped load, else the tag's ``<minion id>``), and marked
+  ``forged`` where the tag, the load and the data name different minions. Beacon events are
+  always claims: they only trigger the reactor, whose sealed returns are the facts.
 
-What a payload claims about its sender (an ``id`` inside the data) never overrides the verified
-id; where they differ the event is kept under the verified id and marked ``forged``.
+Only facts say that a host synced and how its event loop is (``FleetStore.add``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from vmpower.core.model import Transition
@@ -42,15 +50,21 @@ _TRANSITIONS = frozenset(t.value for t in Transition)
 DEFAULT_RETENTION_DAYS = 30.0
 DEFAULT_STUCK_AFTER = 900.0  # a task_state older than this (seconds) is reported stuck
 DEFAULT_FLEET_STORE = "/var/lib/vmpower/fleet.sqlite"
+# A host with no sync the master could vouch for (see the module docstring), and what to do.
+NO_SYNC = "no authenticated sync (no sealed vmpower.sync return from this minion reached the master)"
+# The key of a job's return under which vmpower's module puts its seal: {"at", "sig"}.
+SEAL = "vmpower_seal"
+SEAL_ALGORITHM = "PKCS1v15-SHA224"  # one that Salt 3006 and 3008 both sign and verify with
 
 
 @dataclasses.dataclass(frozen=True)
 class FleetEvent:
     """One vmpower event or job result, as the fleet store keeps it.
 
-    ``minion`` is the sender as the master knows it (see the module docstring);
-    ``authenticated`` says whether the master vouched for it. ``data`` is the event's own data
-    (JSON-able), kept whole.
+    ``minion`` is the sender (see the module docstring); ``authenticated`` says whether the
+    master's key for it vouches for the event (a fact) or it is the sender's claim. ``data`` is
+    the event's own data, kept whole as ``data_json``. An event that a store cannot keep
+    (a key of its data that is not a string, a NUL character in a text) raises Malformed.
     """
 
     at: float
@@ -64,10 +78,70 @@ class FleetEvent:
     reason: str = ""
     forged: bool = False
     data: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    data_json: str = ""
+
+    def __post_init__(self) -> None:
+        for field in ("minion", "tag", "uuid", "name", "transition", "reason"):
+            if "\x00" in getattr(self, field):
+                # PostgreSQL's text cannot hold it: the whole batch's write would fail.
+                raise Malformed(f"{self.tag!r}: its {field} holds a NUL character")
+        if not self.data_json:
+            object.__setattr__(self, "data_json", _encoded(self.tag, self.data))
 
 
 class Malformed(ValueError):
     """A vmpower event that cannot be kept as it is; the message says what is wrong."""
+
+
+def _encoded(tag: str, data: Mapping) -> str:
+    """``data`` as the store keeps it (JSON); Malformed naming a key that is not a string."""
+    stack: list[tuple[Any, str]] = [(data, "")]
+    while stack:  # not recursive: a deeply nested event must not blow the returner's stack
+        value, path = stack.pop()
+        if isinstance(value, Mapping):
+            for key, item in value.items():
+                if not isinstance(key, str):
+                    raise Malformed(f"{tag!r}: the key {key!r} of its data{path and ' at ' + path} is not a string")
+                stack.append((item, f"{path}.{key}" if path else key))
+        elif isinstance(value, (list, tuple)):
+            stack.extend((item, f"{path}[{i}]") for i, item in enumerate(value))
+    try:
+        return json.dumps(data, default=str, sort_keys=True)
+    except (TypeError, ValueError, RecursionError) as exc:
+        raise Malformed(f"{tag!r}: its data cannot be kept as JSON: {exc}") from exc
+
+
+def seal_message(minion: str, ret: Mapping, at: float) -> bytes:
+    """What a minion signs of its job's return ``ret`` (the seal left out): canonical JSON,
+    the same after Salt's msgpack round trips, of who, when and what."""
+    body = {k: v for k, v in ret.items() if k != SEAL}
+    return json.dumps(
+        {"minion": minion, "at": at, "return": body}, sort_keys=True, separators=(",", ":"), default=str
+    ).encode()
+
+
+# Whether ``signature`` is ``minion``'s over ``message``, as the master's key for that minion
+# verifies it. The returner asks the master (vmpower.fleet.signature_check).
+SignedBy = Callable[[str, bytes, str], bool]
+
+
+def unsigned(minion: str, message: bytes, signature: str) -> bool:  # pylint: disable=unused-argument
+    """The ``SignedBy`` of a master that verifies nothing: every event is a claim."""
+    return False
+
+
+def sealed_at(minion: str, data: Mapping, signed_by: SignedBy) -> float | None:
+    """When ``minion`` sealed the return in a job return's ``data``; None unless its seal
+    verifies (a claim)."""
+    ret = data.get("return")
+    seal = ret.get(SEAL) if isinstance(ret, Mapping) else None
+    if not isinstance(seal, Mapping) or not _number(seal.get("at")) or not isinstance(seal.get("sig"), str):
+        return None
+    try:
+        message = seal_message(minion, ret, seal["at"])
+    except (TypeError, ValueError, RecursionError):
+        return None
+    return float(seal["at"]) if signed_by(minion, message, seal["sig"]) is True else None
 
 
 def _number(value: Any) -> bool:
@@ -83,21 +157,25 @@ def _text(data: Mapping, key: str, what: str, required: bool = True) -> str:
     return value
 
 
-def _sender(tag_minion: str, data: Mapping) -> tuple[str, bool, Mapping, bool]:
-    """``(minion, authenticated, payload, forged)`` of a beacon-tag event in either shape."""
+def _sender(tag_minion: str, data: Mapping) -> tuple[str, Mapping, bool]:
+    """``(minion, payload, forged)`` of a beacon-tag event in either shape: an ``event.send``
+    load (its ``id`` is the sender it claims, its event under ``data``) or a beacon's data as
+    it is. Either shape is only a claim."""
     inner = data.get("data")
     if data.get("cmd") == "_minion_event" and isinstance(inner, Mapping) and isinstance(data.get("id"), str):
-        verified = data["id"]
-        claimed = inner.get("id", tag_minion)
-        return verified, True, inner, verified != tag_minion or claimed != verified
-    claimed = data.get("id", tag_minion)
-    return tag_minion, False, data, claimed != tag_minion
+        sender, payload = data["id"], inner
+    else:
+        sender, payload = tag_minion, data
+    forged = sender != tag_minion or payload.get("id", sender) != sender
+    return sender, payload, forged
 
 
-def classify(tag: Any, data: Any, received_at: float) -> FleetEvent | None:
+def classify(tag: Any, data: Any, received_at: float, signed_by: SignedBy = unsigned) -> FleetEvent | None:
     """The fleet store's entry for one bus event; None if it is not vmpower's.
 
-    Raises Malformed for a vmpower tag whose data is unusable (the returner skips and counts it).
+    ``signed_by`` checks a job return's seal (module docstring): only a sealed return is kept
+    as a fact, at the time it was sealed (never later than it was received). Raises Malformed for a vmpower tag whose data is unusable (the
+    returner skips and counts it).
     """
     if not isinstance(tag, str):
         return None
@@ -105,7 +183,8 @@ def classify(tag: Any, data: Any, received_at: float) -> FleetEvent | None:
     if match:
         if not isinstance(data, Mapping):
             raise Malformed(f"{tag}: the event's data must be a mapping, not {type(data).__name__}")
-        minion, authenticated, payload, forged = _sender(match.group("minion"), data)
+        minion, payload, forged = _sender(match.group("minion"), data)
+        authenticated = False
         rest = match.group("rest")
         if rest.startswith("lifecycle/"):
             return _lifecycle(
@@ -118,7 +197,14 @@ def classify(tag: Any, data: Any, received_at: float) -> FleetEvent | None:
     if match:
         if not isinstance(data, Mapping) or not str(data.get("fun", "")).startswith("vmpower."):
             return None  # not a vmpower job: none of our business
-        return job_return(tag, match.group("minion"), data, received_at)
+        minion = match.group("minion")
+        # The master names a return's sender twice, in the tag and as ``id``, from one load.
+        forged = data.get("id") != minion
+        at = None if forged else sealed_at(minion, data, signed_by)
+        if at is None:
+            return job_return(tag, minion, data, received_at, False, forged)
+        # A replayed old seal must not make a host look freshly synced.
+        return job_return(tag, minion, data, min(at, received_at), True, forged)
     return None
 
 
@@ -160,8 +246,11 @@ def _resync(tag, payload, minion, authenticated, forged, received_at) -> FleetEv
     )
 
 
-def job_return(tag: str, minion: str, data: Mapping, received_at: float) -> FleetEvent:
-    """A vmpower job's return (the reactor's reconcile and sync, or any other vmpower.* job).
+def job_return(
+    tag: str, minion: str, data: Mapping, received_at: float, authenticated: bool = True, forged: bool = False
+) -> FleetEvent:
+    """A vmpower job's return (the reactor's reconcile and sync, or any other vmpower.* job);
+    ``authenticated`` as ``classify`` decided it (a minion keeping its own result: True).
 
     A job that failed (its return is the error text) is kept as what happened, not refused.
     """
@@ -177,25 +266,29 @@ def job_return(tag: str, minion: str, data: Mapping, received_at: float) -> Flee
                 minion,
                 RECONCILE,
                 tag,
-                True,
+                authenticated,
                 uuid=uuid,
                 name=str(ret.get("name") or ""),
                 transition=str(ret.get("transition") or ""),
                 reason=str(ret.get("reason") or ""),
+                forged=forged,
                 data=kept,
             )
-        return FleetEvent(received_at, minion, RECONCILE, tag, True, reason=str(ret), data=kept)
+        return FleetEvent(
+            received_at, minion, RECONCILE, tag, authenticated, reason=str(ret), forged=forged, data=kept
+        )
     if fun == "vmpower.sync":
         return FleetEvent(
             received_at,
             minion,
             SYNC,
             tag,
-            True,
+            authenticated,
             reason=sync_summary(ret)["summary"],
+            forged=forged,
             data={**kept, "return": sync_summary(ret)},
         )
-    return FleetEvent(received_at, minion, JOB, tag, True, reason=fun, data=kept)
+    return FleetEvent(received_at, minion, JOB, tag, authenticated, reason=fun, forged=forged, data=kept)
 
 
 def sync_summary(ret: Any) -> dict[str, Any]:
@@ -391,7 +484,7 @@ def host_row(
     problems = []
     if not last_sync_at:
         if sync_known:
-            problems.append("never synced")
+            problems.append(NO_SYNC)
     elif now - last_sync_at > 2 * sync_interval:
         problems.append(
             f"not synced for {now - last_sync_at:.0f} s (> 2 x sync_interval {sync_interval:g} s)"
@@ -511,7 +604,9 @@ def metrics_file(raw: Any) -> str:
     return raw
 
 
-def split_batch(events: Sequence[Any], received_at: float) -> tuple[list[FleetEvent], list[str]]:
+def split_batch(
+    events: Sequence[Any], received_at: float, signed_by: SignedBy = unsigned
+) -> tuple[list[FleetEvent], list[str]]:
     """A batch of ``{tag, data}`` from the master's event_return: the vmpower events to keep,
     and why each malformed one was skipped. Nothing malformed stops the rest."""
     kept: list[FleetEvent] = []
@@ -521,7 +616,7 @@ def split_batch(events: Sequence[Any], received_at: float) -> tuple[list[FleetEv
             skipped.append(f"an event must be a mapping of tag and data, not {type(item).__name__}")
             continue
         try:
-            event = classify(item.get("tag"), item.get("data"), received_at)
+            event = classify(item.get("tag"), item.get("data"), received_at, signed_by)
         except Malformed as exc:
             skipped.append(str(exc))
             continue
@@ -530,6 +625,7 @@ def split_batch(events: Sequence[Any], received_at: float) -> tuple[list[FleetEv
             ValueError,
             KeyError,
             AttributeError,
+            RecursionError,
         ) as exc:  # odd shapes: skip, never lose the rest
             skipped.append(f"{item.get('tag')!r}: {type(exc).__name__}: {exc}")
             continue

@@ -169,10 +169,11 @@ class FleetStore:
                     event.name,
                     event.transition,
                     event.reason,
-                    json.dumps(event.data, default=str, sort_keys=True),
+                    event.data_json,
                 )
             )
             seen[event.minion] = max(seen.get(event.minion, 0.0), event.at)
+            # Only a fact says that a host synced and how its loop is: a claim could be anyone's.
             if event.kind == SYNC and event.authenticated:
                 ret = event.data.get("return") or {}
                 synced.append(
