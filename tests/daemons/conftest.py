@@ -50,11 +50,10 @@ from .helpers import (
     PillarTree,
     beacon_config,
     clean_environ,
-    events_since,
     python_without_vmpower,
     repo_view,
     wait_for_event,
-    wait_until,
+    wait_for_start_syncs,
 )
 
 MASTER_ID = "vmpower-master"
@@ -414,11 +413,5 @@ def beacon_minion(minion_factory, salt_master, libvirt_daemon, event_listener, t
                        match=lambda data: data.get("reason") == "connected")
         # ... and the reactor's answers to it and to the minion's start, two full syncs, are
         # over before any test begins.
-        def both_syncs_returned():
-            returns = [event for event in events_since(event_listener, before,
-                                                       f"salt/job/*/ret/{BEACON_MINION}",
-                                                       salt_master.id)
-                       if event.data.get("fun") == "vmpower.sync"]
-            return len(returns) >= 2
-        wait_until(both_syncs_returned, 60, "the syncs for the minion's start and its resync")
+        wait_for_start_syncs(event_listener, salt_master.id, BEACON_MINION, before)
         yield minion

@@ -152,6 +152,20 @@ def wait_for_job_return(listener, master_id: str, minion_id: str, fun: str, afte
                           daemon_id=master_id, match=wanted)
 
 
+def wait_for_start_syncs(listener, master_id: str, minion_id: str, after_ts: float,
+                         timeout: float = 60) -> None:
+    """Wait until both syncs the reactor runs for a minion's start have returned: one for its
+    start event, one for its beacon's ``connected`` resync. On a loaded machine the second can
+    come seconds after the first, and a sync still to come acts on (and counts among) what a
+    test does next."""
+    def both_returned():
+        returns = [event for event in events_since(listener, after_ts,
+                                                   f"salt/job/*/ret/{minion_id}", master_id)
+                   if event.data.get("fun") == "vmpower.sync"]
+        return len(returns) >= 2
+    wait_until(both_returned, timeout, f"the syncs for {minion_id}'s start and its resync")
+
+
 # ---------------------------------------------------------------------------------------------
 # Running Salt commands
 # ---------------------------------------------------------------------------------------------
