@@ -248,8 +248,10 @@ def sync(test=None):
 
     Returns ``{host, checked, updated, actions, skipped, warnings, busy, took}``, and
     ``retry_at`` when a decision is due again later; ``vmpower_seal`` is this minion's
-    signature, by which the master's fleet store believes the sync is this minion's. A VM whose instance lock another job
-    holds is not waited for: it is listed under ``busy`` and the rest are synced.
+    signature, by which the master's fleet store believes the sync is this minion's. A VM
+    whose instance lock another job holds is not waited for: it is listed under ``busy`` and
+    the rest are synced. A sync asked while another runs runs after it (or, when one already
+    waits, returns at once with ``queued``).
 
     test
         A dry run: what would be written (``would_write``) and done (``actions``), and why;
