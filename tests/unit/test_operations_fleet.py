@@ -288,6 +288,15 @@ class TestWakeUp:
         ops.wakeups = WakeUps(str(tmp_path / "wakeup.json"))
         return ops
 
+    def gone_off(self, store, testdriver, tmp_path):
+        """A VM synced while it ran, then shut off behind vmpower's back at clock 1000."""
+        dom = testdriver.define("web")
+        clock = Clock(1000.0)
+        ops = self.ops(store, tmp_path, clock)
+        ops.sync()
+        dom.destroy()
+        return dom, clock, ops
+
     def test_a_sync_that_waits_out_the_grace_hands_over_its_due_time(self, store, testdriver,
                                                                       tmp_path):
         dom = testdriver.define("web")
@@ -302,11 +311,7 @@ class TestWakeUp:
 
     def test_the_sync_it_asked_for_answers_it_and_asks_for_nothing_more(self, store, testdriver,
                                                                          tmp_path):
-        dom = testdriver.define("web")
-        clock = Clock(1000.0)
-        ops = self.ops(store, tmp_path, clock)
-        ops.sync()
-        dom.destroy()
+        dom, clock, ops = self.gone_off(store, testdriver, tmp_path)
         ops.sync()
         clock.step(15)
         report = ops.sync()
@@ -314,11 +319,7 @@ class TestWakeUp:
         assert read(ops.wakeups.path) is None
 
     def test_a_sync_before_the_due_time_leaves_it(self, store, testdriver, tmp_path):
-        dom = testdriver.define("web")
-        clock = Clock(1000.0)
-        ops = self.ops(store, tmp_path, clock)
-        ops.sync()
-        dom.destroy()
+        _, clock, ops = self.gone_off(store, testdriver, tmp_path)
         ops.sync()
         clock.step(5)
         ops.sync()  # still within the grace: asks for 1015 again, the one kept
@@ -326,11 +327,7 @@ class TestWakeUp:
 
     def test_a_reconcile_hands_over_its_due_time_and_a_dry_run_nothing(self, store, testdriver,
                                                                        tmp_path):
-        dom = testdriver.define("web")
-        clock = Clock(1000.0)
-        ops = self.ops(store, tmp_path, clock)
-        ops.sync()
-        dom.destroy()
+        dom, _, ops = self.gone_off(store, testdriver, tmp_path)
         ops.sync(test=True)
         ops.reconcile(dom.UUIDString(), test=True)
         assert read(ops.wakeups.path) is None
