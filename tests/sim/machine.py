@@ -6,6 +6,8 @@ breaks a rule of SPEC.md. ``world.py`` says what is real and what is simulated.
 
 from __future__ import annotations
 
+import contextlib
+
 from hypothesis import strategies as st
 from hypothesis.stateful import (
     Bundle,
@@ -199,10 +201,6 @@ class FleetSim(RuleBasedStateMachine):
         target.mode = "observe" if observe else "enforce"
         target.reconfigure()
 
-    def owner_host(self, uuid):
-        record = self.world.observer.get(uuid)
-        return next((h for h in self.world.hosts if record is not None and h.name == record.host), None)
-
     @rule(vm=vms, host=hosts_ix, vm_state=st.sampled_from([None, VmState.ACTIVE, VmState.STOPPED]))
     def reset_state(self, vm, host, vm_state):
         target = self.h(host)
@@ -217,12 +215,8 @@ class FleetSim(RuleBasedStateMachine):
         target = self.pick_copy(vm, host)
         if target is None or self.busy(vm):
             return
-        target.kill = kill
-        try:
+        with _killed_if_asked(target, kill):
             self.operator(target, target.ops.stop, vm)
-        except Killed:
-            pass
-        target.kill = None
 
     @rule(vm=vms, host=hosts_ix, kill=st.sampled_from([None, None, "before", "after"]))
     def operator_start(self, vm, host, kill):
@@ -232,14 +226,10 @@ class FleetSim(RuleBasedStateMachine):
         elsewhere = self.world.runner(vm)
         if elsewhere is not None and elsewhere is not target:
             return  # an operator does not start a second copy by hand
-        target.kill = kill
-        try:
+        with _killed_if_asked(target, kill):
             result = self.operator(target, target.ops.start, vm)
             if "refused" not in result:
                 self.world.operator_started(vm)
-        except Killed:
-            pass
-        target.kill = None
 
     def pick_copy(self, uuid, index):
         copies = self.copies(uuid)
@@ -558,3 +548,14 @@ class FleetSim(RuleBasedStateMachine):
         if self.world is not None:
             self.world.check()
 
+
+@contextlib.contextmanager
+def _killed_if_asked(target, kill):
+    """Run an operator's job on ``target`` that is killed ``kill`` ("before" or "after" its
+    libvirt call; None: not killed): the kill ends the job there, as SIGKILL would."""
+    target.kill = kill
+    try:
+        with contextlib.suppress(Killed):
+            yield
+    finally:
+        target.kill = None
