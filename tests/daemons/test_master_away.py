@@ -115,17 +115,9 @@ def test_with_the_default_grace_the_record_is_right_within_stop_grace_and_5_s_of
 
         guest, dom = make_guest("acpi", start=False)
         _start_and_settle(salt_master, minion, event_listener, guest, dom)
-        salt_master.terminate()
-        away = time.monotonic()
-        try:
-            dom.shutdown()  # ACPI power button: the guest powers itself off, nobody hears it
-            assert lab.wait_for_state(dom, libvirt.VIR_DOMAIN_SHUTOFF) == \
-                libvirt.VIR_DOMAIN_SHUTOFF_SHUTDOWN
-            assert vm_record(minion, guest.uuid)["vm_state"] == "active"  # no job ran
-            time.sleep(max(0.0, AWAY - (time.monotonic() - away)))  # the outage itself
-        finally:
-            back = time.time()
-            salt_master.start()
+        # ACPI power button: the guest powers itself off, nobody hears it
+        back = _guest_goes_off_while_the_master_is_away(salt_master, minion, guest, dom,
+                                                        dom.shutdown)
         started = time.time()  # the master answers again (started, as factories checks)
         # The link's return: when the minion has its master again, as its beacon heard it.
         link = wait_until(lambda: (m := _master_link(minion)).get("connected") is True
@@ -221,18 +213,27 @@ def _stop_a_guest_while_the_master_is_away(salt_master, minion, event_listener, 
     guest, dom = make_guest("selfstop", start=False)
     assert salt_call(minion, "vmpower.start", guest.name)["vm_state"] == "active"
 
+    # The guest powers itself off a few seconds after boot, with nobody to hear it.
+    return guest, _guest_goes_off_while_the_master_is_away(salt_master, minion, guest, dom)
+
+
+def _guest_goes_off_while_the_master_is_away(salt_master, minion, guest, dom,
+                                             stop=lambda: None) -> float:
+    """Stop the master; ``stop()`` the guest (or let it stop by itself) and see it shut off
+    while no job can run; start the master again once it has been away ``AWAY`` seconds.
+    Returns when it was started again (epoch seconds)."""
     salt_master.terminate()
     away = time.monotonic()
     try:
-        # The guest powers itself off a few seconds after boot, with nobody to hear it.
+        stop()
         assert lab.wait_for_state(dom, libvirt.VIR_DOMAIN_SHUTOFF) == \
             libvirt.VIR_DOMAIN_SHUTOFF_SHUTDOWN
-        assert vm_record(minion, guest.uuid)["vm_state"] == "active"  # no reconcile ran
+        assert vm_record(minion, guest.uuid)["vm_state"] == "active"  # no job ran
         time.sleep(max(0.0, AWAY - (time.monotonic() - away)))  # the outage itself
     finally:
         back = time.time()
         salt_master.start()
-    return guest, back
+    return back
 
 
 def _the_record_is_stopped(salt_master, minion, event_listener, guest, back):
