@@ -157,10 +157,12 @@ def sync_schedule(current: Settings, splay: int = 0) -> dict:
     not persisted, because the beacon adds it again in every new minion process. ``splay``
     (``vmpower:sync_splay``) delays each run by up to that many seconds at random, so that a
     fleet's hosts do not all hit one database at once; its result goes through the ``vmpower``
-    returner (the sync's summary and the metrics file).
+    returner (the sync's summary and the metrics file). Its first run is one interval after it
+    is added, not at once (Salt's default for an interval job): the beacon adds it when it
+    connects, and the reactor already syncs the host for that connection.
     """
     job = {"function": "vmpower.sync", "seconds": current.sync_interval, "maxrunning": 1,
-           "enabled": True, "jid_include": True, "returner": "vmpower"}
+           "enabled": True, "jid_include": True, "returner": "vmpower", "run_on_start": False}
     if splay:
         job["splay"] = splay
     return {"func": "add", "schedule": {SYNC_JOB: job}, "persist": False}

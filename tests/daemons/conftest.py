@@ -52,7 +52,6 @@ from .helpers import (
     clean_environ,
     python_without_vmpower,
     repo_view,
-    wait_for_event,
     wait_for_start_syncs,
 )
 
@@ -408,10 +407,5 @@ def beacon_minion(minion_factory, salt_master, libvirt_daemon, event_listener, t
             vmpower={"sync_interval": NO_PERIODIC_SYNC, "stop_timeout": 30, "store": str(store),
                      "stop_grace": STOP_GRACE},
             beacons={"vmpower": beacon_config(uri=DEFAULT_URI, stop_grace=STOP_GRACE)}) as minion:
-        wait_for_event(event_listener, f"salt/beacon/{BEACON_MINION}/vmpower/resync", before,
-                       timeout=60, daemon_id=salt_master.id,
-                       match=lambda data: data.get("reason") == "connected")
-        # ... and the reactor's answers to it and to the minion's start, two full syncs, are
-        # over before any test begins.
         wait_for_start_syncs(event_listener, salt_master.id, BEACON_MINION, before)
         yield minion

@@ -153,15 +153,19 @@ def wait_for_job_return(listener, master_id: str, minion_id: str, fun: str, afte
 
 
 def wait_for_start_syncs(listener, master_id: str, minion_id: str, after_ts: float,
-                         timeout: float = 60) -> None:
-    """Wait until both syncs the reactor runs for a minion's start have returned: one for its
-    start event, one for its beacon's ``connected`` resync. On a loaded machine the second can
-    come seconds after the first, and a sync still to come acts on (and counts among) what a
-    test does next."""
+                         timeout: float = 90) -> None:
+    """Wait until a beacon minion started after ``after_ts`` has settled: its beacon's
+    ``connected`` resync is on the master bus, and both syncs the reactor runs for the start
+    have returned (one for the start event, one for that resync). Until then a sync may be
+    listing while a test defines a guest: it adopts the guest as stopped, as the rules say of
+    a domain first seen off, and the reactor then powers it off once the test starts it."""
+    wait_for_event(listener, f"salt/beacon/{minion_id}/vmpower/resync", after_ts, timeout,
+                   daemon_id=master_id, match=lambda data: data.get("reason") == "connected")
+
     def both_returned():
         returns = [event for event in events_since(listener, after_ts,
                                                    f"salt/job/*/ret/{minion_id}", master_id)
-                   if event.data.get("fun") == "vmpower.sync"]
+                   if event.data.get("fun") == "vmpower.sync" and "schedule" not in event.data]
         return len(returns) >= 2
     wait_until(both_returned, timeout, f"the syncs for {minion_id}'s start and its resync")
 

@@ -26,6 +26,7 @@ from .helpers import (
     wait_for_event,
     wait_for_job_return,
     wait_for_lifecycle,
+    wait_for_start_syncs,
     wait_until,
 )
 
@@ -124,7 +125,7 @@ def test_events_reach_the_master_as_they_happen_not_at_the_tick(
     with minion_factory.started(minion_id, uri=DEFAULT_URI, vmpower={"sync_interval": 3600, "stop_grace": 1},
                                 beacons={"vmpower": beacon_config(uri=DEFAULT_URI, stop_grace=1)},
                                 overrides={"loop_interval": SLOW_TICK}) as minion:
-        resync(event_listener, salt_master, minion_id, since, "connected", timeout=SLOW_TICK * 3)
+        wait_for_start_syncs(event_listener, salt_master.id, minion_id, since, timeout=SLOW_TICK * 3)
         after = time.time()
         guest, dom = make_guest("stubborn")
         started = wait_for_lifecycle(event_listener, salt_master.id, minion_id, "started",
@@ -157,7 +158,7 @@ def test_with_the_immediate_path_off_events_come_through_the_tick(
     with minion_factory.started(minion_id, uri=DEFAULT_URI, vmpower={"sync_interval": 3600, "stop_grace": 1},
                                 beacons={"vmpower": beacon_config(uri=DEFAULT_URI, stop_grace=1,
                                                                   immediate=False)}) as minion:
-        resync(event_listener, salt_master, minion_id, since, "connected")
+        wait_for_start_syncs(event_listener, salt_master.id, minion_id, since)
         after = time.time()
         guest, dom = make_guest("stubborn")
         wait_for_lifecycle(event_listener, salt_master.id, minion_id, "started", guest.uuid, after)

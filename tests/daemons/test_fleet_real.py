@@ -38,9 +38,9 @@ from .helpers import (
     read_only,
     salt_call,
     salt_cmd,
-    wait_for_event,
     wait_for_job_return,
     wait_for_lifecycle,
+    wait_for_start_syncs,
     wait_until,
 )
 
@@ -94,9 +94,7 @@ def host_a(fleet_master, salt_factories, libvirt_daemon, event_listener, fleet_s
     factory = _minion(fleet_master, salt_factories, HOST_A, config)
     try:
         with factory.started():
-            wait_for_event(event_listener, f"salt/beacon/{HOST_A}/vmpower/resync", before, timeout=60,
-                           daemon_id=MASTER, match=lambda data: data.get("reason") == "connected")
-            wait_for_job_return(event_listener, MASTER, HOST_A, "vmpower.sync", before)
+            wait_for_start_syncs(event_listener, MASTER, HOST_A, before)
             yield factory
     finally:
         fleet_master.salt_key_cli().run("--yes", "--delete", HOST_A)

@@ -33,6 +33,7 @@ from .helpers import (
     vm_record,
     wait_for_event,
     wait_for_job_return,
+    wait_for_start_syncs,
     wait_until,
 )
 
@@ -101,9 +102,7 @@ def test_with_the_default_grace_the_record_is_right_within_stop_grace_and_5_s_of
             vmpower={"sync_interval": 3600, "stop_timeout": 30, "stop_grace": GRACE},
             beacons={"vmpower": beacon_config(uri=DEFAULT_URI, stop_grace=GRACE)},
             overrides=overrides))
-        wait_for_event(event_listener, f"salt/beacon/{minion.id}/vmpower/resync", since, 90,
-                       daemon_id=salt_master.id, match=lambda data: data["reason"] == "connected")
-        wait_for_job_return(event_listener, salt_master.id, minion.id, "vmpower.sync", since)
+        wait_for_start_syncs(event_listener, salt_master.id, minion.id, since)
 
         # A retry before the outage: a sync finds a VM off within its grace.
         earlier, earlier_dom = make_guest("acpi", "-earlier", start=False)
@@ -207,9 +206,7 @@ def _stop_a_guest_while_the_master_is_away(salt_master, minion, event_listener, 
     """Once the minion's beacon has connected and its first sync is over: start a guest that
     powers itself off a few seconds after boot, and keep the master away for ``AWAY`` seconds
     while it does. Returns the guest and the time the master was started again."""
-    wait_for_event(event_listener, f"salt/beacon/{minion.id}/vmpower/resync", since, 90,
-                   daemon_id=salt_master.id, match=lambda data: data["reason"] == "connected")
-    wait_for_job_return(event_listener, salt_master.id, minion.id, "vmpower.sync", since)
+    wait_for_start_syncs(event_listener, salt_master.id, minion.id, since)
     guest, dom = make_guest("selfstop", start=False)
     assert salt_call(minion, "vmpower.start", guest.name)["vm_state"] == "active"
 

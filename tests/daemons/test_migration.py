@@ -29,7 +29,7 @@ from vmpower_lab import hosts as labhosts
 from vmpower_lab import lab
 
 from .conftest import STOP_GRACE
-from .helpers import beacon_config, salt_call, wait_for_event, wait_for_job_return, wait_until
+from .helpers import beacon_config, salt_call, wait_for_job_return, wait_for_start_syncs, wait_until
 
 libvirt = pytest.importorskip("libvirt")
 psycopg = pytest.importorskip("psycopg")
@@ -128,11 +128,7 @@ def host_minions(minion_factory, salt_master, event_listener, lab_hosts, fleet_d
                 vmpower={"store": fleet_dsn, "sync_interval": 3600, "stop_timeout": 30,
                          "stop_grace": STOP_GRACE},
                 beacons={"vmpower": beacon_config(uri=uri, stop_grace=STOP_GRACE)}))
-            wait_for_event(event_listener, f"salt/beacon/{minion_id}/vmpower/resync", before,
-                           timeout=90, daemon_id=salt_master.id,
-                           match=lambda data: data.get("reason") == "connected")
-            wait_for_job_return(event_listener, salt_master.id, minion_id, "vmpower.sync",
-                                before, timeout=90)
+            wait_for_start_syncs(event_listener, salt_master.id, minion_id, before)
         yield started
 
 

@@ -149,6 +149,8 @@ def test_metrics_without_a_file_is_a_clear_error(loaded):
 def test_the_periodic_sync_has_a_splay_and_the_returner():
     job = vmminion.sync_schedule(parse_settings({"sync_interval": 600}), 60)["schedule"][vmminion.SYNC_JOB]
     assert (job["splay"], job["returner"], job["seconds"]) == (60, "vmpower", 600)
+    # The beacon's connected resync syncs the host already: no second sync at once.
+    assert job["run_on_start"] is False
     fired = []
     vmminion._scheduled_interval = None
     vmminion.keep_sync_scheduled(
