@@ -196,6 +196,29 @@ class LabHost:
         log.info("lab host %s answers on %s", self.name, self.uri)
         return self
 
+    def restart_libvirtd(self) -> None:
+        """Stop this host's libvirtd and start it again, its guests running on, as
+        ``systemctl restart libvirtd`` does; wait until it answers. libvirtd reloads its
+        domains from their files and forgets what it kept only in memory, such as why an
+        inactive domain went off: one that had migrated away is then ``shut off (unknown)``."""
+        pid = self.daemon_pid("libvirtd")
+        if pid is None or not self.running():
+            raise RuntimeError(f"lab host {self.name}: libvirtd is not running")
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + self.timeout
+        while reaper.alive(pid):  # the supervisor reaps it
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"lab host {self.name}: libvirtd ({pid}) did not stop")
+            time.sleep(0.05)
+        self.socket.unlink(missing_ok=True)
+        self._supervisor.send_signal(signal.SIGUSR1)  # the supervisor runs libvirtd again
+        while not (self.daemon_pid("libvirtd") and self.answers()):
+            if time.monotonic() > deadline or not self.running():
+                raise RuntimeError(f"lab host {self.name}: libvirtd did not answer again on "
+                                   f"{self.uri}:\n{_tail(self.log_path)}")
+            time.sleep(0.05)
+        log.info("lab host %s: libvirtd restarted", self.name)
+
     def running(self) -> bool:
         return self._supervisor is not None and self._supervisor.poll() is None
 

@@ -22,6 +22,10 @@ It writes one line to stdout once the commands have run: ``reaper: started`` or
 ``--grace S``
     on SIGTERM, every child gets SIGTERM, and SIGKILL if still there S seconds later (10).
 
+SIGUSR1 runs the last CMD again, in the same namespaces: after its daemon was stopped, that
+starts it anew under this reaper (``LabHost.restart_libvirtd``: libvirtd restarted while its
+guests run on, as ``systemctl restart libvirtd`` does).
+
 Standard library only: it runs as a script, outside any package.
 """
 
@@ -125,8 +129,13 @@ def main(argv: list[str]) -> int:
         kill_children(signal.SIGKILL)
         signal.alarm(1)  # and again, for anything forked meanwhile
 
+    def on_again(_signum, _frame):
+        if commands and not stopping:
+            subprocess.run(commands[-1], check=False, stdin=subprocess.DEVNULL, stdout=sys.stderr)
+
     signal.signal(signal.SIGTERM, on_term)
     signal.signal(signal.SIGALRM, on_alarm)
+    signal.signal(signal.SIGUSR1, on_again)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C is for the test run, not for us
     if parent_death:
         _check(libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0), "prctl(PR_SET_PDEATHSIG)")

@@ -178,6 +178,35 @@ def test_a_migrated_guest_can_go_back_with_undefinesource(host_conns, make_host_
     assert [d.name() for d in a.listAllDomains() if d.name() == guest.name] == [guest.name]
 
 
+def test_a_libvirtd_restart_forgets_why_a_migrated_source_copy_is_off(
+        lab_hosts, host_conns, make_host_guest):
+    """After ``migrate --live --persistent`` (the source keeps its definition) the source's
+    copy is ``shut off (migrated)``; once the source's libvirtd restarts, it is ``shut off
+    (unknown)``: the reason lived only in libvirtd's memory. A guest that runs on the source
+    runs on through the restart, in the same QEMU process."""
+    conns, events = host_conns
+    guest, dom = make_host_guest("hosta", "acpi")
+    staying, _ = make_host_guest("hosta", "stubborn")
+    lab.wait_guest_ready(dom)
+    staying_pid = lab_hosts["hosta"].qemu_pid(staying.name)
+    labhosts.migrate(dom, conns["hostb"], persistent=True)
+    events["hosta"].wait_for(guest.name, "STOPPED", MIGRATED)
+    assert state_of(conns["hosta"], guest.name) == (libvirt.VIR_DOMAIN_SHUTOFF,
+                                                    libvirt.VIR_DOMAIN_SHUTOFF_MIGRATED)
+
+    lab_hosts["hosta"].restart_libvirtd()
+    again = libvirt.open(lab_hosts["hosta"].uri)
+    try:
+        assert state_of(again, guest.name) == (libvirt.VIR_DOMAIN_SHUTOFF,
+                                               libvirt.VIR_DOMAIN_SHUTOFF_UNKNOWN)
+        assert state_of(again, staying.name)[0] == libvirt.VIR_DOMAIN_RUNNING
+        assert lab_hosts["hosta"].qemu_pid(staying.name) == staying_pid
+        assert lab_hosts["hosta"].running()  # still under the same supervisor
+    finally:
+        again.close()
+    assert state_of(conns["hostb"], guest.name)[0] == libvirt.VIR_DOMAIN_RUNNING
+
+
 def test_lab_stop_leaves_no_process(tmp_path_factory, libvirt_event_loop):
     """A lab of its own, with a running guest on each host: after stop() none of its
     processes (supervisors, libvirtds, virtlogds, QEMUs) is left."""
