@@ -900,8 +900,15 @@ class _SyncDecisions:
             if record.task_state and record.task_owner:  # rare: read whether its owner runs
                 facts = dataclasses.replace(facts, owner_alive=self._ops._owner_alive(
                     record.task_owner, facts.boot_id))
+            unowned_lost = not record.host and dom.state.reason == REASON_LOST
+            if unowned_lost:
+                # Rare: a copy no host owns, whose reason a libvirtd restart lost. Whether it
+                # lives elsewhere is what this host's beacon saw; without it, every sync would
+                # take the copy over under its lock, then let it go again.
+                gone, _ = self._ops._journaled(record.uuid, facts.boot_id)
+                facts = dataclasses.replace(facts, seen_off=gone)
             answer = decide(record, dom.state, self._ops.host, policy, self._ops.settings,
                             self._at, error, facts)
-            if not renamed and not record.task_owner:
+            if not renamed and not record.task_owner and not unowned_lost:
                 self._answers[key] = answer
         return answer

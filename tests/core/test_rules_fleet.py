@@ -500,6 +500,22 @@ class TestWentOffUnseen:
         assert decision.action is Action.NONE and "as this host's beacon saw" in decision.reason
         assert decision.observed.get("host", HOST) == ("" if reason == "migrated" else HOST)
 
+    def test_seen_leaving_after_it_was_taken_as_unseen_it_is_let_go(self):
+        # The sync that answered the libvirtd restart came before the held STOPPED (migrated).
+        rec = record(power=P.SHUTDOWN, off_reason="not_seen", off_since=CLOCK - 5)
+        decision = self.decide(rec, "migrated")
+        assert decision.action is Action.NONE and not decision.warning
+        assert (decision.observed["host"], decision.observed["off_reason"]) == ("", "")
+
+    def test_let_go_it_is_not_taken_back_while_the_beacon_saw_it_leave(self):
+        # Every later sync: no host owns it, and this host's beacon saw it migrate away.
+        rec = record(host="", power=P.SHUTDOWN)
+        decision = self.decide(rec, "migrated")
+        assert decision.action is Action.NONE and decision.observed == {}
+        assert "shut off here because it was migrated" in decision.reason
+        unseen = self.decide(rec, "")  # not seen leaving: this host has the only known copy
+        assert unseen.observed["host"] == HOST and unseen.action is Action.NONE
+
     @pytest.mark.parametrize("reason", ["shutdown", "destroyed", "crashed", "failed"])
     def test_seen_going_off_here_the_pin_restarts_it_after_the_grace(self, reason):
         held = self.decide(record(), reason)

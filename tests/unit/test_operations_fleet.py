@@ -429,3 +429,6 @@ def test_a_vm_that_went_off_unseen_for_a_reason_libvirt_lost_is_never_started(
     else:  # this host's beacon saw it migrated away: it lives elsewhere, and the source lets go
         assert record.host == "" and record.vm_state is VmState.ACTIVE
         assert "as this host's beacon saw" in ops.history(uuid)[-1]["reason"]
+        # Let go, it is not taken back and let go again at every sync: nothing is written.
+        written = len(ops.history(uuid))
+        assert not ops.sync()["actions"] and len(ops.history(uuid)) == written

@@ -256,6 +256,18 @@ def lives_elsewhere(live: LiveState) -> bool:
     return live.power_state in OFF and live.reason in LIVES_ELSEWHERE
 
 
+def _gone_to(live: LiveState, facts: Facts) -> str:
+    """Why a domain shut off here lives elsewhere (``migrated``, ``saved``), or "": libvirt's
+    state reason, or, once a libvirtd restart has lost it, what this host's beacon saw go
+    (a durable fact; the state reason alone is not)."""
+    if lives_elsewhere(live):
+        return live.reason
+    if (live.power_state is PowerState.SHUTDOWN and live.reason == REASON_LOST
+            and facts.seen_off in LIVES_ELSEWHERE):
+        return facts.seen_off
+    return ""
+
+
 def not_to_record(live: LiveState, policy: InstancePolicy, pillar_error: str | None,
                   facts: Facts = NO_FACTS) -> str | None:
     """Why a domain seen for the first time must not even be recorded, or None.
@@ -509,6 +521,7 @@ def decide(record: Record, live: LiveState, host: str, policy: InstancePolicy,
 
     power = live.power_state
     owner = record.host
+    gone_to = _gone_to(live, facts)
     if owner != host:
         if power in ALIVE and (not owner or record.power_state is not PowerState.RUNNING
                                or live.reason == MIGRATED):
@@ -527,15 +540,15 @@ def decide(record: Record, live: LiveState, host: str, policy: InstancePolicy,
                 observed["vm_state"] = taken
                 notes.append(f"vm_state {record.vm_state.value} -> {taken.value}: it is "
                              f"{power.value} here")
-        elif not owner and power in OFF and not lives_elsewhere(live):
+        elif not owner and power in OFF and not gone_to:
             # Defined here, off, and no host owns it (its last owner let go when it was
             # undefined there): this host has the only copy anyone knows of. An owner that
             # kept a copy keeps the record: which copy counts cannot be told from here.
             observed["host"] = host
             notes.append(f"owned by no host and defined on {host} ({power.value}): taken over")
-        elif lives_elsewhere(live):
-            return Decision(Action.NONE, f"shut off here because it was {live.reason}; the "
-                            f"record says it lives on {owner or 'no host'}: nothing to do")
+        elif gone_to:
+            return Decision(Action.NONE, f"shut off here because it was {gone_to}; the record "
+                            f"says it lives on {owner or 'no host'}: nothing to do")
         else:
             return _skip(f"the record says the VM lives on {owner or 'no host'}, not {host}: "
                          f"hands off")
@@ -561,11 +574,6 @@ def decide(record: Record, live: LiveState, host: str, policy: InstancePolicy,
     if unseen is None:
         return Decision(Action.NONE, "shut off for a reason libvirt no longer knows: this host's "
                         "journal not read yet", observed, recheck=True)
-    # Where it went: libvirt's state reason, or, once libvirt has lost it, what this host's
-    # beacon saw (a durable fact; the state reason alone is not).
-    gone_to = live.reason if lives_elsewhere(live) else (
-        facts.seen_off if live.power_state is PowerState.SHUTDOWN and live.reason == REASON_LOST
-        and facts.seen_off in LIVES_ELSEWHERE else "")
     elsewhere = bool(gone_to)
     off = power in OFF and not elsewhere
     off_for = _off_spell(record, live, facts, observed, off)
@@ -579,6 +587,8 @@ def decide(record: Record, live: LiveState, host: str, policy: InstancePolicy,
         if gone_to == MIGRATED and observed.get("host", owner) == host:
             observed["host"] = ""  # the source lets go: the host where it runs takes it
             notes.append(f"migrated away from {host}")
+        if record.off_reason:  # it is not off here: where it went is known now
+            observed["off_reason"] = ""
         seen = "; ".join(notes) + ": " if notes else ""
         where = "elsewhere" if gone_to == MIGRATED else "in a save file"
         how = "" if gone_to == live.reason else " (as this host's beacon saw; libvirt has lost it)"
