@@ -30,6 +30,8 @@ from typing import Any
 import pytest
 import yaml
 
+from vmpower_lab import lab
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 #: The master's ``reactor`` setting, as the README tells users to configure it.
@@ -168,6 +170,16 @@ def wait_for_start_syncs(listener, master_id: str, minion_id: str, after_ts: flo
                    if event.data.get("fun") == "vmpower.sync" and "schedule" not in event.data]
         return len(returns) >= 2
     wait_until(both_returned, timeout, f"the syncs for {minion_id}'s start and its resync")
+
+
+def start_and_settle(salt_master, minion, event_listener, guest, dom):
+    """Start ``guest`` through vmpower, and wait until its boot sector runs and the reactor's
+    reconcile of its STARTED event has returned: no job of it is left running."""
+    since = time.time()
+    assert salt_call(minion, "vmpower.start", guest.name)["vm_state"] == "active"
+    lab.wait_guest_ready(dom)
+    wait_for_job_return(event_listener, salt_master.id, minion.id, "vmpower.reconcile", since,
+                        match=lambda ret: isinstance(ret, dict) and ret.get("uuid") == guest.uuid)
 
 
 # ---------------------------------------------------------------------------------------------

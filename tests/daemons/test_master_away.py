@@ -8,8 +8,9 @@ the master's (``status.master`` checks that port). Two set-ups: ``master_tries: 
 Salt 3006 (the minion keeps trying the lost master), and Salt's default ``master_tries`` under
 Salt's keepalive parent, as a service runs the minion. The session's master is stopped and started again in place; it answers again before
 each test ends.
-Asserted: the resync and the record; and, with vmpower's default ``stop_grace``, that the
-record is right within ``stop_grace`` + 5 s of the master's return, as the contract says.
+Asserted: the resync and the record, long before the periodic sync could make it right; with
+vmpower's default ``stop_grace``, how soon after the master's return (``stop_grace`` + 5 s at
+most, by the contract) is printed.
 """
 
 import contextlib
@@ -30,6 +31,7 @@ from .helpers import (
     history,
     salt_call,
     salt_cmd,
+    start_and_settle,
     vm_record,
     wait_for_event,
     wait_for_job_return,
@@ -106,14 +108,14 @@ def test_with_the_default_grace_the_record_is_right_within_stop_grace_and_5_s_of
 
         # A retry before the outage: a sync finds a VM off within its grace.
         earlier, earlier_dom = make_guest("acpi", "-earlier", start=False)
-        _start_and_settle(salt_master, minion, event_listener, earlier, earlier_dom)
+        start_and_settle(salt_master, minion, event_listener, earlier, earlier_dom)
         earlier_dom.destroy()
         assert "retry_at" in salt_call(minion, "vmpower.sync")
         wait_until(lambda: (r := vm_record(minion, earlier.uuid)) and r["vm_state"] == "stopped",
                    60, lambda: f"the earlier VM to be stopped: {vm_record(minion, earlier.uuid)}")
 
         guest, dom = make_guest("acpi", start=False)
-        _start_and_settle(salt_master, minion, event_listener, guest, dom)
+        start_and_settle(salt_master, minion, event_listener, guest, dom)
         # ACPI power button: the guest powers itself off, nobody hears it
         back = _guest_goes_off_while_the_master_is_away(salt_master, minion, guest, dom,
                                                         dom.shutdown)
@@ -151,16 +153,6 @@ def _master_link(minion) -> dict:
         return json.loads(path.read_text()).get("master") or {}
     except (OSError, ValueError, AttributeError):
         return {}
-
-
-def _start_and_settle(salt_master, minion, event_listener, guest, dom):
-    """Start ``guest`` through vmpower, and wait until its boot sector runs and the reactor's
-    reconcile of its STARTED event has returned: no job of it is left running."""
-    since = time.time()
-    assert salt_call(minion, "vmpower.start", guest.name)["vm_state"] == "active"
-    lab.wait_guest_ready(dom)
-    wait_for_job_return(event_listener, salt_master.id, minion.id, "vmpower.reconcile", since,
-                        match=lambda ret: isinstance(ret, dict) and ret.get("uuid") == guest.uuid)
 
 
 @pytest.mark.xfail(
