@@ -92,8 +92,10 @@ run_lane() {  # <name> <venv> <pytest arguments...>: started in the background
   root="$(lane_root "$name")"
   lane_args[$name]="$*"
   lane_logs[$name]="$logs/$name.log"
+  # --durations: each lane's slowest setups, calls and teardowns (a module's shared daemons
+  # show up as one test's setup), so that where the time goes is in every CI log.
   bash "$here/scripts/lane.sh" "$root" "$venv/bin/python" -m pytest -ra -p no:cacheprovider \
-    --basetemp="$root/t" "$@" >"${lane_logs[$name]}" 2>&1 &
+    --durations=15 --basetemp="$root/t" "$@" >"${lane_logs[$name]}" 2>&1 &
   lane_pids+=("$!")
   lane_began[$!]=$SECONDS
   lane_name[$!]=$name
