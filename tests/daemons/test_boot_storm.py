@@ -81,7 +81,13 @@ def test_a_boot_storm_becomes_burst_resyncs_and_every_record_is_right(
             return len(fired) + coalesced >= BOOT_STORM and fired
         wait_until(accounted, 60, lambda: f"every start to be fired or coalesced: "
                                           f"{beacon_status(minion)}")
-        time.sleep(3)  # the last burst's resync and its job reach the listener
+
+        def every_event_has_its_job():  # the reactor runs one job per event it is fired
+            jobs = [event for event in _job_news(event_listener, storm)
+                    if event.data.get("minions") == [minion_id]]
+            return len(jobs) >= len(beacon_events(event_listener, minion_id, storm, kind="*",
+                                                  daemon_id=salt_master.id))
+        wait_until(every_event_has_its_job, 60, "the reactor's job for every event fired")
         # Jobs first, then the events: an event always reaches the master before the job it
         # causes, so every job counted here has its event counted below, even one fired late.
         jobs = [event for event in _job_news(event_listener, storm)
