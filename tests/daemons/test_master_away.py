@@ -155,13 +155,14 @@ def _master_link(minion) -> dict:
         return {}
 
 
-@pytest.mark.xfail(
-    SALT_MAJOR == 3006, strict=False,
-    reason="Salt 3006.29 with the default master_tries: once its master is gone the minion "
-           "often waits for good in its sign-in ('Connecting to master. Attempt 1 of 1', then "
-           "nothing), neither restarting nor reconnecting when the master is back (2 of 3 runs "
-           "here; seen with and without vmpower's beacon). Hence master_tries: -1 on 3006 "
-           "(docs/configuration.md)")
+#: Why the next test may end as an expected failure on Salt 3006, and only then.
+SALT_3006_NEVER_CAME_BACK = (
+    "Salt 3006.29 with the default master_tries: once its master was gone, the minion never "
+    "answered it again (it waits for good in its sign-in, 'Connecting to master. Attempt 1 of "
+    "1', neither restarting nor reconnecting; seen with and without vmpower's beacon). Hence "
+    "master_tries: -1 on 3006 (docs/configuration.md)")
+
+
 def test_a_minion_that_restarts_itself_after_losing_its_master_records_the_change(
         salt_master, minion_factory, libvirt_daemon, event_listener, make_guest):
     """Salt's default ``master_tries`` (1) and the minion run as its service runs it, under
@@ -178,13 +179,29 @@ def test_a_minion_that_restarts_itself_after_losing_its_master_records_the_chang
                                                              event_listener, make_guest, since)
         # Whichever way the minion came back (a new process on 3006), its beacon asks for a
         # sync: "connected" from a new process, "master_reconnected" from the old one.
-        wait_for_event(event_listener, f"salt/beacon/{MINION_ID_KEPT_ALIVE}/vmpower/resync",
-                       back, 180, daemon_id=salt_master.id,
-                       match=lambda data: data["reason"] in ("connected", "master_reconnected"))
+        try:
+            wait_for_event(event_listener, f"salt/beacon/{MINION_ID_KEPT_ALIVE}/vmpower/resync",
+                           back, 180, daemon_id=salt_master.id,
+                           match=lambda data: data["reason"] in ("connected", "master_reconnected"))
+        except pytest.fail.Exception:
+            # Not vmpower's doing only if Salt never brought the minion back to its master.
+            if SALT_MAJOR == 3006 and not _answers(salt_master, minion):
+                pytest.xfail(SALT_3006_NEVER_CAME_BACK)
+            raise
         _the_record_is_stopped(salt_master, minion, event_listener, guest, back)
         restarted = not before & _minion_processes(minion)
         print(f"the minion process {'restarted' if restarted else 'stayed and reconnected'}")
         everyone_answers(salt_master)
+
+
+def _answers(salt_master, minion) -> bool:
+    """Whether ``minion`` answers its master (``test.ping``): Salt's own part of coming back."""
+    try:
+        returns = salt_cmd(salt_master, minion.id, "test.ping", check=False, cli_timeout=30,
+                           expect=())
+    except FactoryTimeout:
+        return False
+    return (returns or {}).get(minion.id) is True
 
 
 def _minion_processes(minion) -> set:
