@@ -31,6 +31,8 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 from xml.sax.saxutils import escape, quoteattr
 
+from vmpower_lab import reaper
+
 log = logging.getLogger(__name__)
 
 DEFAULT_URI = "qemu:///system"
@@ -160,9 +162,9 @@ class LibvirtDaemon:
         if force or self.started_virtlogd:
             _terminate("virtlogd", self.timeout)
             self.started_virtlogd = False
-        for reaper in list(_REAPERS):  # those left with no daemon and no guest have exited
-            if reaper.poll() is not None:
-                _REAPERS.remove(reaper)
+        for supervisor in list(_REAPERS):  # those left with no daemon and no guest have exited
+            if supervisor.poll() is not None:
+                _REAPERS.remove(supervisor)
 
     def kill(self) -> None:
         """SIGKILL libvirtd (only libvirtd, not virtlogd nor guests) to simulate a crash."""
@@ -299,7 +301,9 @@ def _pids(name: str) -> list[int]:
     """
     result = subprocess.run(["pgrep", "-x", name], capture_output=True, text=True, check=False)
     return [int(pid) for pid in result.stdout.split()
-            if _alive(int(pid)) and _same_mount_namespace(int(pid))]
+            # The daemons fork away from us: once they exit they stay zombies until
+            # init reaps them, and pgrep still lists them.
+            if reaper.alive(int(pid)) and _same_mount_namespace(int(pid))]
 
 
 def _same_mount_namespace(pid: int) -> bool:
@@ -307,16 +311,6 @@ def _same_mount_namespace(pid: int) -> bool:
         return os.readlink(f"/proc/{pid}/ns/mnt") == os.readlink("/proc/self/ns/mnt")
     except OSError:
         return False  # gone meanwhile
-
-
-def _alive(pid: int) -> bool:
-    # The daemons fork away from us, so once they exit they stay zombies until init reaps them,
-    # which can take a while in a container; pgrep still lists them.
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return False
-    return stat.rpartition(")")[2].split()[0] != "Z"
 
 
 def _signal(pid: int, sig: signal.Signals) -> None:
