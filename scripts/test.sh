@@ -108,7 +108,7 @@ run_lane() {  # <name> <venv> <pytest arguments...>: started in the background
 # newest release.
 daemons_first="tests/daemons/test_end_to_end.py tests/daemons/test_master_away.py \
 tests/daemons/test_crash_loop.py tests/daemons/test_beacon_real.py \
-tests/daemons/test_dry_run_real.py tests/daemons/test_boot_storm.py tests/daemons/test_gaps.py"
+tests/daemons/test_dry_run_real.py tests/daemons/test_boot_storm.py"
 daemons_rest="tests/daemons$(printf ' --ignore=%s' $daemons_first)"
 lanes_3008=(
   "3008-core|tests/core tests/unit tests/bench tests/sim tests/real"
