@@ -60,9 +60,11 @@ def _record_becomes(minion, guest, gap_end, **expected):
 def test_a_guest_that_died_while_libvirtd_was_down_is_recorded_once_libvirtd_is_back(
         salt_master, minion_factory, libvirtd_may_die, event_listener, make_guest):
     """libvirtd is killed; the guest's QEMU dies; libvirtd starts again and finds the guest
-    gone. The beacon reconnects and asks for a sync, which records the guest off. vmpower did
-    not see it go, and libvirt's reason after its own restart is no fact about how it went:
-    the VM is not started again, and the record says why (``off_reason``)."""
+    gone. The beacon reconnects and asks for a sync, which records the guest off. The VM is
+    never started again. libvirt calls it crashed when it finds the monitor of a QEMU run
+    with ``-no-shutdown`` gone (vmpower's default ``on_crash: stop`` then records it stopped
+    after the grace); had libvirt said ``unknown``, vmpower would record that nobody can tell
+    how it went (``off_reason: not_seen``)."""
     since = time.time()
     with minion_factory.started("vmpower-minion-lg", uri=DEFAULT_URI, vmpower=VMPOWER,
                                 beacons=BEACONS) as minion:
