@@ -77,8 +77,8 @@ def test_a_libvirtd_restart_in_the_migration_grace_never_starts_the_source_copy(
             labhosts.migrate(dom, conn_b, persistent=True)
         finally:
             conn_b.close()
+        restarted = time.time()  # before: the beacon may reconnect before the restart returns
         host_a.restart_libvirtd()  # within the grace: the STOPPED (migrated) is still held
-        restarted = time.time()
         assert _state(host_a.uri, guest.uuid) == (libvirt.VIR_DOMAIN_SHUTOFF,
                                                   libvirt.VIR_DOMAIN_SHUTOFF_UNKNOWN)
         wait_for_event(event_listener, f"salt/beacon/{MINION_A}/vmpower/resync", restarted, 120,
