@@ -11,6 +11,7 @@ the record was right (``stop_grace`` + 5 s at most, by the contract) is printed,
 it is Salt's and libvirtd's start-up latency on this machine as much as vmpower's.
 """
 
+import contextlib
 import os
 import signal
 import time
@@ -43,6 +44,20 @@ VMPOWER = {"sync_interval": 3600, "stop_timeout": 30, "stop_grace": GRACE}
 BEACONS = {"vmpower": beacon_config(uri=DEFAULT_URI, stop_grace=GRACE)}
 
 
+@contextlib.contextmanager
+def _minion_with_a_running_guest(minion_id, kind, salt_master, minion_factory, event_listener,
+                                 make_guest):
+    """A beacon minion, settled, and a guest of ``kind`` started through vmpower and settled;
+    yields ``(minion, guest, dom)``."""
+    since = time.time()
+    with minion_factory.started(minion_id, uri=DEFAULT_URI, vmpower=VMPOWER,
+                                beacons=BEACONS) as minion:
+        wait_for_start_syncs(event_listener, salt_master.id, minion.id, since)
+        guest, dom = make_guest(kind, start=False)
+        start_and_settle(salt_master, minion, event_listener, guest, dom)
+        yield minion, guest, dom
+
+
 def _record_becomes(minion, guest, gap_end, **expected):
     """Wait until the record of ``guest`` has ``expected``; print how long after ``gap_end``
     and by which audited decisions. Returns the record."""
@@ -65,12 +80,9 @@ def test_a_guest_that_died_while_libvirtd_was_down_is_recorded_once_libvirtd_is_
     with ``-no-shutdown`` gone (vmpower's default ``on_crash: stop`` then records it stopped
     after the grace); had libvirt said ``unknown``, vmpower would record that nobody can tell
     how it went (``off_reason: not_seen``)."""
-    since = time.time()
-    with minion_factory.started("vmpower-minion-lg", uri=DEFAULT_URI, vmpower=VMPOWER,
-                                beacons=BEACONS) as minion:
-        wait_for_start_syncs(event_listener, salt_master.id, minion.id, since)
-        guest, dom = make_guest("stubborn", start=False)
-        start_and_settle(salt_master, minion, event_listener, guest, dom)
+    with _minion_with_a_running_guest("vmpower-minion-lg", "stubborn", salt_master,
+                                      minion_factory, event_listener, make_guest) as (
+            minion, guest, _dom):
         qemu = lab.qemu_pid(guest.name)
 
         libvirtd_may_die.kill()
@@ -110,13 +122,8 @@ def test_a_guest_that_shut_down_while_the_minion_was_stopped_is_recorded_once_it
     guest off with no observation of it in the journal: off since at least then. Once the
     grace is over the record says stopped, decided by the beacon's retry in the new minion
     process."""
-    since = time.time()
-    with minion_factory.started("vmpower-minion-lr", uri=DEFAULT_URI, vmpower=VMPOWER,
-                                beacons=BEACONS) as minion:
-        wait_for_start_syncs(event_listener, salt_master.id, minion.id, since)
-        guest, dom = make_guest("acpi", start=False)
-        start_and_settle(salt_master, minion, event_listener, guest, dom)
-
+    with _minion_with_a_running_guest("vmpower-minion-lr", "acpi", salt_master, minion_factory,
+                                      event_listener, make_guest) as (minion, guest, dom):
         minion.terminate()
         dom.shutdown()  # ACPI power button: the guest powers itself off
         assert lab.wait_for_state(dom, libvirt.VIR_DOMAIN_SHUTOFF) == libvirt.VIR_DOMAIN_SHUTOFF_SHUTDOWN

@@ -18,12 +18,12 @@ import time
 import pytest
 
 from vmpower_lab import hosts as labhosts
-from vmpower_lab import lab
 
 from .helpers import (
     beacon_config,
     history,
     salt_call,
+    start_and_settle,
     vm_record,
     wait_for_event,
     wait_for_job_return,
@@ -64,11 +64,7 @@ def test_a_libvirtd_restart_in_the_migration_grace_never_starts_the_source_copy(
                      "instances": {guest.name: {"vm_state": "active"}}},
             beacons={"vmpower": beacon_config(uri=host_a.uri, stop_grace=GRACE)}) as minion:
         wait_for_start_syncs(event_listener, salt_master.id, MINION_A, since)
-        started = time.time()
-        assert salt_call(minion, "vmpower.start", guest.name)["vm_state"] == "active"
-        lab.wait_guest_ready(dom)
-        wait_for_job_return(event_listener, salt_master.id, MINION_A, "vmpower.reconcile", started,
-                            match=lambda ret: isinstance(ret, dict) and ret.get("uuid") == guest.uuid)
+        start_and_settle(salt_master, minion, event_listener, guest, dom)
         assert vm_record(minion, guest.uuid)["host"] == MINION_A
 
         moved = time.time()
