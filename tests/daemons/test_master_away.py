@@ -120,10 +120,6 @@ def test_with_the_default_grace_the_record_is_right_within_stop_grace_and_5_s_of
         back = _guest_goes_off_while_the_master_is_away(salt_master, minion, guest, dom,
                                                         dom.shutdown)
         started = time.time()  # the master answers again (started, as factories checks)
-        # The link's return: when the minion has its master again, as its beacon heard it.
-        link = wait_until(lambda: (m := _master_link(minion)).get("connected") is True
-                          and (m.get("since") or 0) >= back and m, 120,
-                          lambda: f"the minion to have its master back: {_master_link(minion)}")
 
         def right():
             record = vm_record(minion, guest.uuid)
@@ -133,14 +129,20 @@ def test_with_the_default_grace_the_record_is_right_within_stop_grace_and_5_s_of
         # soon it is right (stop_grace + 5 s at most, by the rules) is printed, not asserted:
         # it is Salt's reconnect and reactor latency on this machine as much as vmpower's.
         record = wait_until(right, RIGHT_WITHOUT_THE_PERIODIC_SYNC,
-                            lambda: f"the record to say stopped and shutdown after the link's "
-                                    f"return: {vm_record(minion, guest.uuid)}")
+                            lambda: f"the record to say stopped and shutdown after the "
+                                    f"master's return: {vm_record(minion, guest.uuid)}")
         right_at = time.time()
+        # What Salt said of the link is printed, not waited on: Salt 3006 has announced its
+        # master back (__master_connected) while the master was still away. The beacon then
+        # asks its resync again until a sync answers it, so the record does not depend on it.
+        link = wait_until(lambda: (m := _master_link(minion)).get("connected") is True and m,
+                          30, lambda: f"the beacon to have heard of the master's return: "
+                                      f"{_master_link(minion)}")
         entries = [e for e in history(minion, guest.uuid) if e["at"] >= back]
         print(f"the master answered {started - back:.1f} s after it was started again, the "
-              f"minion had it back {link['since'] - started:.1f} s later, the record was right "
-              f"{right_at - link['since']:.1f} s after that (at most; polled), by "
-              f"{[(e['cause'], e['action'], e['reason']) for e in entries]}")
+              f"record was right {right_at - started:.1f} s after that (at most; polled), by "
+              f"{[(e['cause'], e['action'], e['reason']) for e in entries]}; Salt announced "
+              f"the master back {link['since'] - back:+.1f} s from its restart")
         assert record["task_state"] == "", record
         everyone_answers(salt_master)
 
