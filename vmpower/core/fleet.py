@@ -36,7 +36,7 @@ import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
-from vmpower.core.model import Transition
+from vmpower.core.model import Transition, drifting
 from vmpower.core.settings import UUID_RE, ConfigError
 
 # What the fleet store keeps, by kind.
@@ -320,13 +320,6 @@ def sync_summary(ret: Any) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------
 # The power states in which a VM of each vm_state is as intended (Nova's meaning of vm_state).
 # vm_states that are someone else's business (building, error...) agree with anything.
-EXPECTED_POWER = {
-    "active": {"running"},
-    "stopped": {"shutdown", "crashed", "nostate"},
-    "paused": {"paused"},
-    "suspended": {"suspended", "shutdown"},
-    "deleted": {"nostate", "shutdown"},
-}
 FILTER_STATES = (
     "active",
     "stopped",
@@ -347,8 +340,7 @@ FILTER_STATES = (
 
 def disagreement(vm_state: str, power_state: str) -> str:
     """Why a VM's recorded intent and its power state disagree, or "" if they do not."""
-    expected = EXPECTED_POWER.get(vm_state)
-    if expected is None or power_state in expected:
+    if not drifting(vm_state, power_state):
         return ""
     return f"vm_state {vm_state} but power_state {power_state}"
 

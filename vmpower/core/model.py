@@ -137,6 +137,23 @@ def stored_state(states: dict, value):
     return member if member is not None else UnknownValue(value)
 
 
+# What each vm_state expects of the hypervisor (by value): a record whose power_state is not
+# among them disagrees with it. A vm_state missing here (building, error...) expects nothing.
+EXPECTED_POWER = {
+    "active": {"running"},
+    "stopped": {"shutdown", "crashed", "nostate"},
+    "paused": {"paused"},
+    "suspended": {"suspended", "shutdown"},
+    "deleted": {"nostate", "shutdown"},
+}
+
+
+def drifting(vm_state, power_state) -> bool:
+    """Whether a recorded intent (``vm_state``) and power state disagree (enums or values)."""
+    expected = EXPECTED_POWER.get(getattr(vm_state, "value", vm_state))
+    return expected is not None and getattr(power_state, "value", power_state) not in expected
+
+
 # The live state of a domain libvirt no longer knows (undefined, or gone with its host).
 GONE = LiveState(PowerState.NOSTATE, "undefined")
 
@@ -158,7 +175,10 @@ class Record(NamedTuple):
     "since"}`` (``vmpower.hostinfo``), "" for none. ``off_reason`` is why vmpower believes the
     domain went off, when libvirt's state cannot say it later: ``host_shutdown`` (the host
     asked: libvirt-guests, ``virsh shutdown``, a reboot), ``not_seen`` (it went off while
-    nothing watched, and libvirt no longer says why: it may run elsewhere), "" otherwise. Read from a store, a
+    nothing watched, and libvirt no longer says why: it may run elsewhere), "" otherwise.
+    ``drift_since`` is when (wall clock, for people and metrics only: no rule reads it) the
+    record began to disagree with its power state (``drifting``), 0.0 while they agree; kept
+    by ``updated``, the one place a record changes. Read from a store, a
     ``vm_state`` or ``power_state`` this version does not know is an ``UnknownValue``, and a
     record with any unknown value is left alone (``rules.unknown_values``). A tuple, because a sync
     reads one per domain of the host, and a tuple is several times cheaper to build than a
@@ -179,13 +199,22 @@ class Record(NamedTuple):
     boot_id: str = ""
     task_owner: str = ""
     off_reason: str = ""
+    drift_since: float = 0.0
 
     def replace(self, **changes) -> Record:
         return self._replace(**changes)
 
     def updated(self, at: float, **changes) -> Record:
-        """The next version of this record, written at ``at``: the one place a version is bumped."""
-        return self._replace(**changes, version=self.version + 1, updated_at=at)
+        """The next version of this record, written at ``at``: the one place a version is
+        bumped, and where ``drift_since`` is kept (a drift goes on from when it began)."""
+        after = self._replace(**changes, version=self.version + 1, updated_at=at)
+        if not drifting(after.vm_state, after.power_state):
+            since = 0.0
+        elif drifting(self.vm_state, self.power_state) and self.drift_since:
+            since = self.drift_since
+        else:
+            since = at
+        return after._replace(drift_since=since)
 
 
 def now() -> float:

@@ -35,6 +35,7 @@ from vmpower.core.model import (
     Record,
     Transition,
     VmState,
+    drifting,
 )
 from vmpower.core.settings import (
     InstancePolicy,
@@ -303,7 +304,8 @@ def adopt(uuid: str, name: str, host: str, live: LiveState, policy: InstancePoli
     off = live.power_state in OFF
     return Record(uuid=uuid, name=name, host=host, vm_state=policy.vm_state or adopted,
                   power_state=live.power_state, updated_at=at, version=1,
-                  off_since=facts.clock if off else 0.0, boot_id=facts.boot_id)
+                  off_since=facts.clock if off else 0.0, boot_id=facts.boot_id,
+                  drift_since=at if drifting(policy.vm_state or adopted, live.power_state) else 0.0)
 
 
 def adoption_reason(record: Record, live: LiveState, policy: InstancePolicy) -> str:

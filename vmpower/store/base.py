@@ -42,7 +42,8 @@ CREATE TABLE IF NOT EXISTS instances (
     off_since       {real} NOT NULL DEFAULT 0,
     boot_id         TEXT NOT NULL DEFAULT '',
     task_owner      TEXT NOT NULL DEFAULT '',
-    off_reason      TEXT NOT NULL DEFAULT ''
+    off_reason      TEXT NOT NULL DEFAULT '',
+    drift_since     {real} NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS instances_by_host ON instances (host);
 CREATE INDEX IF NOT EXISTS instances_by_name ON instances (name);
@@ -63,16 +64,18 @@ CREATE INDEX IF NOT EXISTS audit_by_uuid ON audit (uuid, id);
 APPEND_ONLY = "the audit log is append-only"  # what the triggers say to an UPDATE or DELETE
 COLUMNS = ("uuid", "name", "host", "vm_state", "power_state", "task_state", "updated_at",
            "version", "restart_count", "last_restart_at", "off_since", "boot_id", "task_owner",
-           "off_reason")
+           "off_reason", "drift_since")
 # Columns added after the first release, with their types (``{real}`` as in TABLES): a store
 # created before them gets them by ALTER TABLE when it is opened (each backend's migration).
 ADDED_COLUMNS = (("off_since", "{real} NOT NULL DEFAULT 0"),
                  ("boot_id", "TEXT NOT NULL DEFAULT ''"),
                  ("task_owner", "TEXT NOT NULL DEFAULT ''"),
-                 ("off_reason", "TEXT NOT NULL DEFAULT ''"))
+                 ("off_reason", "TEXT NOT NULL DEFAULT ''"),
+                 ("drift_since", "{real} NOT NULL DEFAULT 0"))
 # Not shown in the audit's old/new: host-internal bookkeeping (a monotonic clock reading and
-# the boot it belongs to) that means nothing to people and would clutter every entry.
-NOT_AUDITED = ("uuid", "version", "updated_at", "off_since", "boot_id")
+# the boot it belongs to, when a drift began) that means nothing to people and would clutter
+# every entry.
+NOT_AUDITED = ("uuid", "version", "updated_at", "off_since", "boot_id", "drift_since")
 AUDIT_COLUMNS = ("id", "at", "uuid", "name", "host", "cause", "action", "old", "new", "reason")
 # How long reconcile, stop and start wait for an instance lock (a sync does not wait at all:
 # ``try_locks``). Bounded, and well below the minutes a hung job would hold it: a wait that
