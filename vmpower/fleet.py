@@ -429,8 +429,9 @@ def write_minion_metrics(
     path: str | None = None,
 ) -> dict[str, Any]:
     """Write this minion's metrics file (``path``, or ``vmpower:metrics_file``)."""
-    from vmpower import metrics
+    from vmpower import metrics, minion
     from vmpower.eventloop import read_status
+    from vmpower.measurements import measurements_path
 
     path = path or extras["metrics_file"]
     if not path:
@@ -441,11 +442,16 @@ def write_minion_metrics(
     path = core.metrics_file(path)
     if loop is None:
         loop = read_status(extras["loop_status"])
+    raw = minion.merged_settings(opts)
+    tally = metrics.Tally(measurements_path(opts["cachedir"]))
+    tally.fold()  # the same numbers as the beacon's live file: both read the one log
     with fleet_at(extras["store"]) as fleet:
         if last_sync is None:
             seen = fleet.hosts().get(opts["id"], {})
             last_sync = {"at": seen.get("last_sync_at"), "took": seen.get("last_sync_took")}
-        return metrics.write_for_host(path, fleet.store, opts["id"], loop, last_sync)
+        return metrics.write_for_host(path, fleet.store, opts["id"], loop, last_sync,
+                                      vm_limit=core.metrics_vm_limit(raw.get("metrics_vm_limit")),
+                                      sync_interval=extras["settings"].sync_interval, tally=tally)
 
 
 def master_config(reactor_files: Mapping[str, str]) -> dict[str, Any]:

@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator, Mapping
 from vmpower.core.settings import ConfigError, Settings, merge, parse_settings
 from vmpower.hypervisor import HypervisorError
 from vmpower.journal import Journal, journal_path
+from vmpower.measurements import Measurements, measurements_path
 from vmpower.operations import HostOperations, OperationError
 from vmpower.store import Store, StoreError, open_store
 from vmpower.wakeup import WakeUps, wakeup_path
@@ -143,11 +144,13 @@ def event_loop_status_path(opts: Mapping) -> str:
 @contextlib.contextmanager
 def operations(opts: Mapping, pillar: Mapping) -> Iterator[HostOperations]:
     """HostOperations for this minion, with its store open for the length of the block, the
-    journal of what its beacon observed, and the wake-up it hands its beacon."""
+    journal of what its beacon observed, the wake-up it hands its beacon, and the log of what
+    it measured, for the metrics."""
     current = settings(opts, pillar)
     with open_minion_store(opts, current) as store, Journal(journal_path(opts["cachedir"])) as journal:
         yield HostOperations(current, opts["id"], store, journal=journal,
-                             wakeups=WakeUps(wakeup_path(opts["cachedir"])))
+                             wakeups=WakeUps(wakeup_path(opts["cachedir"])),
+                             measurements=Measurements(measurements_path(opts["cachedir"])))
 
 
 def sync_schedule(current: Settings, splay: int = 0) -> dict:

@@ -18,6 +18,7 @@ VMs cheap.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import logging
@@ -57,6 +58,7 @@ from vmpower.core.settings import InstancePolicy, Settings
 from vmpower.eventloop import read_status
 from vmpower.hypervisor import Hypervisor, LiveDomain
 from vmpower.journal import Journal, JournalError
+from vmpower.measurements import Measurements
 from vmpower.store import Change, Note, Store, describe_holder
 from vmpower.wakeup import WakeUps
 
@@ -101,6 +103,8 @@ class HostOperations:
     ``journal`` is what this host's beacon observed (None: nothing, so a reconcile believes
     no event's claims and decides as a sync would). ``wakeups`` is where a decision due again
     later is handed to the beacon, which asks for a sync then (None: nowhere).
+    ``measurements`` is where reconciles and syncs note how long they took, for the metrics
+    (None: nowhere).
     """
 
     def __init__(self, settings: Settings, host: str, store: Store,
@@ -109,12 +113,14 @@ class HostOperations:
                  boot_id: Callable[[], str] = hostinfo.boot_id,
                  alive: Callable[[str], bool | None] | None = None,
                  stopping: Callable[[], bool | None] = hostinfo.host_stopping,
-                 journal: Journal | None = None, wakeups: WakeUps | None = None):
+                 journal: Journal | None = None, wakeups: WakeUps | None = None,
+                 measurements: Measurements | None = None):
         self.settings = settings
         self.host = host
         self.store = store
         self.journal = journal
         self.wakeups = wakeups
+        self.measurements = measurements
         self._hypervisor = hypervisor
         self._clock = clock
         self._boot_id = boot_id
@@ -449,17 +455,30 @@ class HostOperations:
         state and its record, with the grace, as a sync would. ``test``: say what would be
         done, and change nothing (no record, no audit entry)."""
         boot_id = self._boot_id()
-        with self.connect() as hv, self.store.lock(uuid):
-            belief = self._believe(uuid, seq, boot_id)
-            preface = _claims_text(transition, reason, seq, belief)
-            [outcome] = self._settle(hv, [self._decide_held(hv, uuid, cause, self.store.get(uuid),
-                                                            hv.find(uuid), boot_id,
-                                                            belief.observation, preface,
-                                                            test=test)])
-            if not test:
-                self._record([outcome])
+        with self.connect() as hv:
+            asked = self._clock()
+            with self.store.lock(uuid):
+                lock_wait = self._clock() - asked
+                belief = self._believe(uuid, seq, boot_id)
+                preface = _claims_text(transition, reason, seq, belief)
+                [outcome] = self._settle(hv, [self._decide_held(hv, uuid, cause,
+                                                                self.store.get(uuid),
+                                                                hv.find(uuid), boot_id,
+                                                                belief.observation, preface,
+                                                                test=test)])
+                decided = self._clock()
+                if not test:
+                    self._record([outcome])
         result = outcome.report
         observation = belief.observation
+        if self.measurements is not None and not test:
+            # From libvirt's callback, as this host's beacon journaled it, on the same clock;
+            # not for a STOPPED, which the beacon holds back stop_grace on purpose.
+            latency = (decided - observation.monotonic
+                       if observation is not None and observation.boot_id == boot_id
+                       and observation.transition is not Transition.STOPPED else None)
+            self.measurements.decision(cause.value, str(result.get("action", "none")),
+                                       bool(result.get("skipped")), latency, lock_wait)
         if observation is not None:
             result["observed"] = {"seq": observation.seq, "transition": observation.transition.value,
                                   "reason": observation.reason}
@@ -505,6 +524,11 @@ class HostOperations:
         if not test:
             self._wake_up(boot_id, min(retries) if retries else None, answered_before=began)
         report["took"] = round(time.monotonic() - started, 6)
+        if self.measurements is not None and not test:
+            actions = collections.Counter(str(entry.get("action", "none"))
+                                          for entry in report["actions"])
+            self.measurements.sync(report["took"], report["checked"], dict(actions),
+                                   len(report["skipped"]) + len(report["busy"]))
         return report
 
     @contextlib.contextmanager

@@ -70,8 +70,8 @@ def test_a_new_domain_shows_without_a_record(loaded, testdriver):
 
 
 def test_the_job_returner_keeps_the_sync_and_writes_the_metrics(loaded, testdriver, tmp_path):
-    testdriver.define("a")
-    testdriver.define("b", start=False)
+    a = testdriver.define("a")
+    b = testdriver.define("b", start=False)
     prom = str(tmp_path / "textfile" / "vmpower.prom")
     minion = loaded(metrics_file=prom)
     mods = minion.functions
@@ -101,8 +101,15 @@ def test_the_job_returner_keeps_the_sync_and_writes_the_metrics(loaded, testdriv
     assert ("vmpower_last_sync_timestamp_seconds", ()) in found
     assert found[("vmpower_last_sync_duration_seconds", ())] == pytest.approx(report["took"])
     assert not any(name.startswith("vmpower_event_loop") for name, _ in found)  # no beacon: absent
-    # No label names a VM: every label value is a state or an action.
-    assert {k for key in found for k, _ in key[1]} <= {"vm_state", "power_state", "action"}
+    # Labels: states and actions per host; uuid and name per VM; le for the histograms.
+    assert {k for key in found for k, _ in key[1]} <= {
+        "vm_state", "power_state", "action", "cause", "uuid", "name", "le", "task_state"}
+    def power_of(dom):  # one 0/1 gauge per power state, 1 for the one it is in
+        return {dict(labels)["power_state"]: value for (name, labels), value in found.items()
+                if name == "vmpower_vm_power_state" and ("name", dom.name()) in labels}
+    assert power_of(a)["running"] == 1 and power_of(b)["shutdown"] == 1
+    assert sum(power_of(a).values()) == sum(power_of(b).values()) == 1 and len(power_of(a)) == 6
+    assert found[("vmpower_sync_duration_seconds_count", ())] == 1  # the sync measured itself
     assert not [f for f in os.listdir(os.path.dirname(prom)) if f != "vmpower.prom"]  # no temp left
 
 
@@ -124,7 +131,9 @@ def test_metrics_on_demand_counts_actions_and_loop_health(loaded, testdriver, tm
     with open(status, "w") as handle:
         handle.write(
             '{"pid": 1, "thread_alive": true, "updated_at": 1.0, "watchers": {"vmpower": '
-            '{"connected": false, "events_seen": 12, "dropped": 2, "reconnects": 3, "queue_depth": 1}}}'
+            '{"connected": false, "state_since": 5.0, "events_seen": 12, "dropped": 2, '
+            '"reconnects": 3, "queue_depth": 1, "transitions": {"started": 7}, '
+            '"resyncs": {"connected": 1, "reconnected": 2}}}}'
         )
     result = mods["vmpower.metrics"](path=prom)
     assert result["event_loop"]["connected"] is False
@@ -136,7 +145,15 @@ def test_metrics_on_demand_counts_actions_and_loop_health(loaded, testdriver, tm
     assert found[("vmpower_event_loop_queue_depth", ())] == 1
     assert found[("vmpower_actions_total", (("action", "powering-off"),))] == 1
     assert found[("vmpower_vms", (("power_state", "shutdown"), ("vm_state", "stopped")))] >= 1
-    assert ("vmpower_last_sync_timestamp_seconds", ()) not in found  # no sync kept by the returner yet
+    assert found[("vmpower_lifecycle_events_total", (("transition", "started"),))] == 7
+    assert found[("vmpower_resyncs_total", (("reason", "reconnected"),))] == 2
+    # libvirt cannot be asked since the loop lost it: the host and each of its VMs say so.
+    assert found[("vmpower_unknown_since_timestamp_seconds", ())] == 5.0
+    assert found[("vmpower_vm_unknown_since_timestamp_seconds",
+                  (("name", dom.name()), ("uuid", dom.UUIDString())))] == 5.0
+    # Every sync notes itself, with or without the returner.
+    assert found[("vmpower_sync_duration_seconds_count", ())] == 1
+    assert found[("vmpower_last_sync_timestamp_seconds", ())] <= time.time()
 
 
 def test_metrics_without_a_file_is_a_clear_error(loaded):

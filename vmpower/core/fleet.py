@@ -596,6 +596,32 @@ def metrics_file(raw: Any) -> str:
     return raw
 
 
+DEFAULT_METRICS_VM_LIMIT = 1000  # VMs of one host with series of their own in the metrics file
+
+
+def metrics_vm_limit(raw: Any) -> int:
+    """``vmpower:metrics_vm_limit``: how many VMs a host may have before its metrics file
+    keeps per-host counts only (each VM costs some 25 series)."""
+    if raw in (None, ""):
+        return DEFAULT_METRICS_VM_LIMIT
+    if isinstance(raw, bool) or not isinstance(raw, int) or raw < 0:
+        raise ConfigError(f"vmpower:metrics_vm_limit must be a whole number of VMs, 0 or more, "
+                          f"not {raw!r}")
+    return raw
+
+
+def task_since(task_owner: str, updated_at: float) -> float:
+    """When a record's task_state was set: its owner's ``since`` (``vmpower.hostinfo``), or
+    the record's last write when the owner does not say."""
+    try:
+        since = json.loads(task_owner).get("since") if task_owner else None
+    except (ValueError, AttributeError):
+        since = None
+    if isinstance(since, bool) or not isinstance(since, (int, float)):
+        return float(updated_at or 0.0)
+    return float(since)
+
+
 def split_batch(
     events: Sequence[Any], received_at: float, signed_by: SignedBy = unsigned
 ) -> tuple[list[FleetEvent], list[str]]:
@@ -649,3 +675,25 @@ def loop_summary(status: Any) -> dict[str, Any]:
         **summed,
         "updated_at": status.get("updated_at"),
     }
+
+
+def loop_counters(status: Any) -> dict[str, Any]:
+    """The loop's labelled counters summed over its watchers (``transitions``: power changes
+    seen, by transition; ``resyncs``: by reason), and ``unknown_since``: since when (wall
+    clock) libvirt cannot be asked, the earliest change of state of a watcher that is not
+    connected; None while every watcher is, and when no beacon runs (nobody knows)."""
+    if not isinstance(status, Mapping) or not isinstance(status.get("watchers"), Mapping):
+        return {"transitions": {}, "resyncs": {}, "unknown_since": None}
+    watchers = [w for w in status["watchers"].values() if isinstance(w, Mapping)]
+    counted: dict[str, dict[str, int]] = {"transitions": {}, "resyncs": {}}
+    for watcher in watchers:
+        for key, into in counted.items():
+            counts = watcher.get(key)
+            for label, count in (counts.items() if isinstance(counts, Mapping) else ()):
+                if isinstance(count, int) and not isinstance(count, bool):
+                    into[str(label)] = into.get(str(label), 0) + count
+    down = [w.get("state_since") for w in watchers if w.get("connected") is not True]
+    down = [since for since in down if isinstance(since, (int, float)) and not isinstance(since, bool)]
+    if watchers and status.get("thread_alive", True) is False and not down:
+        down = [status.get("updated_at") or 0.0]
+    return {**counted, "unknown_since": float(min(down)) if down else None}

@@ -18,8 +18,10 @@ The parts, each readable alone:
 - ``vmpower.wakeup``: the wake-up a job hands over (a decision due again later), which the
   status thread reads and, once due, has the watchers fire as a ``retry`` resync;
 - ``config``: Salt's beacon configuration into the core's settings;
+- ``vmpower.metrics.LiveWriter``: the live metrics file, when ``vmpower:metrics_file`` is set;
 - this module: the process's watchers, one per beacon, and the thread that writes the status
-  file, fires due wake-ups and closes the watchers of beacons Salt no longer runs.
+  file and the metrics file, fires due wake-ups and closes the watchers of beacons Salt no
+  longer runs.
 
 ``drain()`` and ``close()`` run on the minion's loop and only look up, swap and flag.
 """
@@ -76,6 +78,7 @@ class EventLoop:
         self._master_link: MasterLink | None = None
         self._written: dict | None = None
         self.failures = Failures()
+        self.metrics = None  # the LiveWriter, once a minion's beacon runs here (not in jobs)
 
     def watcher(self, settings: BeaconSettings, stop_grace: float = DEFAULT_STOP_GRACE,
                 opts: Mapping | None = None) -> Watcher:
@@ -164,6 +167,7 @@ class EventLoop:
                 self.wake_up_if_due()
                 if self._status_path:
                     self.write_status(self._status_path)
+                self.write_metrics()
             except Exception as exc:  # pylint: disable=broad-except
                 self.failures.note("status", "the event loop's status thread failed: %s", exc)
 
@@ -228,6 +232,17 @@ class EventLoop:
                 if pending.boot_id == self._boot_id else self._clock())
         return pending
 
+    def write_metrics(self) -> bool:
+        """Write the live metrics file if it is due (``LiveWriter``); True when it was."""
+        opts = next(iter(self._opts_by_name.values()), None)
+        if opts is None or "id" not in opts or not opts.get("cachedir"):
+            return False  # no minion around the beacon (tests): nothing to write for
+        if self.metrics is None:
+            from vmpower.metrics import LiveWriter  # not imported by the jobs that import this
+
+            self.metrics = LiveWriter(self._monotonic)
+        return self.metrics.tick(opts, self.status())
+
     # Health.
     def status(self) -> dict:
         """The health of the event thread, of every watcher and of the master link."""
@@ -238,6 +253,7 @@ class EventLoop:
                 "wakeup": {"pending": self.alarm.pending is not None, "due_at": self._wakeup_due_at,
                            "fired": self.alarm.fired, "unanswered": self.alarm.given_up},
                 "stuck": any(w.health()["stuck"] for w in self._watchers.values()),
+                "metrics": self.metrics.health() if self.metrics is not None else None,
                 "watchers": {name: watcher.health() for name, watcher in self._watchers.items()}}
 
     def write_status(self, path: str) -> None:

@@ -191,6 +191,9 @@ class Watcher:
         self.generation = 0  # successful connections so far
         self.last_resync: dict | None = None
         self.last_error: str | None = None
+        # Counted on the watcher's thread, never in libvirt's callback (which only enqueues).
+        self.transitions: collections.Counter = collections.Counter()  # power changes seen
+        self.resyncs: collections.Counter = collections.Counter()  # resyncs, by reason
         self._thread = threading.Thread(target=self._run, daemon=True,
                                         name=f"vmpower-watch-{settings.name}")
         self._thread.start()
@@ -327,7 +330,8 @@ class Watcher:
                 "delivered_by_tick": self.delivered_by_tick,
                 "last_resync": self.last_resync, "failed_attempts": self._failures,
                 "failures": self.failures.counts(), "last_error": self.last_error,
-                "journal": self._journal.path if self._journal is not None else None}
+                "journal": self._journal.path if self._journal is not None else None,
+                "transitions": dict(self.transitions), "resyncs": dict(self.resyncs)}
 
     # The thread.
     def _run(self) -> None:
@@ -533,6 +537,7 @@ class Watcher:
         if translation.transition is None:
             self._release_due(at)
             return  # DEFINED, UNDEFINED, SHUTDOWN: no power change of their own
+        self.transitions[translation.transition.value] += 1
         if not self._burst.admit(at):
             if self._burst.swallowed == 1:  # the burst begins: its resync covers the held stops too
                 dropped = self._grace.drop()
@@ -554,6 +559,7 @@ class Watcher:
 
     def _resync(self, reason: str, lost: int) -> None:
         self.last_resync = {"reason": reason, "lost": lost, "at": self._clock()}
+        self.resyncs[reason] += 1
         gap = self._row("", GAP, reason, self._monotonic(), self._clock()) if reason in GAP_RESYNCS else None
         self._pending.append((resync_data(reason, lost), gap))
 
@@ -645,6 +651,8 @@ class Watcher:
             lost += excess + (head["lost"] if head else 0)
             self._outbox = [resync_data("overflow", lost), *body]
         self.last_resync = {"reason": "overflow", "lost": lost, "at": self._clock()}
+        if not head:  # one overflow resync, however often it is trimmed again
+            self.resyncs["overflow"] += 1
 
 
 def _is_overflow(item: dict) -> bool:
