@@ -7,8 +7,9 @@ set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 venv="${VMPOWER_VENV:-$here/.venv}"
 
+# prometheus: for promtool, which checks and unit-tests the alerting rules in monitoring/.
 debs=(libvirt-dev pkg-config libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients
-      qemu-system-x86 procps prometheus-node-exporter)
+      qemu-system-x86 procps prometheus-node-exporter prometheus)
 missing=()
 for p in "${debs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -24,8 +25,22 @@ fi
 if [ ${#missing[@]} -gt 0 ]; then
   echo "setup: installing Debian packages: ${missing[*]}"
   export DEBIAN_FRONTEND=noninteractive
+  # Only promtool is wanted from the prometheus package, not a Prometheus server: its postinst
+  # enables and starts prometheus.service under systemd. A unit masked by the administrator
+  # (not by deb-systemd-helper) stays masked through the postinst, which then does not start
+  # it; afterwards it is unmasked and left disabled. Without systemd (a container) nothing is
+  # started either: invoke-rc.d cannot tell the runlevel, finds no start link and declines.
+  masked=()
+  if [[ " ${missing[*]} " == *" prometheus "* ]] && [ -d /run/systemd/system ] \
+      && systemctl mask prometheus.service >/dev/null 2>&1; then
+    masked+=(prometheus.service)
+  fi
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  for unit in "${masked[@]}"; do
+    systemctl unmask "$unit" >/dev/null 2>&1 || true
+    systemctl disable "$unit" >/dev/null 2>&1 || true
+  done
 fi
 
 # Two virtual environments, one per tested Salt release, each with vmpower installed editable
