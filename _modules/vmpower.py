@@ -385,6 +385,29 @@ def records(name=None):
         raise CommandExecutionError(f"vmpower.records: {exc}") from exc
 
 
+def drift():
+    """
+    This host's drift: every VM whose record and the hypervisor disagree, since when, and
+    what vmpower will do about it and when (a dry-run reconcile of each: nothing is changed);
+    under ``problems``, why this host's own view is unknown or old (event loop disconnected,
+    metrics file not written, no recent sync). ``salt-run vmpower.drift`` gathers the fleet's.
+
+    CLI Example:
+
+    .. code-block:: bash
+
+        salt '*' vmpower.drift
+    """
+    from vmpower import fleet
+    from vmpower.eventloop import read_status
+
+    try:
+        with minion.operations(__opts__, __pillar__) as ops, ops.connect() as hv:
+            return fleet.host_drift(ops, hv, read_status(minion.event_loop_status_path(__opts__)))
+    except minion.ERRORS as exc:
+        raise CommandExecutionError(f"vmpower.drift: {exc}") from exc
+
+
 def metrics(path=None):
     """
     Write this host's vmpower metrics as a Prometheus text file for node_exporter's textfile

@@ -222,6 +222,48 @@ def hosts(host=None, source="auto", tgt="*", tgt_type="glob", timeout=None, sync
     return {"hosts": found["hosts"], "failed": found["failed"]}
 
 
+def drift(source="auto", tgt="*", tgt_type="glob", timeout=None, sync_interval=None):
+    """
+    Every VM of the fleet whose record and hypervisor disagree, for how long (longest first),
+    and what vmpower will do about it and when; every host whose view is unknown (event loop
+    disconnected, metrics file not written, not synced within 2 x ``sync_interval``, or no
+    answer), with why.
+
+    source
+        ``minions`` (each runs ``vmpower.drift``: the live state, and a dry-run reconcile of
+        each drifting VM that says what vmpower will do and when), ``store`` (the fleet store:
+        the records that disagree, and the hosts it has not heard from), or ``auto`` (the
+        minions).
+    tgt, tgt_type, timeout
+        Which minions to ask.
+
+    CLI Example:
+
+    .. code-block:: bash
+
+        salt-run vmpower.drift
+        salt-run vmpower.drift tgt='hv*' --out=json
+        salt-run vmpower.drift source=store
+    """
+    settings = _settings(sync_interval=sync_interval)
+    if source not in SOURCES:
+        raise SaltInvocationError(f"vmpower: source must be one of {', '.join(SOURCES)}, not {source!r}")
+    if source == "store":
+        try:
+            return fleet.drift_from_store(_fleet(settings), settings)
+        except StoreError as exc:
+            fleet.forget(settings.store_location())
+            raise SaltInvocationError(f"vmpower: the fleet store cannot be read: {exc}") from exc
+    client = salt.client.get_local_client(__opts__["conf_file"])
+    answers = {}
+    # expect_minions: a targeted minion that does not answer is listed, as a host unknown.
+    for chunk in client.cmd_iter(tgt, "vmpower.drift", tgt_type=tgt_type, expect_minions=True,
+                                 timeout=timeout or __opts__.get("timeout", 30)):
+        for minion, data in chunk.items():
+            answers[minion] = data.get("ret") if isinstance(data, dict) else data
+    return fleet.drift_from_minions(answers)
+
+
 def master_config():
     """
     The master configuration for a vmpower installed with pip: the reactor, with the paths of

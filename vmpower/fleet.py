@@ -227,6 +227,92 @@ def host_records(store: Store, hypervisor, host: str, target: str | None = None)
     return rows
 
 
+def host_drift(ops, hypervisor, loop_status: Any, now: float | None = None) -> dict[str, Any]:
+    """This host's drift: every VM whose record and the hypervisor disagree, since when, and
+    what vmpower will do about it and when, from a dry-run reconcile of each (which changes
+    nothing); and ``problems``: why this host's own view is unknown or old, if it is.
+
+    ``ops`` is the minion's ``HostOperations`` and ``hypervisor`` an open connection."""
+    from vmpower import metrics
+    from vmpower.core.model import Cause
+
+    def drifting_record(record) -> bool:
+        return bool(core.disagreement(record.vm_state.value, record.power_state.value))
+
+    now = time.time() if now is None else now
+    owned = ops.store.for_host(ops.host)
+    drifting = []
+    for entry in host_records(ops.store, hypervisor, ops.host):
+        if not entry["disagreement"]:
+            continue
+        record = owned.get(entry["uuid"])
+        plan, plan_error = None, ""
+        try:
+            plan = ops.reconcile(entry["uuid"], cause=Cause.SYNC, test=True)
+        except Exception as exc:  # pylint: disable=broad-except
+            plan_error = str(exc)  # a lock held by a long stop, libvirt gone: said, not hidden
+        # The record's own drift began at drift_since (at the latest at its last write, in a
+        # store older than that column); a change no job has recorded yet has no start known.
+        since = ((record.drift_since or record.updated_at)
+                 if record is not None and drifting_record(record) else None)
+        drifting.append(core.drift_row(ops.host, entry, since, plan, plan_error, now))
+    last_sync = None
+    if ops.measurements is not None:
+        tally = metrics.Tally(ops.measurements.path)
+        tally.fold()
+        last_sync = tally.last_sync
+    loop = {**core.loop_summary(loop_status), **core.loop_counters(loop_status)}
+    writer = loop_status.get("metrics") if isinstance(loop_status, Mapping) else None
+    last_sync_at = last_sync["at"] if last_sync else None
+    return {
+        "host": ops.host,
+        "drifting": drifting,
+        "event_loop": loop,
+        "metrics": writer,
+        "last_sync_at": last_sync_at,
+        "problems": core.host_view(loop, writer, last_sync_at, ops.settings.sync_interval, now,
+                                   metrics.HEARTBEAT),
+    }
+
+
+def drift_from_minions(answers: Mapping[str, Any]) -> dict[str, Any]:
+    """The fleet's drift from each minion's ``vmpower.drift``: the drifting VMs, longest first,
+    and every host whose view is unknown (its problems, or that it did not answer)."""
+    drifting, unknown = [], {}
+    for minion, answer in sorted(answers.items()):
+        if not isinstance(answer, Mapping) or not isinstance(answer.get("drifting"), list):
+            unknown[minion] = [f"did not answer vmpower.drift: {answer}"]
+            continue
+        drifting.extend(answer["drifting"])
+        if answer.get("problems"):
+            unknown[minion] = list(answer["problems"])
+    drifting.sort(key=lambda row: (-(row.get("for") or 0), row.get("host") or "", row.get("name") or ""))
+    return {"source": "minions", "drifting": drifting, "unknown": unknown,
+            "summary": {"drifting": len(drifting), "hosts": len(answers),
+                        "hosts_unknown": sorted(unknown)}}
+
+
+def drift_from_store(fleet: FleetStore, settings: core.FleetSettings,
+                     now: float | None = None) -> dict[str, Any]:
+    """The fleet's drift as the fleet store knows it: records whose vm_state and recorded
+    power state disagree (what vmpower will do is each host's to say: ``source=minions``),
+    and the hosts not synced within 2 x ``sync_interval`` or whose loop is disconnected."""
+    now = time.time() if now is None else now
+    found = report_from_store(fleet, core.Filters(disagreement=True), settings, now)
+    drifting = [{
+        "host": row["host"], "uuid": row["uuid"], "name": row["name"], "vm_state": row["vm_state"],
+        "recorded_power_state": row["power_state"], "disagreement": row["disagreement"],
+        "since": row["updated_at"] or None,  # at the latest: the store keeps the last write
+        "for": round(now - row["updated_at"], 1) if row["updated_at"] else None,
+        "will": "decided by the host's next reconcile or sync (source=minions says what)",
+        "when": "at the host's next reconcile or sync"} for row in found["vms"]]
+    drifting.sort(key=lambda row: -(row["for"] or 0))
+    unknown = {host: row["problems"] for host, row in found["hosts"].items() if row["problems"]}
+    return {"source": "store", "store": fleet.path, "drifting": drifting, "unknown": unknown,
+            "summary": {"drifting": len(drifting), "hosts": len(found["hosts"]),
+                        "hosts_unknown": sorted(unknown)}}
+
+
 # ---------------------------------------------------------------------------------------------
 # The runner
 # ---------------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from salt.exceptions import CommandExecutionError
 
+from vmpower import fleet as vmfleet
 from vmpower import minion as vmminion
 from vmpower.core.settings import parse_settings
 from vmpower.store import open_store
@@ -237,3 +238,40 @@ def test_a_real_node_exporter_serves_the_metrics(loaded, testdriver, tmp_path):
     assert errors == [0]
     total = sum(s.value for s in families["vmpower_vms"].samples)
     assert total == len(minion.functions["vmpower.records"]())
+
+
+def test_drift_says_what_disagrees_since_when_and_what_vmpower_will_do(loaded, testdriver):
+    dom = testdriver.define("web")
+    minion = loaded(stop_grace=300)
+    mods = minion.functions
+    mods["vmpower.sync"]()  # adopted active, running
+    assert not [r for r in mods["vmpower.drift"]()["drifting"] if r["name"] == dom.name()]
+    dom.destroy()  # off behind vmpower's back: the record does not know yet
+    [row] = [r for r in mods["vmpower.drift"]()["drifting"] if r["name"] == dom.name()]
+    assert (row["vm_state"], row["recorded_power_state"], row["power_state"]) == (
+        "active", "running", "shutdown")
+    assert row["since"] is None and row["for"] is None  # no job has seen it: no start known
+    assert row["will"].startswith("nothing yet") and "decided again at" in row["when"]
+    before = time.time()
+    mods["vmpower.sync"]()  # sees it off within its stop_grace: records it, acts later
+    [row] = [r for r in mods["vmpower.drift"]()["drifting"] if r["name"] == dom.name()]
+    assert row["recorded_power_state"] == "shutdown" and before <= row["since"] <= time.time()
+    assert row["for"] >= 0 and row["will"].startswith("nothing yet") and "(in 30" in row["when"]
+    # The dry runs changed nothing: the record is as the sync left it, no audit entry added.
+    assert [e["cause"] for e in mods["vmpower.history"](dom.name())] == ["sync", "sync"]
+    answer = mods["vmpower.drift"]()
+    assert "no sync known" not in answer["problems"]  # the syncs noted themselves
+    assert "no vmpower beacon runs (no event loop)" in answer["problems"]
+
+
+def test_the_fleet_drift_lists_the_longest_first_and_every_host_unknown():
+    rows = [{"host": "hv1", "name": "a", "for": 10.0}, {"host": "hv2", "name": "b", "for": 99.0},
+            {"host": "hv2", "name": "c", "for": None}]
+    found = vmfleet.drift_from_minions({
+        "hv1": {"drifting": rows[:1], "problems": []},
+        "hv2": {"drifting": rows[1:], "problems": ["metrics file stale"]},
+        "hv3": "Minion did not return. [No response]"})
+    assert [r["name"] for r in found["drifting"]] == ["b", "a", "c"]
+    assert found["unknown"] == {"hv2": ["metrics file stale"], "hv3": [
+        "did not answer vmpower.drift: Minion did not return. [No response]"]}
+    assert found["summary"] == {"drifting": 3, "hosts": 3, "hosts_unknown": ["hv2", "hv3"]}

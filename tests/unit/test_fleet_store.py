@@ -197,6 +197,12 @@ def test_the_report_from_the_store(tmp_path, runner, returner, store_location):
 
     only = functions["vmpower.report"](disagreement=True)
     assert [r["name"] for r in only["vms"]] == ["db1"]
+    drift = functions["vmpower.drift"](source="store")
+    assert [(r["host"], r["name"], r["disagreement"]) for r in drift["drifting"]] == [
+        ("hv1", "db1", "vm_state stopped but power_state running")]
+    assert drift["unknown"] == {"hv2": [NO_SYNC]}  # the store never heard hv2 sync
+    with pytest.raises(SaltInvocationError, match="source must be one of"):
+        functions["vmpower.drift"](source="tea-leaves")
     assert [r["host"] for r in functions["vmpower.report"](host="hv2")["vms"]] == ["hv2"]
     assert functions["vmpower.report"](stuck=True, stuck_after=0)["vms"][0]["uuid"] == U3
     assert functions["vmpower.report"](state="running")["summary"]["vms"] == 2

@@ -518,6 +518,66 @@ def summary(rows: Iterable[Mapping], hosts: Sequence[Mapping]) -> dict[str, Any]
     }
 
 
+def drift_row(host: str, entry: Mapping, drift_since: float | None, plan: Mapping | None,
+              plan_error: str, now: float) -> dict[str, Any]:
+    """One VM of the drift report: ``entry`` is its ``vmpower.records`` row (the record beside
+    the live state), ``drift_since`` when its record began to disagree (None: its record does
+    not say, e.g. a change no job has seen yet), and ``plan`` what a dry-run reconcile of it
+    decided now (``action``, ``reason``, ``retry_at`` or ``retry_in``), or ``plan_error`` why
+    there is none."""
+    record = entry.get("record") or {}
+    if plan is None:
+        will, when = "nothing for now", f"unknown: {plan_error}"
+    elif plan.get("skipped"):
+        will, when = f"nothing: {plan.get('reason', '')}", "never, while that holds"
+    elif plan.get("action", "none") != "none":
+        will, when = f"{plan['action']}: {plan.get('reason', '')}", "at the next reconcile or sync"
+    else:
+        will = f"nothing yet: {plan.get('reason', '')}"
+        when = "at the next reconcile or sync"
+    again = None if plan is None else plan.get("retry_at") or (
+        now + plan["retry_in"] if _number(plan.get("retry_in")) else None)
+    if again:
+        when = f"decided again at {again:.0f} (in {max(0.0, again - now):.0f} s)"
+    return {
+        "host": host,
+        "uuid": entry.get("uuid"),
+        "name": entry.get("name"),
+        "vm_state": record.get("vm_state", "(no record)"),
+        "recorded_power_state": record.get("power_state"),
+        "power_state": (entry.get("live") or {}).get("power_state"),
+        "disagreement": entry.get("disagreement", ""),
+        "since": drift_since,
+        "for": round(now - drift_since, 1) if drift_since else None,
+        "will": will,
+        "when": when,
+    }
+
+
+def host_view(loop: Mapping, metrics: Mapping | None, last_sync_at: float | None,
+              sync_interval: float, now: float, heartbeat: float) -> list[str]:
+    """Why a host's own view of its VMs is unknown or old (nothing: it is current): its event
+    loop cannot ask libvirt, its metrics file is not being written, or it has not synced
+    within 2 x ``sync_interval``. ``loop`` is ``loop_summary`` with ``loop_counters``."""
+    problems = []
+    if loop.get("connected") is False:
+        since = loop.get("unknown_since")
+        problems.append("event loop disconnected" + (f" for {now - since:.0f} s" if since else ""))
+    elif loop.get("connected") is None:
+        problems.append("no vmpower beacon runs (no event loop)")
+    if metrics and metrics.get("path"):
+        if metrics.get("error"):
+            problems.append(f"metrics not written: {metrics['error']}")
+        elif not metrics.get("last_write") or now - metrics["last_write"] > 2 * heartbeat:
+            problems.append("metrics file stale")
+    if not last_sync_at:
+        problems.append("no sync known")
+    elif now - last_sync_at > 2 * sync_interval:
+        problems.append(f"not synced for {now - last_sync_at:.0f} s (> 2 x sync_interval "
+                        f"{sync_interval:g} s)")
+    return problems
+
+
 # ---------------------------------------------------------------------------------------------
 # Settings of the master's side (``vmpower:`` in the master config) and the minion's extras
 # ---------------------------------------------------------------------------------------------
