@@ -831,7 +831,8 @@ class HostOperations:
         """Whether libvirt answers at the configured URI, and what the store holds.
 
         ``event_loop_status`` is the path of the beacon's status file; its content (written by
-        the minion process, which runs the event loop) is reported under ``event_loop``.
+        the minion process, which runs the event loop) is reported under ``event_loop``, and the
+        live metrics file's writer (where, how often, its error) under ``metrics``.
         """
         result = {"host": self.host, "uri": self.settings.uri, "store": self.store.path,
                   "records": self.store.count(self.host)}
@@ -843,6 +844,9 @@ class HostOperations:
             result.update(connected=False, error=str(exc))
         if event_loop_status is not None:
             result["event_loop"] = read_status(event_loop_status)
+            # The live metrics file, which the beacon's process writes: its error, if any.
+            if isinstance(result["event_loop"].get("metrics"), dict):
+                result["metrics"] = result["event_loop"]["metrics"]
         return result
 
 

@@ -214,3 +214,17 @@ def test_no_metrics_file_no_writer_error(tmp_path, store):
     writer = metrics.LiveWriter(Clock())
     assert writer.tick(minion_opts(tmp_path), LOOP) is False
     assert writer.health() == {"path": None, "writes": 0, "last_write": None, "error": None}
+
+
+def test_vmpower_status_shows_the_writers_error(load_minion, tmp_path):
+    from vmpower import minion as vmminion
+    from vmpower.eventloop.status import write_json
+
+    from .conftest import TEST_URI
+
+    loaded = load_minion(TEST_URI, None, store=str(tmp_path / "records.sqlite"))
+    error = "cannot write the vmpower metrics to /nope/vmpower.prom: [Errno 2] No such file"
+    write_json(vmminion.event_loop_status_path(loaded.opts), {
+        "watchers": {}, "metrics": {"path": "/nope/vmpower.prom", "writes": 0,
+                                    "last_write": None, "error": error}})
+    assert loaded.functions["vmpower.status"]()["metrics"]["error"] == error
