@@ -52,7 +52,6 @@ log = logging.getLogger(__name__)
 SQL_ACTIONS = "SELECT action, cause, count(*) FROM audit WHERE host = ? GROUP BY action, cause"
 SQL_RESTARTS = ("SELECT uuid, count(*) FROM audit WHERE host = ? AND action = 'start' "
                 "AND cause IN ('event', 'sync') GROUP BY uuid")
-# Counting a host's audit entries should not read every host's: an index of our own.
 SQL_AUDIT_INDEX = "CREATE INDEX IF NOT EXISTS audit_by_host_action ON audit (host, action, cause)"
 # What changes whenever a record of the host or any audit entry is written: every write bumps
 # a record's version, and audit ids only grow.
@@ -176,10 +175,6 @@ def gather(
         errors += record.vm_state.value == "error"
         stuck += bool(core.stuck(record.task_state, record.updated_at, now, stuck_after))
         disagreeing += drifting(*key)
-    try:
-        store._run(SQL_AUDIT_INDEX)
-    except store._errors as exc:  # only an index: counting works without it, slower
-        log.debug("vmpower: no audit index for the metrics in %s: %s", store.path, exc)
     actions: dict[str, int] = {}
     restarts = 0
     for action, cause, count in store._query(SQL_ACTIONS, (host,)):
@@ -210,6 +205,15 @@ def gather(
         "per_vm": per_vm,
         "tally": tally,
     }
+
+
+def index_audit(store: Store) -> None:
+    """Counting a host's audit entries should not read every host's: an index of vmpower's
+    own, made once per store opened (making it takes the database's write lock)."""
+    try:
+        store._run(SQL_AUDIT_INDEX)
+    except store._errors as exc:  # only an index: counting works without it, slower
+        log.debug("vmpower: no audit index for the metrics in %s: %s", store.path, exc)
 
 
 def _vm_numbers(record, restarts: int) -> dict[str, Any]:
@@ -413,6 +417,7 @@ def write_for_host(
 ) -> dict[str, Any]:
     """Gather this host's numbers and write them to ``path``; what was written."""
     try:
+        index_audit(store)
         numbers = gather(store, host, loop_status, last_sync, vm_limit=vm_limit,
                          sync_interval=sync_interval, tally=tally)
     except StoreError as exc:
@@ -511,6 +516,7 @@ class LiveWriter:
         if self._store is None or self._store_at != location:
             self._close()
             self._store, self._store_at = open_store(location), location
+            index_audit(self._store)
         return self._store
 
     def _close(self) -> None:

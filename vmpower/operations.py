@@ -461,12 +461,11 @@ class HostOperations:
                 lock_wait = self._clock() - asked
                 belief = self._believe(uuid, seq, boot_id)
                 preface = _claims_text(transition, reason, seq, belief)
-                [outcome] = self._settle(hv, [self._decide_held(hv, uuid, cause,
-                                                                self.store.get(uuid),
-                                                                hv.find(uuid), boot_id,
-                                                                belief.observation, preface,
-                                                                test=test)])
-                decided = self._clock()
+                decision = self._decide_held(hv, uuid, cause, self.store.get(uuid),
+                                             hv.find(uuid), boot_id, belief.observation,
+                                             preface, test=test)
+                decided = self._clock()  # before the action is carried out
+                [outcome] = self._settle(hv, [decision])
                 if not test:
                     self._record([outcome])
         result = outcome.report

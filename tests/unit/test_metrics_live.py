@@ -86,7 +86,12 @@ def test_a_host_over_the_limit_gives_per_host_counts_not_ten_thousand_series(tmp
     assert not [name for name, _ in found if name.startswith("vmpower_vm_")
                 and name not in ("vmpower_vm_series_limited", "vmpower_vm_series_limit")]
     assert len(found) < 100
-    assert write(tmp_path, store, vm_limit=10_000)[("vmpower_vm_series_limited", ())] == 0
+
+
+def test_the_limit_is_how_many_vms_may_have_series_of_their_own(tmp_path, store):
+    add(store, record("a"), record("b"))
+    assert write(tmp_path, store, vm_limit=2)[("vmpower_vm_series_limited", ())] == 0
+    assert write(tmp_path, store, vm_limit=1)[("vmpower_vm_series_limited", ())] == 1
 
 
 def test_names_are_escaped_as_label_values(tmp_path, store):
