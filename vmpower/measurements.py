@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Mapping
 
 log = logging.getLogger(__name__)
 
@@ -39,18 +40,22 @@ class Measurements:
     def __init__(self, path: str):
         self.path = path
 
-    def decision(self, cause: str, action: str, refused: bool, latency: float | None,
-                 lock_wait: float | None) -> None:
-        """One decision about one VM: ``latency`` is libvirt's callback to the decision (an
-        event this host's beacon observed), ``lock_wait`` the wait for the VM's lock."""
-        self._append({"kind": "decision", "cause": cause, "action": action, "refused": refused,
-                      "latency": latency, "lock_wait": lock_wait})
+    def decision(self, cause: str, rule: str, action: str, refused: bool,
+                 latency: float | None, lock_wait: float | None) -> None:
+        """One decision about one VM, by the rule that gave it: ``latency`` is libvirt's
+        callback to the decision (an event this host's beacon observed), ``lock_wait`` the wait
+        for the VM's lock."""
+        self._append({"kind": "decision", "cause": cause, "rule": rule, "action": action,
+                      "refused": refused, "latency": latency, "lock_wait": lock_wait})
 
-    def sync(self, took: float, checked: int, actions: dict[str, int], refused: int) -> None:
-        """One sync of the host: how long, how many VMs, what it did (``actions``: how many
-        decisions of each action) and how many it refused to touch."""
+    def sync(self, took: float, checked: int, decided: Mapping[tuple[str, str], int],
+             refused: Mapping[str, int]) -> None:
+        """One sync of the host: how long, how many VMs, what it did (``decided``: how many
+        decisions of each rule and action, beside the VMs in sync) and what it refused to
+        touch (how many, by rule)."""
         self._append({"kind": "sync", "at": time.time(), "took": took, "checked": checked,
-                      "actions": actions, "refused": refused})
+                      "decided": [[rule, action, count] for (rule, action), count in decided.items()],
+                      "refused": dict(refused)})
 
     def _append(self, entry: dict) -> None:
         line = (json.dumps(entry, separators=(",", ":")) + "\n").encode()

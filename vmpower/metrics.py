@@ -105,8 +105,8 @@ class Tally:
         self.decision_latency = Histogram(DECISION_BUCKETS)
         self.sync_duration = Histogram(SYNC_BUCKETS)
         self.lock_wait = Histogram(LOCK_BUCKETS)
-        self.decisions: collections.Counter = collections.Counter()  # (cause, action)
-        self.refusals: collections.Counter = collections.Counter()  # cause
+        self.decisions: collections.Counter = collections.Counter()  # (cause, rule, action)
+        self.refusals: collections.Counter = collections.Counter()  # (cause, rule)
         self.last_sync: dict | None = None  # {"at", "took"} of the last sync measured
 
     def fold(self) -> bool:
@@ -124,24 +124,30 @@ class Tally:
     def _take(self, entry: Mapping) -> None:
         kind = entry.get("kind")
         if kind == "decision":
-            cause, action = str(entry.get("cause", "")), str(entry.get("action", ""))
-            self.decisions[(cause, action)] += 1
+            cause, rule = str(entry.get("cause", "")), str(entry.get("rule", ""))
+            self.decisions[(cause, rule, str(entry.get("action", "")))] += 1
             if entry.get("refused") is True:
-                self.refusals[cause] += 1
+                self.refusals[(cause, rule)] += 1
             for value, histogram in ((entry.get("latency"), self.decision_latency),
                                      (entry.get("lock_wait"), self.lock_wait)):
                 if _seconds(value) is not None:
                     histogram.observe(_seconds(value))
         elif kind == "sync" and _seconds(entry.get("took")) is not None:
             self.sync_duration.observe(_seconds(entry["took"]))
-            actions = entry.get("actions")
-            for action, count in (actions.items() if isinstance(actions, Mapping) else ()):
-                if isinstance(count, int) and not isinstance(count, bool):
-                    self.decisions[("sync", str(action))] += count
-            if isinstance(entry.get("refused"), int) and not isinstance(entry["refused"], bool):
-                self.refusals["sync"] += entry["refused"]
+            decided = entry.get("decided")
+            for item in (decided if isinstance(decided, list) else ()):
+                if isinstance(item, list) and len(item) == 3 and _whole(item[2]):
+                    self.decisions[("sync", str(item[0]), str(item[1]))] += item[2]
+            refused = entry.get("refused")
+            for rule, count in (refused.items() if isinstance(refused, Mapping) else ()):
+                if _whole(count):
+                    self.refusals[("sync", str(rule))] += count
             if _seconds(entry.get("at")) is not None:
                 self.last_sync = {"at": entry["at"], "took": entry["took"]}
+
+
+def _whole(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def _seconds(value) -> float | None:
@@ -318,14 +324,19 @@ def families(numbers: Mapping[str, Any]) -> Iterable:
 
 
 def _tally_families(tally: Tally) -> Iterable:
-    decisions = CounterMetricFamily("vmpower_decisions", "Decisions taken, by what asked and the action.",
-                                    labels=["cause", "action"])
-    for (cause, action), count in sorted(tally.decisions.items()):
-        decisions.add_metric([cause, action], count)
+    decisions = CounterMetricFamily("vmpower_decisions", "Decisions taken, by what asked, the "
+                                    "rule that answered and the action (a sync counts those that "
+                                    "act or refuse, not the VMs in sync).",
+                                    labels=["cause", "rule", "action"])
+    for (cause, rule, action), count in sorted(tally.decisions.items()):
+        decisions.add_metric([cause, rule, action], count)
     yield decisions
-    yield _labelled(CounterMetricFamily, "vmpower_refusals",
-                    "Decisions that left a VM alone (locked, another host's, a migration, bad "
-                    "pillar...), by what asked.", "cause", tally.refusals)
+    refusals = CounterMetricFamily("vmpower_refusals", "Decisions that left a VM alone (locked, "
+                                   "another host's, a migration, bad pillar...), by what asked "
+                                   "and the rule.", labels=["cause", "rule"])
+    for (cause, rule), count in sorted(tally.refusals.items()):
+        refusals.add_metric([cause, rule], count)
+    yield refusals
     for name, text, histogram in (
             ("vmpower_decision_latency_seconds",
              "From libvirt's callback on this host to the reconcile's decision.", tally.decision_latency),

@@ -359,8 +359,8 @@ class HostOperations:
     @staticmethod
     def _report(record: Record, decision: Decision, result: str = "nothing to do") -> dict:
         report = {"uuid": record.uuid, "name": record.name, "action": decision.action.value,
-                  "reason": decision.reason, "result": result, "vm_state": record.vm_state.value,
-                  "power_state": record.power_state.value}
+                  "reason": decision.reason, "rule": decision.rule, "result": result,
+                  "vm_state": record.vm_state.value, "power_state": record.power_state.value}
         if decision.retry_in is not None:
             report["retry_in"] = round(decision.retry_in, 3)
         return report
@@ -476,7 +476,8 @@ class HostOperations:
             latency = (decided - observation.monotonic
                        if observation is not None and observation.boot_id == boot_id
                        and observation.transition is not Transition.STOPPED else None)
-            self.measurements.decision(cause.value, str(result.get("action", "none")),
+            self.measurements.decision(cause.value, str(result.get("rule", "")),
+                                       str(result.get("action", "none")),
                                        bool(result.get("skipped")), latency, lock_wait)
         if observation is not None:
             result["observed"] = {"seq": observation.seq, "transition": observation.transition.value,
@@ -524,10 +525,12 @@ class HostOperations:
             self._wake_up(boot_id, min(retries) if retries else None, answered_before=began)
         report["took"] = round(time.monotonic() - started, 6)
         if self.measurements is not None and not test:
-            actions = collections.Counter(str(entry.get("action", "none"))
+            # What the sync did and refused, by rule (in-sync VMs are not listed, nor counted).
+            decided = collections.Counter((str(entry.get("rule", "")), str(entry.get("action", "none")))
                                           for entry in report["actions"])
-            self.measurements.sync(report["took"], report["checked"], dict(actions),
-                                   len(report["skipped"]) + len(report["busy"]))
+            refused = collections.Counter(str(entry.get("rule", "")) for entry in report["skipped"])
+            refused["locked"] += len(report["busy"])
+            self.measurements.sync(report["took"], report["checked"], decided, refused)
         return report
 
     @contextlib.contextmanager
@@ -597,7 +600,8 @@ class HostOperations:
                         facts = dataclasses.replace(facts, migrating=hv.migration_job(uuid))
                     why = not_to_record(dom.state, policy, error, facts)
                     if why:
-                        report["skipped"].append({"uuid": uuid, "name": dom.name, "reason": why})
+                        report["skipped"].append({"uuid": uuid, "name": dom.name, "reason": why,
+                                                  "rule": "not_recorded"})
                         continue
                     adoption = self._adoption(dom, policy, Cause.SYNC, at, facts)
                     adoptions.append(adoption)
@@ -605,7 +609,7 @@ class HostOperations:
                 decision = decide_once(record, dom, policy, error)
                 if decision.skipped:
                     report["skipped"].append({"uuid": uuid, "name": dom.name,
-                                              "reason": decision.reason})
+                                              "reason": decision.reason, "rule": decision.rule})
                     if decision.warning:  # a person must look (a record it cannot read)
                         log.warning("vmpower: %s: %s", dom.name, decision.reason)
                 elif (decision.action is not Action.NONE or decision.observed or decision.outcome
@@ -684,7 +688,7 @@ class HostOperations:
         entry = outcome.report
         if entry.get("skipped"):
             report["skipped"].append({"uuid": entry["uuid"], "name": entry.get("name", ""),
-                                      "reason": entry["reason"]})
+                                      "reason": entry["reason"], "rule": entry.get("rule", "")})
         elif entry.get("action", "none") != "none":
             report["actions"].append(entry)
         if counted:  # a dry run's outcome wrote nothing

@@ -104,7 +104,7 @@ def test_every_vm_state_and_power_state_pair(vm_state, recorded, power):
     assert changes(decision) == ({"power_state": power} if power is not recorded else {})
     # Rule 5 re-reads before stopping a VM that is meant to run.
     assert decision.recheck is (vm_state is V.ACTIVE and power in (P.SHUTDOWN, P.CRASHED))
-    assert decision.reason
+    assert decision.reason and decision.rule  # every answer names the rule that gave it
 
 
 # Cells whose answer acts on (or records the end of) a VM that went off: held by the grace.
@@ -119,6 +119,7 @@ def test_every_cell_as_a_sync_first_sees_it(vm_state, recorded, power):
     went_off = power in OFF_STATES and recorded not in OFF_STATES
     decision = decide(record(vm_state, recorded), live(power), HOST, DEFAULT, SETTINGS, NOW,
                       facts=SYNC)
+    assert decision.rule
     assert changes(decision) == ({"power_state": power} if power is not recorded else {})
     if went_off and (vm_state, power) in HELD:
         assert nothing(dataclasses.replace(decision, observed={}))

@@ -104,7 +104,7 @@ def test_the_job_returner_keeps_the_sync_and_writes_the_metrics(loaded, testdriv
     assert not any(name.startswith("vmpower_event_loop") for name, _ in found)  # no beacon: absent
     # Labels: states and actions per host; uuid and name per VM; le for the histograms.
     assert {k for key in found for k, _ in key[1]} <= {
-        "vm_state", "power_state", "action", "cause", "uuid", "name", "le", "task_state"}
+        "vm_state", "power_state", "action", "cause", "rule", "uuid", "name", "le", "task_state"}
     def power_of(dom):  # one 0/1 gauge per power state, 1 for the one it is in
         return {dict(labels)["power_state"]: value for (name, labels), value in found.items()
                 if name == "vmpower_vm_power_state" and ("name", dom.name()) in labels}

@@ -105,12 +105,13 @@ def test_names_are_escaped_as_label_values(tmp_path, store):
 def test_the_jobs_measurements_become_histograms_and_counters(tmp_path, store):
     log = str(tmp_path / "vmpower" / "measurements.log")
     jobs = measurements.Measurements(log)
-    jobs.decision("event", "start", False, 0.2, 0.001)
-    jobs.decision("event", "none", True, None, 0.5)
-    jobs.sync(1.5, 3, {"none": 2, "power_off": 1}, 1)
+    jobs.decision("event", "restart", "start", False, 0.2, 0.001)
+    jobs.decision("event", "another_host", "none", True, None, 0.5)
+    jobs.sync(1.5, 3, {("stop_grace", "none"): 2, ("stopped_but_running", "power_off"): 1},
+              {"migrating": 1})
     with open(log, "a") as handle:
         handle.write("not json\n[1]\n")  # skipped and logged, the rest is kept
-    jobs.decision("sync", "none", False, -1.0, "x")  # nothing measured in it: no observation
+    jobs.decision("sync", "in_sync", "none", False, -1.0, "x")  # no time measured in it
     tally = metrics.Tally(log)
     assert tally.fold() is True and tally.fold() is False  # read once
     found = write(tmp_path, store, tally=tally)
@@ -120,11 +121,13 @@ def test_the_jobs_measurements_become_histograms_and_counters(tmp_path, store):
     assert found[("vmpower_lock_wait_seconds_count", ())] == 2
     assert found[("vmpower_lock_wait_seconds_sum", ())] == pytest.approx(0.501)
     assert found[("vmpower_sync_duration_seconds_sum", ())] == 1.5
-    assert found[("vmpower_decisions_total", (("action", "start"), ("cause", "event")))] == 1
-    assert found[("vmpower_decisions_total", (("action", "power_off"), ("cause", "sync")))] == 1
-    assert found[("vmpower_decisions_total", (("action", "none"), ("cause", "sync")))] == 3
-    assert found[("vmpower_refusals_total", (("cause", "event"),))] == 1
-    assert found[("vmpower_refusals_total", (("cause", "sync"),))] == 1
+    def decisions(cause, rule, action):
+        return found[("vmpower_decisions_total", (("action", action), ("cause", cause), ("rule", rule)))]
+    assert decisions("event", "restart", "start") == 1
+    assert decisions("sync", "stopped_but_running", "power_off") == 1
+    assert decisions("sync", "stop_grace", "none") == 2 and decisions("sync", "in_sync", "none") == 1
+    assert found[("vmpower_refusals_total", (("cause", "event"), ("rule", "another_host")))] == 1
+    assert found[("vmpower_refusals_total", (("cause", "sync"), ("rule", "migrating")))] == 1
     assert found[("vmpower_last_sync_duration_seconds", ())] == 1.5
 
 
@@ -134,12 +137,12 @@ def test_a_large_log_is_rotated_and_nothing_appended_meanwhile_is_lost(tmp_path,
     monkeypatch.setattr(measurements, "ROTATE_AT", 200)
     tally = metrics.Tally(log)
     for _ in range(5):
-        jobs.decision("event", "none", False, 0.1, 0.0)
+        jobs.decision("event", "in_sync", "none", False, 0.1, 0.0)
     tally.fold()
     assert os.path.exists(log + ".1") and not os.path.exists(log)
-    jobs.decision("event", "none", False, 0.1, 0.0)
+    jobs.decision("event", "in_sync", "none", False, 0.1, 0.0)
     tally.fold()
-    assert tally.decisions[("event", "none")] == 6
+    assert tally.decisions[("event", "in_sync", "none")] == 6
 
 
 class Clock:
@@ -185,7 +188,7 @@ def test_a_measurement_is_a_change(tmp_path, store):
     writer = metrics.LiveWriter(clock)
     opts = minion_opts(tmp_path, metrics_file=prom)
     writer.tick(opts, LOOP)
-    measurements.Measurements(measurements.measurements_path(opts["cachedir"])).sync(0.3, 0, {}, 0)
+    measurements.Measurements(measurements.measurements_path(opts["cachedir"])).sync(0.3, 0, {}, {})
     clock.now += 2.0
     assert writer.tick(opts, LOOP) is True
     assert samples(prom)[("vmpower_sync_duration_seconds_count", ())] == 1

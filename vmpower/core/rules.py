@@ -161,6 +161,8 @@ class Decision:
     again before acting or writing. ``skipped`` marks a VM vmpower must not touch at all
     (locks, another host, bad pillar, a migration in progress). ``retry_in`` says the decision
     must be taken again that many seconds from now (a grace or a restart back-off running).
+    ``rule`` names the rule that gave the answer (``in_sync``, ``stop_grace``, ``restart``,
+    ``another_host``...: the table in docs/rules.md), for metrics and reports.
     """
 
     action: Action
@@ -172,10 +174,11 @@ class Decision:
     warning: bool = False
     retry_in: float | None = None
     attempted: Mapping[str, object] = dataclasses.field(default_factory=dict)
+    rule: str = ""
 
 
-def _skip(reason: str, warning: bool = False) -> Decision:
-    return Decision(Action.NONE, reason, skipped=True, warning=warning)
+def _skip(reason: str, rule: str, warning: bool = False) -> Decision:
+    return Decision(Action.NONE, reason, skipped=True, warning=warning, rule=rule)
 
 
 # The off reasons vmpower writes (``Record.off_reason``).
@@ -501,21 +504,23 @@ def decide(record: Record, live: LiveState, host: str, policy: InstancePolicy,
     """
     unknown = unknown_values(record)
     if unknown:
-        return _skip(_unknown_reason(unknown), warning=True)
+        return _skip(_unknown_reason(unknown), "unknown_value", warning=True)
     if pillar_error:
-        return _skip(f"bad pillar, nothing done: {pillar_error}")
+        return _skip(f"bad pillar, nothing done: {pillar_error}", "bad_pillar")
     if policy.task_state:
-        return _skip(f"task_state={policy.task_state} (pillar) is set: hands off until it clears")
+        return _skip(f"task_state={policy.task_state} (pillar) is set: hands off until it clears",
+                     "task_state_pillar")
     migrating = mid_migration(live, facts)
     if migrating:
-        return _skip(f"in the middle of a migration ({migrating}): hands off until it ends")
+        return _skip(f"in the middle of a migration ({migrating}): hands off until it ends",
+                     "migrating")
 
     observed: dict = {}
     notes = []
     if record.task_state:
         if not (record.task_owner and facts.owner_alive is False):
             return _skip(f"task_state={record.task_state} (record) is set: hands off until it "
-                         f"clears")
+                         f"clears", "task_state_record")
         # vmpower's own operation died (process killed, host rebooted): nothing will clear it.
         observed.update(task_state="", task_owner="")
         notes.append(f"task_state={record.task_state} was set by "
@@ -550,10 +555,11 @@ def decide(record: Record, live: LiveState, host: str, policy: InstancePolicy,
             notes.append(f"owned by no host and defined on {host} ({power.value}): taken over")
         elif gone_to:
             return Decision(Action.NONE, f"shut off here because it was {gone_to}; the record "
-                            f"says it lives on {owner or 'no host'}: nothing to do")
+                            f"says it lives on {owner or 'no host'}: nothing to do",
+                            rule="lives_elsewhere")
         else:
             return _skip(f"the record says the VM lives on {owner or 'no host'}, not {host}: "
-                         f"hands off")
+                         f"hands off", "another_host")
 
     if facts.name and facts.name != record.name:
         observed["name"] = facts.name
@@ -575,7 +581,7 @@ def decide(record: Record, live: LiveState, host: str, policy: InstancePolicy,
     unseen = _off_unseen(record, live, facts)
     if unseen is None:
         return Decision(Action.NONE, "shut off for a reason libvirt no longer knows: this host's "
-                        "journal not read yet", observed, recheck=True)
+                        "journal not read yet", observed, recheck=True, rule="journal_unread")
     elsewhere = bool(gone_to)
     off = power in OFF and not elsewhere
     off_for = _off_spell(record, live, facts, observed, off)
@@ -595,7 +601,8 @@ def decide(record: Record, live: LiveState, host: str, policy: InstancePolicy,
         where = "elsewhere" if gone_to == MIGRATED else "in a save file"
         how = "" if gone_to == live.reason else " (as this host's beacon saw; libvirt has lost it)"
         return Decision(Action.NONE, f"{seen}shut off here because it was {gone_to}{how}: it "
-                        f"lives {where}; never restarted, never recorded stopped", observed)
+                        f"lives {where}; never restarted, never recorded stopped", observed,
+                        rule="lives_elsewhere")
     if live.reason == UNDEFINED and owner == host and "host" not in observed:
         observed["host"] = ""  # no longer defined here: whoever runs it may take it
         notes.append(f"no longer defined on {host}: let go")
@@ -607,9 +614,9 @@ def decide(record: Record, live: LiveState, host: str, policy: InstancePolicy,
 
     if not policy.managed:
         return result(why=f"managed: false, recorded only (vm_state={vm_state.value}, "
-                          f"power_state={power.value})")
+                          f"power_state={power.value})", rule="unmanaged")
     if vm_state in HANDS_OFF:
-        return result(why=f"vm_state={vm_state.value}: nothing more to do")
+        return result(why=f"vm_state={vm_state.value}: nothing more to do", rule="hands_off_state")
 
     if vm_state is VmState.ACTIVE:
         if off:
@@ -617,17 +624,18 @@ def decide(record: Record, live: LiveState, host: str, policy: InstancePolicy,
                                    since_restart, host_shutdown, result, bool(unseen))
         if power is PowerState.SUSPENDED:
             return result(Action.POWER_OFF, "vm_state=active but the guest is suspended: "
-                          "stopping it", {"vm_state": VmState.STOPPED})
+                          "stopping it", {"vm_state": VmState.STOPPED}, rule="active_suspended")
         if power in (PowerState.PAUSED, PowerState.NOSTATE):
             return result(why=f"vm_state=active but power_state={power.value}: logged only",
-                          warning=True)
-        return result(why="vm_state=active and running: in sync")
+                          warning=True, rule="active_not_running")
+        return result(why="vm_state=active and running: in sync", rule="in_sync")
 
     if vm_state is VmState.STOPPED:
         if power not in OFF_OR_GONE:
             return result(Action.POWER_OFF, f"vm_state=stopped but the domain is "
-                          f"{power.value}: powering it off")
-        return result(why=f"vm_state=stopped and power_state={power.value}: in sync")
+                          f"{power.value}: powering it off", rule="stopped_but_running")
+        return result(why=f"vm_state=stopped and power_state={power.value}: in sync",
+                      rule="in_sync")
 
     if vm_state is VmState.PAUSED:
         if off:
@@ -636,14 +644,17 @@ def decide(record: Record, live: LiveState, host: str, policy: InstancePolicy,
                          bool(unseen))
             if held:
                 return held
-            return result(Action.POWER_OFF, f"{what}: stopping it", {"vm_state": VmState.STOPPED})
-        return result(why=f"vm_state=paused and power_state={power.value}: nothing to do")
+            return result(Action.POWER_OFF, f"{what}: stopping it", {"vm_state": VmState.STOPPED},
+                          rule="paused_but_off")
+        return result(why=f"vm_state=paused and power_state={power.value}: nothing to do",
+                      rule="in_sync")
 
     # VmState.DELETED
     if power not in (PowerState.NOSTATE, PowerState.SHUTDOWN):
         return result(why=f"vm_state=deleted but the domain is {power.value}: "
-                          f"warning only, a person should look", warning=True)
-    return result(why=f"vm_state=deleted and power_state={power.value}: in sync")
+                          f"warning only, a person should look", warning=True,
+                      rule="deleted_but_alive")
+    return result(why=f"vm_state=deleted and power_state={power.value}: in sync", rule="in_sync")
 
 
 def _off_spell(record: Record, live: LiveState, facts: Facts, observed: dict, off: bool) -> float:
@@ -734,27 +745,31 @@ def _held(what: str, live: LiveState, facts: Facts, host_shutdown: bool,
     if host_shutdown and policy.on_host_shutdown is OnHostShutdown.IGNORE:
         return result(why=f"{what}, shut down by the host (a host shutdown or reboot, "
                           f"libvirt-guests, virsh shutdown): recorded only, vm_state kept "
-                          f"(on_host_shutdown=ignore); it is in sync when the host starts it")
+                          f"(on_host_shutdown=ignore); it is in sync when the host starts it",
+                      rule="host_shutdown_ignored")
     if unseen and not host_shutdown:
         return result(why=f"{what}: it went off while nothing watched, and libvirt no longer "
                           f"says why; it may have been migrated away and run elsewhere. vmpower "
                           f"does not act on it: if it runs nowhere else, start it "
-                          f"(vmpower.start) or record it stopped (vmpower.stop)", warning=True)
+                          f"(vmpower.start) or record it stopped (vmpower.stop)", warning=True,
+                      rule="off_unseen")
     if live.is_crash and live.reason != FAILED:
         if facts.on_crash is None:
-            return result(why=f"{what}: libvirt's <on_crash> not read yet", recheck=True)
+            return result(why=f"{what}: libvirt's <on_crash> not read yet", recheck=True,
+                          rule="on_crash_unread")
         if facts.on_crash in LIBVIRT_HANDLES_CRASH:
             return result(why=f"{what}: libvirt handles the crash itself "
-                              f"(<on_crash>{facts.on_crash}</on_crash>): recorded, nothing done")
+                              f"(<on_crash>{facts.on_crash}</on_crash>): recorded, nothing done",
+                          rule="libvirt_handles_crash")
         if facts.on_crash != LIBVIRT_DEFAULT_ON_CRASH:
             return result(why=f"{what}: libvirt's <on_crash> could not be read "
                               f"({facts.on_crash or 'unknown'}): recorded, nothing done",
-                          warning=True)
+                          warning=True, rule="on_crash_unknown")
     if off_for < settings.stop_grace:
         left = settings.stop_grace - off_for
         return result(why=f"{what}, off for {off_for:.0f}s: waiting {left:.0f}s more before "
                           f"acting (stop_grace={settings.stop_grace:g}s; a hard reboot "
-                          f"comes back meanwhile)", retry_in=left)
+                          f"comes back meanwhile)", retry_in=left, rule="stop_grace")
     return None
 
 
@@ -769,13 +784,14 @@ def _active_but_off(record: Record, live: LiveState, policy: InstancePolicy,
     if host_shutdown and policy.on_host_shutdown is OnHostShutdown.STOP:
         off = f"vm_state=active but the host shut the guest down (libvirt reason: {live.reason})"
     if not live.is_crash and not host_shutdown and policy.on_guest_shutdown is OnGuestShutdown.IGNORE:
-        return result(why=f"{off}: left as it is (on_guest_shutdown=ignore)")
+        return result(why=f"{off}: left as it is (on_guest_shutdown=ignore)",
+                      rule="guest_shutdown_ignored")
     held = _held(off, live, facts, host_shutdown, policy, off_for, settings, result, unseen)
     if held:
         return held
     if host_shutdown:  # on_host_shutdown=stop: the host's shutdown is the operator's intent
         return result(Action.POWER_OFF, f"{off}: recording it as stopped (on_host_shutdown=stop)",
-                      {"vm_state": VmState.STOPPED}, recheck=True)
+                      {"vm_state": VmState.STOPPED}, recheck=True, rule="host_shutdown_stop")
     if live.is_crash:
         wants_restart = policy.on_crash is OnCrash.RESTART
         policy_text = f"on_crash={policy.on_crash.value}"
@@ -790,21 +806,23 @@ def _active_but_off(record: Record, live: LiveState, policy: InstancePolicy,
 
     if not wants_restart:
         return result(Action.POWER_OFF, f"{off}: recording it as stopped ({policy_text})",
-                      {"vm_state": VmState.STOPPED}, recheck=True)
+                      {"vm_state": VmState.STOPPED}, recheck=True, rule="went_off_stop")
 
     restarts = record.restart_count
     if restarts >= settings.restart_limit:
         return result(Action.NONE, f"{off}: restarted {restarts} times already, the limit is "
                       f"{settings.restart_limit}: vm_state=error, a person should look",
-                      {"vm_state": VmState.ERROR}, recheck=True, warning=True)
+                      {"vm_state": VmState.ERROR}, recheck=True, warning=True,
+                      rule="restart_limit")
     wait = settings.restart_delay(restarts) - since_restart
     if wait > 0:
         return result(Action.NONE, f"{off}: restart {restarts + 1} of {settings.restart_limit} "
-                      f"backs off for {wait:.0f}s more; retried then", retry_in=wait)
+                      f"backs off for {wait:.0f}s more; retried then", retry_in=wait,
+                      rule="restart_backoff")
     # The attempt counts whether the start succeeds or not: a start that keeps failing (a
     # disk another host holds, a missing bridge) reaches the limit like a guest that keeps
     # crashing, instead of being retried for ever as the same restart.
     return result(Action.START, f"{off}: starting it again, restart {restarts + 1} of "
                   f"{settings.restart_limit} ({policy_text})", recheck=True,
                   attempted={"restart_count": restarts + 1, "last_restart_at": facts.clock,
-                             "boot_id": facts.boot_id})
+                             "boot_id": facts.boot_id}, rule="restart")
