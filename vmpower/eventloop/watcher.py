@@ -35,6 +35,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 from vmpower import hostinfo
 from vmpower.core.burst import BurstGuard
@@ -57,7 +58,9 @@ STUCK_AFTER = 10.0  # a blocking libvirt call running this long means libvirtd i
 # The raw queue's "event" for a VIR_DOMAIN_EVENT_ID_REBOOT callback (lifecycle events are ints).
 REBOOT = None
 
-RawEvent = tuple[float, float, str, str, int | None, int]  # (time, monotonic, uuid, name, event, detail)
+# (time, monotonic, domain, event, detail): the domain's UUID and name are read on the watcher's
+# thread (libvirt keeps both in the virDomain object: no call to libvirtd).
+RawEvent = tuple[float, float, Any, int | None, int]
 Deliver = Callable[[list[dict]], bool | None]  # True sent, False refused, None not now
 # What a round fires and journals: (data to fire or None, row to journal or None).
 Pending = tuple[dict | None, Observation | None]
@@ -148,8 +151,15 @@ class Watcher:
         self._boot_id = boot_id()
         self._journal_failed = False  # a round was not journaled: the next begins with a gap
         self._cond = threading.Condition(threading.Lock())
-        # Shared with the event thread and Salt's side, under _cond:
+        # libvirt's callbacks append to the queue without a lock (a deque's append and popleft
+        # are atomic), and only they write events_seen and _callback_drops; the watcher's thread
+        # alone takes from it, and wakes only when told that it sleeps (_asleep).
         self._raw: collections.deque[RawEvent] = collections.deque()
+        self._queue_size = settings.queue_size
+        self._callback_drops = 0  # events the callbacks dropped to keep the queue bounded
+        self._callback_drops_taken = 0  # ...of which the watcher has counted
+        self._asleep = False
+        # Shared with Salt's side, under _cond:
         self._unreported_drops = 0
         self._outbox: list[dict] = []
         self._poked = False
@@ -210,14 +220,16 @@ class Watcher:
     def thread(self) -> threading.Thread:
         return self._thread
 
-    # libvirt's callbacks, on the event thread: enqueue, wake the watcher, nothing else.
+    # libvirt's callbacks, on the event thread, which must never wait: one append, and a
+    # wake-up only when the watcher's thread sleeps. Reading the domain, translating and counting
+    # all happen on the watcher's thread.
     def lifecycle_callback(self, _conn, dom, event: int, detail: int, _opaque) -> None:
         """``VIR_DOMAIN_EVENT_ID_LIFECYCLE``."""
-        self._enqueue((self._clock(), self._monotonic(), dom.UUIDString(), dom.name(), event, detail))
+        self._enqueue((self._clock(), self._monotonic(), dom, event, detail))
 
     def reboot_callback(self, _conn, dom, _opaque) -> None:
         """``VIR_DOMAIN_EVENT_ID_REBOOT``."""
-        self._enqueue((self._clock(), self._monotonic(), dom.UUIDString(), dom.name(), REBOOT, 0))
+        self._enqueue((self._clock(), self._monotonic(), dom, REBOOT, 0))
 
     def close_callback(self, conn, reason: int, _opaque) -> None:
         """The connection is gone (libvirtd died, socket closed, keepalive timeout)."""
@@ -226,15 +238,18 @@ class Watcher:
             self._poke()
 
     def _enqueue(self, item: RawEvent) -> None:
-        with self._cond:
-            self.events_seen += 1
-            if len(self._raw) >= self.settings.queue_size:
-                self._raw.popleft()
-                self.dropped += 1
-                self._unreported_drops += 1
-            self._raw.append(item)
-            self._poked = True
-            self._cond.notify()
+        self.events_seen += 1
+        queue = self._raw
+        if len(queue) >= self._queue_size:  # full: the oldest goes, and is counted
+            try:
+                queue.popleft()
+            except IndexError:  # the watcher took it meanwhile: nothing was dropped
+                pass
+            else:
+                self._callback_drops += 1
+        queue.append(item)
+        if self._asleep:
+            self._poke()
 
     def _poke(self) -> None:
         with self._cond:
@@ -337,11 +352,15 @@ class Watcher:
     def _run(self) -> None:
         while True:
             with self._cond:
-                if not self._poked:
+                # Told before it looks at the queue: a callback that appends after the look
+                # finds it asleep and wakes it (it takes _cond, so only once the wait began).
+                self._asleep = True
+                if not self._poked and not self._raw:
                     self._cond.wait(self._wait_time())
+                self._asleep = False
                 self._poked = False
                 self._rounds_started += 1
-                raw, self._raw = self._raw, collections.deque()
+                raw = self._take_queued()
                 lost, self._unreported_drops = self._unreported_drops, 0
                 wanted, retired = self._wanted, self._retired
                 close, self._close_requested = self._close_requested, False
@@ -367,6 +386,22 @@ class Watcher:
                 self._rounds += 1
                 self._cond.notify_all()
 
+    def _take_queued(self) -> list[RawEvent]:
+        """Everything the callbacks queued so far, oldest first, and the drops counted: the
+        round's own count of what the bounded queue lost goes to ``_unreported_drops``."""
+        queue, taken = self._raw, []
+        for _ in range(len(queue)):
+            try:
+                taken.append(queue.popleft())
+            except IndexError:  # a callback dropped the oldest meanwhile
+                break
+        drops = self._callback_drops
+        if drops != self._callback_drops_taken:
+            self.dropped += drops - self._callback_drops_taken
+            self._unreported_drops += drops - self._callback_drops_taken
+            self._callback_drops_taken = drops
+        return taken
+
     def _wait_time(self) -> float:
         now = self._monotonic()
         dues = [due for due in (self._grace.next_due(), self._burst.next_due()) if due is not None]
@@ -376,7 +411,7 @@ class Watcher:
             dues.append(self._next_check)
         return max(0.0, min([now + CHECK_EVERY * 5, *dues]) - now)
 
-    def _step(self, raw: collections.deque[RawEvent], lost: int, wanted: bool, close: bool,
+    def _step(self, raw: list[RawEvent], lost: int, wanted: bool, close: bool,
               master_back: bool) -> None:
         # A close is carried out even when the beacon ran again since: the gap was real.
         if close and (self._conn is not None or self.state != "closed"):
@@ -407,8 +442,12 @@ class Watcher:
             self.settings.keepalive_interval, self.settings.keepalive_count)
         with self._cond:
             self.settings = settings
+            self._queue_size = settings.queue_size
             while len(self._raw) > settings.queue_size:  # a smaller queue: drop as on overflow
-                self._raw.popleft()
+                try:
+                    self._raw.popleft()
+                except IndexError:
+                    break
                 self.dropped += 1
                 self._unreported_drops += 1
         self._trim_outbox()
@@ -531,7 +570,8 @@ class Watcher:
 
     # The events.
     def _translate(self, item: RawEvent) -> None:
-        timestamp, at, uuid, name, event, detail = item
+        timestamp, at, dom, event, detail = item
+        uuid, name = dom.UUIDString(), dom.name()
         translation = (translate_reboot() if event is REBOOT
                        else self._translator.lifecycle(uuid, event, detail))
         if translation.transition is None:
