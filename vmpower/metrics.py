@@ -32,10 +32,10 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-from vmpower import measurements
+from vmpower import fleet, measurements, minion
 from vmpower.core import fleet as core
 from vmpower.core.model import PowerState, VmState, drifting
-from vmpower.store import Store, StoreError
+from vmpower.store import Store, StoreError, open_store
 
 try:
     from prometheus_client import CollectorRegistry, write_to_textfile
@@ -510,8 +510,6 @@ class LiveWriter:
 
     def _read_settings(self, opts: Mapping, now: float) -> dict:
         if self._settings is None or now - self._settings_at >= SETTINGS_EVERY:
-            from vmpower import fleet, minion
-
             extras = fleet.minion_extras(opts)
             raw = minion.merged_settings(opts)
             self._settings = {"metrics_file": extras["metrics_file"], "store": extras["store"],
@@ -522,8 +520,6 @@ class LiveWriter:
         return self._settings
 
     def _open(self, location: str) -> Store:
-        from vmpower.store import open_store
-
         if self._store is None or self._store_at != location:
             self._close()
             self._store, self._store_at = open_store(location), location

@@ -4,6 +4,7 @@ inherited one hung in its first libvirt call). Real forks, a real libvirt event 
 by a timer that fires at every iteration, and children that need the event loop's lock at
 once, as a job opening a remote connection does."""
 
+import json
 import subprocess
 import sys
 import textwrap
@@ -113,3 +114,86 @@ def test_a_fork_before_the_loops_first_iteration_keeps_it_out_of_libvirt():
     out = subprocess.run([sys.executable, "-c", EARLY_FORK], capture_output=True, text=True,
                          timeout=120, check=False)
     assert out.stdout.split() == ["clean", "loop-runs"], out.stderr
+
+
+# A thread inside a section while the main thread forks: the fork is made once it ends.
+SECTION = textwrap.dedent("""
+    import os, threading, time
+    from vmpower import forksafe
+
+    order = []
+    inside = threading.Event()
+
+    def work():
+        with forksafe.no_fork_inside():
+            inside.set()
+            time.sleep(0.5)
+            order.append("section-ends")
+
+    thread = threading.Thread(target=work)
+    thread.start()
+    inside.wait(10)
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)
+    order.append("fork-made")
+    os.waitpid(pid, 0)
+    thread.join()
+    print(*order)
+""")
+
+
+def test_a_fork_waits_for_the_sections_of_other_threads():
+    out = subprocess.run([sys.executable, "-c", SECTION], capture_output=True, text=True,
+                         timeout=120, check=False)
+    assert out.stdout.split() == ["section-ends", "fork-made"], out.stderr
+
+
+# The minion's process as the beacon runs in it: its threads (the watcher's, the status
+# thread writing the live metrics and the status file) run through connecting, events, the
+# journal and the metrics file, and every import they make is recorded. A job forked while
+# another thread imports a module hangs for good when it imports that module too; the status
+# thread once imported vmpower.metrics, PostgreSQL's and Prometheus's clients at its first tick,
+# and the syncs the reactor ran at a minion's start hung.
+THREAD_IMPORTS = textwrap.dedent("""
+    import json, os, sys, threading, time
+    import libvirt
+    from vmpower import eventloop
+    from vmpower.core.settings import BeaconSettings
+    from vmpower.journal import Journal, journal_path
+
+    imported = []
+
+    class Recorder:
+        def find_spec(self, name, path=None, target=None):
+            if threading.current_thread() is not threading.main_thread():
+                imported.append(threading.current_thread().name + ": " + name)
+            return None
+
+    sys.meta_path.insert(0, Recorder())
+    cachedir = sys.argv[1]
+    opts = {"id": "minion", "cachedir": cachedir, "file_client": "local",
+            "vmpower": {"metrics_file": os.path.join(cachedir, "vmpower.prom"),
+                        "store": os.path.join(cachedir, "records.sqlite")}}
+    loop = eventloop.EventLoop()
+    settings = BeaconSettings(uri="test:///default", stop_grace=0)
+    dom = libvirt.open("test:///default").lookupByName("test")
+    changes = [dom.suspend, dom.resume, dom.destroy, dom.create]
+    deadline = time.monotonic() + 5  # the status thread writes the metrics at least twice
+    while time.monotonic() < deadline:
+        loop.drain(settings, os.path.join(cachedir, "status.json"), opts)
+        if changes:
+            changes.pop(0)()
+        time.sleep(0.2)
+    print(json.dumps({"imported": imported, "metrics_writes": loop.metrics.writes,
+                      "journaled": Journal(journal_path(cachedir)).last_seq()}))
+""")
+
+
+def test_the_beacons_threads_import_nothing(tmp_path):
+    out = subprocess.run([sys.executable, "-c", THREAD_IMPORTS, str(tmp_path)],
+                         capture_output=True, text=True, timeout=120, check=False)
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    assert result["metrics_writes"] >= 2 and result["journaled"] >= 4, result  # the paths ran
+    assert result["imported"] == [], result["imported"]

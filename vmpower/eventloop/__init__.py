@@ -34,7 +34,7 @@ import threading
 import time
 from collections.abc import Mapping
 
-from vmpower import hostinfo, wakeup
+from vmpower import forksafe, hostinfo, wakeup
 from vmpower.core.settings import DEFAULT_STOP_GRACE, BeaconSettings
 from vmpower.core.wakeup import Alarm
 from vmpower.eventloop import native
@@ -127,6 +127,12 @@ class EventLoop:
         self._status_path = status_path
         if opts is not None and opts.get("cachedir"):
             self._wakeup_path = wakeup.wakeup_path(opts["cachedir"])
+            if self.metrics is None and "id" in opts:
+                # Imported here, on the thread that forks the jobs, never on the status thread:
+                # a job forked while another thread imports a module hangs importing it.
+                from vmpower.metrics import LiveWriter  # not imported by the jobs that import this
+
+                self.metrics = LiveWriter(self._monotonic)
         self._ensure_supervisor()
         return watcher.drain()
 
@@ -235,13 +241,11 @@ class EventLoop:
     def write_metrics(self) -> bool:
         """Write the live metrics file if it is due (``LiveWriter``); True when it was."""
         opts = next(iter(self._opts_by_name.values()), None)
-        if opts is None or "id" not in opts or not opts.get("cachedir"):
+        if opts is None or self.metrics is None:
             return False  # no minion around the beacon (tests): nothing to write for
-        if self.metrics is None:
-            from vmpower.metrics import LiveWriter  # not imported by the jobs that import this
-
-            self.metrics = LiveWriter(self._monotonic)
-        return self.metrics.tick(opts, self.status())
+        status = self.status()
+        with forksafe.no_fork_inside():  # it reads the records (SQLite)
+            return self.metrics.tick(opts, status)
 
     # Health.
     def status(self) -> dict:

@@ -37,7 +37,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from vmpower import hostinfo
+from vmpower import forksafe, hostinfo
 from vmpower.core.burst import BurstGuard
 from vmpower.core.grace import StopGrace
 from vmpower.core.journal import GAP, Observation
@@ -83,12 +83,13 @@ class _Numbering:
         with self._lock:  # one watcher at a time: numbers follow the order they are journaled
             numbers, error = None, None
             if journal is not None:
-                try:
-                    numbers = journal.append(rows, after=self.last)
-                except JournalError as exc:
-                    error = exc
-                    with contextlib.suppress(*JournalError):
-                        self.last = max(self.last, journal.last_seq())
+                with forksafe.no_fork_inside():  # a job forked now would copy SQLite's locks
+                    try:
+                        numbers = journal.append(rows, after=self.last)
+                    except JournalError as exc:
+                        error = exc
+                        with contextlib.suppress(*JournalError):
+                            self.last = max(self.last, journal.last_seq())
             if numbers is None:
                 numbers = list(range(self.last + 1, self.last + 1 + len(rows)))
             if numbers:
