@@ -35,6 +35,7 @@ from typing import Any
 from vmpower import fleet, measurements, minion
 from vmpower.core import fleet as core
 from vmpower.core.model import PowerState, VmState, drifting
+from vmpower.core.settings import store_scheme
 from vmpower.store import Store, StoreError, open_store
 
 try:
@@ -533,6 +534,13 @@ class LiveWriter:
             except Exception as exc:  # pylint: disable=broad-except
                 log.debug("vmpower: closing the metrics writer's store: %s", exc)
         self._store = self._store_at = None
+
+    @property
+    def reads_sqlite(self) -> bool:
+        """Whether the records it reads are in SQLite (or where is not known yet). A fork must
+        not copy SQLite's lock state in the middle of a read; PostgreSQL leaves no lock in this
+        process, and may be slow to answer."""
+        return self._settings is None or store_scheme(self._settings["store"]) is None
 
     def health(self) -> dict:
         """What ``vmpower.status`` shows of the live metrics file."""

@@ -236,3 +236,17 @@ def test_vmpower_status_shows_the_writers_error(load_minion, tmp_path):
         "watchers": {}, "metrics": {"path": "/nope/vmpower.prom", "writes": 0,
                                     "last_write": None, "error": error}})
     assert loaded.functions["vmpower.status"]()["metrics"]["error"] == error
+
+
+def test_the_writer_says_whether_its_reads_keep_a_fork_waiting(tmp_path):
+    # SQLite's lock state must not be copied into a job forked mid-read; PostgreSQL keeps none
+    # in this process, and a fork must not wait for a slow server.
+    writer = metrics.LiveWriter(Clock())
+    assert writer.reads_sqlite  # where the records are is not known yet: the safe side
+    writer.tick(minion_opts(tmp_path, metrics_file=str(tmp_path / "vmpower.prom"),
+                            store=str(tmp_path / "records.sqlite")), LOOP)
+    assert writer.reads_sqlite and writer.writes == 1
+    writer = metrics.LiveWriter(Clock())
+    writer.tick(minion_opts(tmp_path, metrics_file=str(tmp_path / "vmpower.prom"),
+                            store="postgresql://vmpower@127.0.0.1:1/vmpower"), LOOP)
+    assert not writer.reads_sqlite and writer.error

@@ -28,6 +28,7 @@ The parts, each readable alone:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -244,7 +245,7 @@ class EventLoop:
         if opts is None or self.metrics is None:
             return False  # no minion around the beacon (tests): nothing to write for
         status = self.status()
-        with forksafe.no_fork_inside():  # it reads the records (SQLite)
+        with (forksafe.no_fork_inside() if self.metrics.reads_sqlite else contextlib.nullcontext()):
             return self.metrics.tick(opts, status)
 
     # Health.
