@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from . import metric_names
+
 DASHBOARD_PATH = Path(__file__).resolve().parents[2] / "monitoring" / "vmpower-dashboard.json"
 
 DATASOURCE = "${DS_PROMETHEUS}"
@@ -26,44 +28,8 @@ INSTANCE_MATCHER = 'instance=~"$instance"'
 SUBSTITUTIONS = {"$__rate_interval": "1m", "$instance": ".*"}
 
 # The metric names of the contract (docs/metrics.md): nothing else may be queried.
-HISTOGRAMS = {
-    "vmpower_decision_latency_seconds",
-    "vmpower_sync_duration_seconds",
-    "vmpower_lock_wait_seconds",
-}
-CONTRACT_METRICS = HISTOGRAMS | {
-    # host-level
-    "vmpower_metrics_written_timestamp_seconds",
-    "vmpower_event_loop_connected",
-    "vmpower_event_loop_reconnects_total",
-    "vmpower_event_loop_events_total",
-    "vmpower_event_loop_dropped_events_total",
-    "vmpower_event_loop_queue_depth",
-    "vmpower_unknown_since_timestamp_seconds",
-    "vmpower_last_sync_timestamp_seconds",
-    "vmpower_last_sync_duration_seconds",
-    "vmpower_sync_interval_seconds",
-    "vmpower_vms",
-    "vmpower_vms_error",
-    "vmpower_vms_stuck",
-    "vmpower_vms_disagreeing",
-    "vmpower_actions_total",
-    "vmpower_restarts_total",
-    "vmpower_lifecycle_events_total",
-    "vmpower_resyncs_total",
-    "vmpower_decisions_total",
-    "vmpower_refusals_total",
-    "vmpower_vm_series_limit",
-    "vmpower_vm_series_limited",
-    # per VM
-    "vmpower_vm_power_state",
-    "vmpower_vm_state",
-    "vmpower_vm_drifting",
-    "vmpower_vm_drift_since_timestamp_seconds",
-    "vmpower_vm_unknown_since_timestamp_seconds",
-    "vmpower_vm_task_since_timestamp_seconds",
-    "vmpower_vm_restarts_total",
-}
+HISTOGRAMS = metric_names.HISTOGRAMS
+CONTRACT_METRICS = metric_names.METRICS
 HISTOGRAM_SUFFIXES = ("_bucket", "_sum", "_count")
 
 # A vmpower metric name and the label matchers right after it, if any.

@@ -9,6 +9,15 @@ import subprocess
 import sys
 import textwrap
 
+
+def run_python(code: str, *args: str, timeout: float = 120) -> str:
+    """Run ``code`` in a fresh Python process (real forks, real threads); what it printed.
+    A failed run fails the test with its stderr."""
+    out = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
+                         timeout=timeout, check=False)
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
 FORKER = textwrap.dedent("""
     import os, sys, threading, time
     import libvirt
@@ -43,10 +52,8 @@ FORKER = textwrap.dedent("""
 
 def test_forked_children_never_inherit_a_held_libvirt_lock():
     # Without the guard, 29 children of 300 hung here.
-    out = subprocess.run([sys.executable, "-c", FORKER, "300"], capture_output=True, text=True,
-                         timeout=600, check=False)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.split() == ["0", "True"]  # none hung, and the parent's loop still runs
+    # none hung, and the parent's loop still runs
+    assert run_python(FORKER, "300", timeout=600).split() == ["0", "True"]
 
 
 def test_a_forked_child_cannot_run_the_parents_loop():
@@ -64,8 +71,7 @@ def test_a_forked_child_cannot_run_the_parents_loop():
             os._exit(1)
         print(os.waitpid(pid, 0)[1] >> 8, forksafe.loop_runs_here())
     """)
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
-    assert out.stdout.split() == ["0", "True"], out.stderr
+    assert run_python(code).split() == ["0", "True"]
 
 
 # The loop's thread is parked before its first iteration (the main thread holds forksafe's
@@ -111,9 +117,7 @@ EARLY_FORK = textwrap.dedent("""
 def test_a_fork_before_the_loops_first_iteration_keeps_it_out_of_libvirt():
     # Before the guard knew of a started thread until its first iteration, the thread entered
     # libvirt during the fork, and the fork's end left the loop waiting for good.
-    out = subprocess.run([sys.executable, "-c", EARLY_FORK], capture_output=True, text=True,
-                         timeout=120, check=False)
-    assert out.stdout.split() == ["clean", "loop-runs"], out.stderr
+    assert run_python(EARLY_FORK).split() == ["clean", "loop-runs"]
 
 
 # A thread inside a section while the main thread forks: the fork is made once it ends.
@@ -144,9 +148,7 @@ SECTION = textwrap.dedent("""
 
 
 def test_a_fork_waits_for_the_sections_of_other_threads():
-    out = subprocess.run([sys.executable, "-c", SECTION], capture_output=True, text=True,
-                         timeout=120, check=False)
-    assert out.stdout.split() == ["section-ends", "fork-made"], out.stderr
+    assert run_python(SECTION).split() == ["section-ends", "fork-made"]
 
 
 # The minion's process as the beacon runs in it: its threads (the watcher's, the status
@@ -191,9 +193,6 @@ THREAD_IMPORTS = textwrap.dedent("""
 
 
 def test_the_beacons_threads_import_nothing(tmp_path):
-    out = subprocess.run([sys.executable, "-c", THREAD_IMPORTS, str(tmp_path)],
-                         capture_output=True, text=True, timeout=120, check=False)
-    assert out.returncode == 0, out.stderr
-    result = json.loads(out.stdout)
+    result = json.loads(run_python(THREAD_IMPORTS, str(tmp_path)))
     assert result["metrics_writes"] >= 2 and result["journaled"] >= 4, result  # the paths ran
     assert result["imported"] == [], result["imported"]
