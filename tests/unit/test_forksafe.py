@@ -181,18 +181,21 @@ THREAD_IMPORTS = textwrap.dedent("""
     settings = BeaconSettings(uri="test:///default", stop_grace=0)
     dom = libvirt.open("test:///default").lookupByName("test")
     changes = [dom.suspend, dom.resume, dom.destroy, dom.create]
-    deadline = time.monotonic() + 5  # the status thread writes the metrics at least twice
-    while time.monotonic() < deadline:
+    journal = Journal(journal_path(cachedir))
+    # Until the status thread has written the metrics twice (at the latest its 30 s heartbeat)
+    # and the watcher has journaled the four changes: both paths ran.
+    while loop.metrics is None or loop.metrics.writes < 2 or journal.last_seq() < 4:
         loop.drain(settings, os.path.join(cachedir, "status.json"), opts)
         if changes:
             changes.pop(0)()
         time.sleep(0.2)
     print(json.dumps({"imported": imported, "metrics_writes": loop.metrics.writes,
-                      "journaled": Journal(journal_path(cachedir)).last_seq()}))
+                      "journaled": journal.last_seq()}))
 """)
 
 
 def test_the_beacons_threads_import_nothing(tmp_path):
+    # It runs until both paths did their work (the timeout only ends a hang).
     result = json.loads(run_python(THREAD_IMPORTS, str(tmp_path)))
     assert result["metrics_writes"] >= 2 and result["journaled"] >= 4, result  # the paths ran
     assert result["imported"] == [], result["imported"]
