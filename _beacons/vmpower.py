@@ -50,12 +50,12 @@ __virtualname__ = "vmpower"
 
 # The library is imported by __virtual__, not at the top of this file: while Salt executes this
 # file its own directory is on sys.path, and there ``import vmpower`` finds this very file.
-eventloop = minion = config = settings = None
+eventloop = minion = fleet = config = settings = None
 
 
 def _import_library():
-    global eventloop, minion, config, settings
-    from vmpower import eventloop, minion
+    global eventloop, minion, fleet, config, settings
+    from vmpower import eventloop, fleet, minion
     from vmpower.core import settings
     from vmpower.eventloop import config
 
@@ -112,7 +112,17 @@ def beacon(config_):
     if _connections_seen.get(current.name) != generation:
         _connections_seen[current.name] = generation
         _schedule_sync()
+        _load_seal_key()
     return events
+
+
+def _load_seal_key():
+    """Load the minion's key here, in the minion's process, on the thread that forks the jobs:
+    each vmpower job forked after it seals its result without loading the key again."""
+    try:
+        fleet.seal_key(__opts__)
+    except Exception as exc:  # pylint: disable=broad-except (a job loads it itself then)
+        log.debug("vmpower beacon: the minion's key is not loaded ahead of the jobs: %s", exc)
 
 
 def _schedule_sync():

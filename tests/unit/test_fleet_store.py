@@ -3,7 +3,9 @@ returner and runner as Salt's loader loads them (through the ``salt.loader`` ent
 the fleet tables, a report of records and events, and bad input (an unreachable store, a
 malformed event)."""
 
+import base64
 import logging
+import os
 import time
 
 import pytest
@@ -323,6 +325,27 @@ def test_only_a_return_its_minion_sealed_says_it_synced(tmp_path, returner, runn
         assert hosts["hv1"]["last_sync_took"] == 0.25 and hosts["hv1"]["problems"] == []
         assert hosts["hv2"]["last_sync_at"] is None and hosts["hv2"]["event_loop_connected"] is None
         assert hosts["hv2"]["problems"] == [NO_SYNC]
+
+
+def test_the_minions_key_is_loaded_once_per_key_file_and_seals_as_salt_verifies(tmp_path):
+    # Loading (and checking) a key costs some 100 ms: a process loads it once, and the jobs the
+    # minion forks after its beacon loaded it inherit it. A new key file is loaded again.
+    import salt.crypt
+
+    from vmpower.core.fleet import SEAL, SEAL_ALGORITHM, seal_message
+
+    pki = accept_key(tmp_path, "hv1")
+    opts = {"id": "hv1", "pki_dir": pki}
+    assert fleet.seal_key(opts) is fleet.seal_key(opts)
+    first = fleet.seal_key(opts)
+    sealed = fleet.seal(opts, {"host": "hv1"})
+    message = seal_message("hv1", {"host": "hv1"}, sealed[SEAL]["at"])
+    assert salt.crypt.verify_signature(str(tmp_path / "mpki" / "minions" / "hv1"), message,
+                                       base64.b64decode(sealed[SEAL]["sig"]),
+                                       algorithm=SEAL_ALGORITHM) is True
+    key = os.path.join(pki, "minion.pem")
+    os.utime(key, (1, 1))  # the key file replaced: its modification time changes
+    assert fleet.seal_key(opts) is not first
 
 
 def test_a_batch_with_an_event_no_store_can_keep_keeps_the_rest(returner, store_location, caplog):
