@@ -347,6 +347,26 @@ def _verdict(result: dict) -> str:
     return ("met" if met else "**not met**") if judged else f"not judged (the target is at {DOMAINS})"
 
 
+def against_floor(result: dict) -> list[harness.FloorRow]:
+    """Part 6 against its floor: convergence after the storm, and the master's jobs against
+    the guard's stated bound."""
+    judged = result["domains"] == DOMAINS
+    note = "" if judged else f"{result['domains']} domains; the target is at {DOMAINS}"
+    n = result["domains"]
+    on, off = result["convergence"]["guard_on"], result["convergence"]["guard_off"]
+    return [
+        harness.FloorRow(PART, f"storm of {n}: every record right (storm guard on)",
+                         on["converged_seconds"], on["floor_seconds"],
+                         "the storm + one sync", TARGET_CONVERGENCE, "s", judged, note),
+        harness.FloorRow(PART, f"storm of {n}: every record right (guard off, context)",
+                         off["converged_seconds"], off["floor_seconds"],
+                         "the storm + one sync", None, "s"),
+        harness.FloorRow(PART, f"storm of {n}: jobs on the master", result["guard_on"]["jobs"],
+                         result["bound"], "burst_limit + 1, a stated bound", 1.0, "jobs", judged,
+                         note),
+    ]
+
+
 def plot(result: dict, figure) -> None:
     jobs_ax, time_ax = figure.subplots(1, 2)
     points = (result["guard_off"], result["guard_on"])

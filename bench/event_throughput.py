@@ -90,6 +90,8 @@ REPLAY_BATCH = 1_000   # callbacks replayed between two drains: about one DRAIN_
 REPEATS = 5        # best of this many runs for time ...
 RUN_BUDGET = 10.0  # ... or fewer, once the runs of one measurement have taken this long (s)
 TARGET_RATE = 50_000  # events per second through the beacon's path
+TARGET_OVER_FLOOR = 1.2  # the beacon's path at most this many times the floor's time
+CALLBACK_BUDGET = 5e-6  # seconds: the most the beacon's callback may cost an event
 TARGET_EVENTS = EVENTS
 SALT_LOOP_INTERVAL = 1.0  # Salt's default loop_interval, for the sustained-rate note
 WAIT_LIMIT = 120.0  # seconds: events that never arrive fail the measurement, never hang it
@@ -503,6 +505,30 @@ def markdown(result: dict) -> str:
                       [[t["target"], "" if t["measured"] is None else f"{t['measured']:,.0f} events/s",
                         verdict[t["met"]]] for t in result["targets"]]),
     ])
+
+
+def against_floor(result: dict) -> list[harness.FloorRow]:
+    """Part 2 against its floor (libvirt delivering to a callback that only counts), and the
+    callback's own cost against its budget; judged at 100,000 events."""
+    events = result["events"]
+    judged = events == TARGET_EVENTS
+    note = "" if judged else f"{events:,} events; the target is at {TARGET_EVENTS:,}"
+
+    def point(kind: str, stop_grace: float = 0.0) -> dict:
+        return next(p for p in result["series"] if p["kind"] == kind and p["stop_grace"] == stop_grace)
+
+    floor, replayed = point(FLOOR)["seconds"], point(REPLAY)
+    counting = "libvirt delivering them to a callback that only counts"
+    return [
+        harness.FloorRow(PART, f"{events:,} events through the beacon's path, end to end",
+                         point(VMPOWER)["seconds"], floor, counting, TARGET_OVER_FLOOR, "s",
+                         judged, note),
+        harness.FloorRow(PART, f"the same, stop_grace {DEFAULT_STOP_GRACE:g} s (context)",
+                         point(VMPOWER, DEFAULT_STOP_GRACE)["seconds"], floor, counting, None, "s"),
+        harness.FloorRow(PART, "the beacon's callback, per event (replayed, no libvirt)",
+                         replayed["work"]["callback_seconds"] / events, CALLBACK_BUDGET,
+                         "a stated budget", 1.0, "s", judged, note),
+    ]
 
 
 def plot(result: dict, figure) -> None:

@@ -48,6 +48,8 @@ SMOKE_HOSTS, SMOKE_DOMAINS = 2, 100
 SWEEPS, SINGLES, REPORTS = 2, 3, 3  # best of this many
 TARGET_SWEEP = 3.0   # sweep at most 3x one host's sync
 TARGET_REPORT = 2.0  # report of 50,000 VMs within 2 s
+TARGET_PER_HOST = 1.2  # the server's work per host-sync in a sweep, at most this times one host's
+TARGET_CPU_BOUND = 1.2  # the sweep's wall time, at most this times the CPU-bound limit
 URI = "test:///default"
 
 
@@ -305,6 +307,35 @@ def markdown(result: dict) -> str:
                          else harness.seconds(t["measured"])),
                         verdict[t["met"]]] for t in result["targets"]]),
     ])
+
+
+def against_floor(result: dict) -> list[harness.FloorRow]:
+    """Part 4 against its floors: the server's work per host-sync against one host syncing
+    alone, and the sweep's wall time against the CPU-bound limit (the hosts' CPU time ÷ the
+    cores), when the result holds the hosts' CPU time; judged at 50 hosts of 1,000 domains."""
+    sweep, single, hosts = result["sweep"], result["one_host"], result["hosts"]
+    judged = (hosts, result["domains"]) == (HOSTS, DOMAINS)
+    note = "" if judged else f"{hosts} hosts of {result['domains']:,}; the target is at {HOSTS} of {DOMAINS:,}"
+
+    def written(db: dict) -> float:
+        return db["rows_inserted"] + db["rows_updated"]
+
+    rows = [harness.FloorRow(PART, f"server {what} per host-sync, {hosts} hosts at once",
+                             of(sweep["db"]) / hosts, of(single["db"]), "one host alone",
+                             TARGET_PER_HOST, unit, judged, note)
+            for what, of, unit in (("CPU", lambda db: db["cpu_seconds"], "s"),
+                                       ("commits", lambda db: db["commits"], "commits"),
+                                       ("rows written", written, "rows"))]
+    cpu = sweep.get("host_cpu_seconds")  # each host's sync's CPU time, where measured
+    limit = sum(cpu) / result["cores"] if cpu else None
+    rows.append(harness.FloorRow(PART, f"sweep wall time, {hosts} hosts", sweep["wall_seconds"],
+                                 limit, f"CPU-bound: the syncs' CPU ÷ {result['cores']} cores",
+                                 TARGET_CPU_BOUND, "s", judged,
+                                 note if cpu else "floor not measured (the hosts' CPU time)"))
+    rows.append(harness.FloorRow(PART, f"sweep wall time, {hosts} hosts (context)",
+                                 sweep["wall_seconds"], single["wall_seconds"], "one host alone",
+                                 None, "s"))
+    return rows
 
 
 def plot(result: dict, figure) -> None:

@@ -13,6 +13,7 @@ implementation. It slows allocation down, so it gets a run of its own, never a t
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import importlib
 import importlib.metadata
@@ -173,6 +174,59 @@ def _git_describe() -> str:
                               capture_output=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+
+
+@dataclasses.dataclass(frozen=True)
+class FloorRow:
+    """One row of the table of every part against its floor: what no implementation can beat.
+
+    ``vmpower`` and ``floor`` are in ``unit`` ("s", "B", "jobs", "commits"...); the floor is
+    measured in the same run, or is a stated budget or bound (``floor_is`` says which).
+    ``target`` is the most ``ratio`` may be (None: a context row, reported beside the targets,
+    such as a Nova-style baseline against the same floor). ``note`` says why a row is not
+    judged: a figure not measured (``vmpower`` or ``floor`` None) or a run smaller than the
+    target's size (``judged`` False).
+    """
+
+    part: int
+    measured: str
+    vmpower: float | None
+    floor: float | None
+    floor_is: str
+    target: float | None
+    unit: str
+    judged: bool = True
+    note: str = ""
+
+    @property
+    def ratio(self) -> float | None:
+        """vmpower ÷ floor; None if either was not measured."""
+        if self.vmpower is None or not self.floor:
+            return None
+        return self.vmpower / self.floor
+
+    @property
+    def met(self) -> bool | None:
+        """ratio ≤ target; None when there is no target, no ratio, or the run was not at the
+        target's size."""
+        if self.target is None or self.ratio is None or not self.judged:
+            return None
+        return self.ratio <= self.target
+
+    def as_dict(self) -> dict:
+        """The row for latest.json, with its ratio and verdict."""
+        return {**dataclasses.asdict(self), "ratio": self.ratio, "met": self.met}
+
+
+def quantity(value: float | None, unit: str) -> str:
+    """A figure of a ``FloorRow`` in its unit, for a report."""
+    if value is None:
+        return "not measured"
+    if unit == "s":
+        return f"{value * 1e6:.3g} µs" if value < 1e-4 else seconds(value)
+    if unit == "B":
+        return mebibytes(value)
+    return f"{value:,.3g} {unit}" if value < 1000 else f"{value:,.0f} {unit}"
 
 
 # Formatting for the markdown reports

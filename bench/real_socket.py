@@ -102,6 +102,26 @@ def markdown(result: dict) -> str:
     ])
 
 
+def against_floor(result: dict) -> list[harness.FloorRow]:
+    """Part 5 against its floor (part 1's), at N = 10,000 (a smaller run's largest N is shown,
+    not judged)."""
+    n = max(result["sizes"])
+    judged = n == TARGET_N
+    note = "" if judged else f"N = {n:,}; the target is at {TARGET_N:,}"
+
+    def seconds(name: str) -> float | None:
+        return next((p["seconds"] for p in result["series"].get(name, ()) if p["n"] == n), None)
+
+    floor = seconds(sync_scale.FLOOR)
+    return [
+        harness.FloorRow(PART, f"sync of {n:,} domains through libvirtd's socket",
+                         seconds(sync_scale.VMPOWER), floor, sync_scale.FLOOR_IS,
+                         sync_scale.TARGET_OVER_FLOOR, "s", judged, note),
+        harness.FloorRow(PART, f"Nova-style sync of {n:,} through the socket (context)",
+                         seconds(sync_scale.NOVA), floor, sync_scale.FLOOR_IS, None, "s"),
+    ]
+
+
 def plot(result: dict, figure) -> None:
     ax = figure.subplots(1, 1)
     for name, style in zip(IMPLEMENTATIONS, ("o-", "s-", "^-")):
