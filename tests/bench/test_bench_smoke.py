@@ -86,7 +86,18 @@ def test_markdown_has_the_tables(results):
 
 def test_plot_is_a_png(results):
     assert (results / "latest.png").read_bytes().startswith(PNG_SIGNATURE)
+    assert (results / "against_floor.png").read_bytes().startswith(PNG_SIGNATURE)
+
+
+def test_the_table_against_the_floor_has_every_part_first(results):
+    data = json.loads((results / "latest.json").read_text())
+    parts = {row["part"] for row in data["against_floor"]}
+    assert parts == {1, 2, 3, 4, 5, 6}
+    assert {row["met"] for row in data["against_floor"]} == {None}  # smoke: nothing judged
+    text = (results / "latest.md").read_text()
+    assert text.index("## Against the floor") < text.index("## Part 1: sync at scale")
 
 
 def test_scratch_files_are_removed(results):
-    assert sorted(path.name for path in results.iterdir()) == ["latest.json", "latest.md", "latest.png"]
+    assert sorted(path.name for path in results.iterdir()) == [
+        "against_floor.png", "latest.json", "latest.md", "latest.png"]
