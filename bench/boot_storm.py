@@ -107,7 +107,7 @@ def _prepare(settings, path: str, doms: list) -> None:
 
 
 def _wrong(path: str) -> int:
-    """How many of the host's records do not say running (one query, read-only)."""
+    """How many of the host's records do not say active and running (one query, read-only)."""
     db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)
     try:
         return db.execute("SELECT COUNT(*) FROM instances WHERE host = ? AND "
