@@ -17,6 +17,11 @@ baseline is Nova with events off: a periodic sync every 600 s notices a change a
 interval on average (uniform phase), i.e. p50 300 s and p99 594 s; it is computed, not waited
 for. All daemons run at Salt's default ``loop_interval`` (1 s), on one machine, so the
 minion's and the master's clocks are the same clock.
+
+The floor of the decision's latency is what Salt itself costs: the same reactor, with the same
+targeting, running a job that does nothing (``test.arg``, which returns its arguments, so each
+return names the event it answers) for the same events, in the same run. vmpower's own cost is
+its callback → decision over that floor's callback → return.
 """
 
 from __future__ import annotations
@@ -39,6 +44,8 @@ SMOKE_CYCLES = 1
 PREFIX = "vmpower-bench-"
 MINION_ID = "vmpower-bench-minion"
 PORTS = (14515, 14516)  # not the demo's, so both can exist on one machine
+RECONCILE = "vmpower.reconcile"
+NO_OP = "test.arg"  # Salt's own job that does nothing but return its arguments
 
 
 class Recorder:
@@ -54,8 +61,10 @@ class Recorder:
             if "/vmpower/lifecycle/" in tag:
                 self.events.append({"uuid": data["uuid"], "transition": data["transition"],
                                     "callback": data["timestamp"], "on_bus": arrived})
-            elif "/ret/" in tag and data.get("fun") == "vmpower.reconcile":
+            elif "/ret/" in tag and data.get("fun") in (RECONCILE, NO_OP):
                 ret = data.get("return")
+                if data["fun"] == NO_OP and isinstance(ret, dict):
+                    ret = ret.get("kwargs")
                 if isinstance(ret, dict) and "transition" in ret:
                     self.returns.append({"uuid": ret["uuid"], "transition": ret["transition"],
                                          "at": arrived})
@@ -76,6 +85,13 @@ class Recorder:
         with self.lock:
             if not self.lock.wait_for(returned, timeout):
                 raise TimeoutError(f"no reconcile of {transition} of {uuid} returned in {timeout} s")
+
+    def wait_for_every_return(self, timeout: float = 60) -> None:
+        """Until every event on the bus has had its job's return (one job per event)."""
+        with self.lock:
+            if not self.lock.wait_for(lambda: len(self.returns) >= len(self.events), timeout):
+                raise TimeoutError(f"{len(self.events) - len(self.returns)} of {len(self.events)} "
+                                   f"events had no return in {timeout} s")
 
     def latencies(self) -> dict[str, dict[str, list[float]]]:
         """Per kind (``immediate``, ``stopped``): callback -> bus and callback -> decision."""
@@ -107,20 +123,42 @@ def _summary(values: list[float]) -> dict:
             "max": max(values)} if values else {"n": 0}
 
 
-# (name, the beacon's ``immediate``, guests, one transition at a time): the tick and the
-# immediate path with GUESTS guests changing at once, and the immediate path with one guest
-# whose every transition waits for its decision: latency with nothing else in flight.
-PATHS = (("tick", False, GUESTS, False), ("immediate", True, GUESTS, False),
-         ("immediate, one at a time", True, 1, True))
+# (name, the beacon's ``immediate``, guests, one transition at a time, the reactor's job): the
+# tick and the immediate path with GUESTS guests changing at once; the immediate path with one
+# guest whose every transition waits for its decision (latency with nothing else in flight);
+# and the floor, the immediate path with the reactor running a job that does nothing.
+PATHS = (("tick", False, GUESTS, False, RECONCILE), ("immediate", True, GUESTS, False, RECONCILE),
+         ("immediate, one at a time", True, 1, True, RECONCILE),
+         ("floor: no-op job", True, GUESTS, False, NO_OP))
+FLOOR = "floor: no-op job"
 
 
-def measure(cycles: int, immediate: bool = True, count: int = GUESTS, serial: bool = False) -> dict:
+def reactor_running(job: str, work: Path) -> list[dict]:
+    """The shipped reactor, with its lifecycle reaction running ``job`` instead of
+    ``vmpower.reconcile``: the same tags, the same targeting, the same arguments."""
+    from vmpower_lab.saltlab import REACTOR
+
+    if job == RECONCILE:
+        return REACTOR
+    shipped = (harness.REPO / "_reactor" / "lifecycle.sls").read_text()
+    if shipped.count(f"local.{RECONCILE}:") != 1:
+        raise RuntimeError(f"_reactor/lifecycle.sls no longer runs local.{RECONCILE} once")
+    copy = work / "lifecycle-no-op.sls"
+    copy.write_text(shipped.replace(f"local.{RECONCILE}:", f"local.{job}:"))
+    lifecycle = "salt/beacon/*/vmpower/lifecycle/*"
+    return [{lifecycle: [str(copy)]} if lifecycle in reaction else reaction
+            for reaction in REACTOR]
+
+
+def measure(cycles: int, immediate: bool = True, count: int = GUESTS, serial: bool = False,
+            job: str = RECONCILE) -> dict:
     """Run ``count`` guests through ``cycles`` start/suspend/resume/destroy cycles, all at
-    once (or, ``serial``, each transition after the previous one's decision); return latencies."""
+    once (or, ``serial``, each transition after the previous one's decision), with the reactor
+    running ``job`` for each event; return latencies."""
     import libvirt
 
     from vmpower_lab import lab
-    from vmpower_lab.saltlab import REACTOR, MasterBus, SaltLab
+    from vmpower_lab.saltlab import MasterBus, SaltLab
 
     recorder = Recorder()
     with tempfile.TemporaryDirectory(prefix="vmpower-bench-") as workdir:
@@ -136,7 +174,8 @@ def measure(cycles: int, immediate: bool = True, count: int = GUESTS, serial: bo
             # managed: false: every event is reconciled and recorded, but vmpower never acts,
             # so the guests go through exactly the transitions the benchmark drives.
             unmanaged = {dom.name(): {"managed": False} for dom in guests}
-            salt = SaltLab(work / "salt", MINION_ID, ports=PORTS, master={"reactor": REACTOR},
+            salt = SaltLab(work / "salt", MINION_ID, ports=PORTS,
+                           master={"reactor": reactor_running(job, work)},
                            minion={"vmpower": {"uri": lab.DEFAULT_URI, "instances": unmanaged,
                                                "store": str(work / "records.sqlite")},
                                    "beacons": {"vmpower": [{"uri": lab.DEFAULT_URI},
@@ -158,7 +197,7 @@ def measure(cycles: int, immediate: bool = True, count: int = GUESTS, serial: bo
                                           timeout=60 + STOP_GRACE)
                         if serial:
                             recorder.wait_for_return(dom.UUIDString(), transition, since)
-            time.sleep(3)  # the last reconciles' returns
+            recorder.wait_for_every_return()
             conn.close()
         finally:
             if bus is not None:
@@ -173,10 +212,11 @@ def measure(cycles: int, immediate: bool = True, count: int = GUESTS, serial: bo
 
 
 def run(smoke: bool, scratch: Path) -> dict:
-    # The smoke run (shapes only, within the smoke test's time) measures the immediate path.
+    # The smoke run (shapes only) measures the immediate path and its floor.
     paths = {name: harness.in_subprocess(measure, cycles=SMOKE_CYCLES if smoke else CYCLES,
-                                         immediate=immediate, count=count, serial=serial)
-             for name, immediate, count, serial in PATHS if (immediate and not serial) or not smoke}
+                                         immediate=immediate, count=count, serial=serial, job=job)
+             for name, immediate, count, serial, job in PATHS
+             if (immediate and not serial) or not smoke}
     # Nova without events: a change at a uniformly random moment between two syncs.
     nova = {"p50": NOVA_INTERVAL * 0.50, "p99": NOVA_INTERVAL * 0.99, "max": NOVA_INTERVAL}
     return {"stop_grace": STOP_GRACE, "guests": GUESTS, "vmpower": paths["immediate"],
@@ -185,7 +225,20 @@ def run(smoke: bool, scratch: Path) -> dict:
 
 BUS_TARGET = 0.100  # p99 callback -> master bus, seconds
 DECISION_TARGET = 1.0  # p99 callback -> decision applied, seconds
-TARGET_OVER_NOOP = 1.2  # callback -> decision at most this many times a no-op job's
+FLOOR_TARGET = 1.2  # vmpower's callback -> decision over the no-op job's callback -> return
+
+
+def against_no_op(result: dict) -> dict[str, dict]:
+    """Per percentile (p50, p99): vmpower's callback → decision (the immediate path, 4 guests
+    at once), the no-op job's callback → return for the same events, and their ratio."""
+    paths = result.get("paths", {})
+    if FLOOR not in paths or "immediate" not in paths:
+        return {}
+    vmpower, floor = paths["immediate"]["immediate"]["decision"], paths[FLOOR]["immediate"]["decision"]
+    if not vmpower["n"] or not floor["n"]:
+        return {}
+    return {q: {"vmpower": vmpower[q], "floor": floor[q], "ratio": vmpower[q] / floor[q]}
+            for q in ("p50", "p99")}
 
 
 def markdown(result: dict) -> str:
@@ -195,8 +248,8 @@ def markdown(result: dict) -> str:
     for name, measured in paths.items():
         for kind, label in (("immediate", "started, paused, resumed"),
                             ("stopped", f"stopped (held {result['stop_grace']:g} s by stop_grace)")):
-            for what, path in (("bus", "callback → master bus"),
-                               ("decision", "callback → decision applied")):
+            decided = "callback → return" if name == FLOOR else "callback → decision applied"
+            for what, path in (("bus", "callback → master bus"), ("decision", decided)):
                 point = measured[kind][what]
                 if not point["n"]:
                     continue
@@ -220,6 +273,10 @@ def markdown(result: dict) -> str:
         if old and new:
             ratios.append(f"p99 callback → {'master bus' if what == 'bus' else 'decision'}: "
                           f"tick path ÷ immediate path = {harness.ratio(old / new)}")
+    floor_rows = [[f"{q} callback → decision", harness.seconds(point["vmpower"]),
+                   harness.seconds(point["floor"]), harness.ratio(point["ratio"]),
+                   f"≤ {FLOOR_TARGET:g}×", verdict(point["ratio"], FLOOR_TARGET)]
+                  for q, point in against_no_op(result).items()]
     transitions = sum(vm[kind]["bus"]["n"] for kind in ("immediate", "stopped"))
     return "\n".join([
         f"## Part {PART}: {TITLE.lower()}",
@@ -247,18 +304,28 @@ def markdown(result: dict) -> str:
          f"p99 {shown(alone.get('bus', {}).get('p99'))} to the master bus and "
          f"p99 {shown(alone.get('decision', {}).get('p99'))} to the decision applied."
          if alone else ""),
+        "",
+        (f"Against Salt's own cost: the same reactor, targeting and events, with a job that does "
+         f"nothing (`{NO_OP}`) instead of `{RECONCILE}`; {result['guests']} guests at once, "
+         f"the immediate path."),
+        "",
+        harness.table(["latency", "vmpower", "no-op job (floor)", "ratio", "target", "verdict"],
+                      floor_rows) if floor_rows else "The floor was not measured in this run.",
     ])
 
 
 def against_floor(result: dict) -> list[harness.FloorRow]:
-    """Part 3 against its floor: a job that does nothing, from the callback to its return.
-    This part does not run that job yet, so the floor is "not measured"."""
+    """Part 3 against its floor: Salt's own cost, the same reactor running a job that does
+    nothing for the same events, from the callback to its return."""
+    measured = against_no_op(result)
     decision = result["vmpower"]["immediate"]["decision"]
-    noop = "a no-op job's callback → return"
     return [harness.FloorRow(PART, f"{q} callback → decision applied (immediate path, "
-                                   f"{result['guests']} guests at once)", decision.get(q), None,
-                             noop, TARGET_OVER_NOOP, "s",
-                             note="floor not measured (no no-op job in this part yet)")
+                                   f"{result['guests']} guests at once)",
+                             measured[q]["vmpower"] if measured else decision.get(q),
+                             measured[q]["floor"] if measured else None,
+                             f"the same events' no-op job ({NO_OP}), callback → return",
+                             FLOOR_TARGET, "s",
+                             note="" if measured else "floor not measured in this run")
             for q in ("p50", "p99")]
 
 

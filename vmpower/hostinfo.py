@@ -22,6 +22,8 @@ import time
 log = logging.getLogger(__name__)
 
 BOOT_ID_PATH = "/proc/sys/kernel/random/boot_id"
+# Exists only when systemd runs as the init system (what sd_booted(3) checks).
+SYSTEMD_BOOTED_PATH = "/run/systemd/system"
 
 
 def _read(path: str) -> str:
@@ -66,6 +68,8 @@ def host_stopping() -> bool | None:
     """Whether this host is shutting down (systemd's state ``stopping``); None when it cannot
     be told (no systemd). libvirt-guests' ACPI shutdown of a guest looks like the guest's own
     to libvirt, so this is how a VM that goes off with its host is told apart."""
+    if not os.path.isdir(SYSTEMD_BOOTED_PATH):
+        return None  # what systemctl would say ("offline"), without a process per ask
     try:
         state = subprocess.run(["systemctl", "is-system-running"], capture_output=True,
                                text=True, timeout=2, check=False).stdout.strip()

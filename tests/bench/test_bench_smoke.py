@@ -68,6 +68,17 @@ def test_json_has_every_event_throughput_series_and_the_storm(results):
     assert {target["met"] for target in events["targets"]} == {None}  # targets are at 100,000
 
 
+def test_the_event_path_is_measured_against_a_job_that_does_nothing(results):
+    e2e = json.loads((results / "latest.json").read_text())["benchmarks"]["e2e_latency"]
+    assert set(e2e["paths"]) == {"immediate", "floor: no-op job"}
+    for path in e2e["paths"].values():
+        # Every event of the 4 guests' cycle reached the bus, and its job returned.
+        for kind in ("immediate", "stopped"):
+            assert path[kind]["bus"]["n"] == path[kind]["decision"]["n"] >= 4
+    text = (results / "latest.md").read_text()
+    assert "| p50 callback → decision |" in text and "| p99 callback → decision |" in text
+
+
 def test_markdown_has_the_tables(results):
     text = (results / "latest.md").read_text()
     assert text.startswith("# vmpower benchmarks")

@@ -91,9 +91,23 @@ def test_event_throughput_rows():
     assert {row.met for row in event_throughput.against_floor(event_result(2_000))} == {None}
 
 
-def test_e2e_latency_rows_say_the_floor_is_not_measured():
-    result = {"guests": 4, "vmpower": {"immediate": {"decision": {"n": 48, "p50": 0.3, "p99": 0.6}}}}
-    rows = e2e_latency.against_floor(result)
+def e2e_result(floor: bool):
+    def path(p50, p99):
+        return {"immediate": {"decision": {"n": 48, "p50": p50, "p99": p99}}}
+    paths = {"immediate": path(0.3, 0.6), **({"floor: no-op job": path(0.25, 0.4)} if floor else {})}
+    return {"guests": 4, "vmpower": paths["immediate"], "paths": paths}
+
+
+def test_e2e_latency_rows_are_vmpowers_decision_over_a_no_op_jobs_return():
+    p50, p99 = e2e_latency.against_floor(e2e_result(floor=True))
+    assert (p50.vmpower, p50.floor, p99.vmpower, p99.floor) == (0.3, 0.25, 0.6, 0.4)
+    assert p50.ratio == pytest.approx(1.2) and p50.met is True
+    assert p99.ratio == pytest.approx(1.5) and p99.met is False
+    assert "test.arg" in p50.floor_is
+
+
+def test_e2e_latency_rows_without_the_no_op_run_say_the_floor_is_not_measured():
+    rows = e2e_latency.against_floor(e2e_result(floor=False))
     assert [row.vmpower for row in rows] == [0.3, 0.6]
     for row in rows:
         assert row.floor is None and row.ratio is None and row.met is None

@@ -85,9 +85,22 @@ def test_host_stopping_is_what_systemd_says(tmp_path, monkeypatch, says, expecte
     systemctl.write_text(f"#!/bin/sh\n[ \"$1\" = is-system-running ] && echo '{says}'\n")
     systemctl.chmod(0o755)
     monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.setattr(hostinfo, "SYSTEMD_BOOTED_PATH", str(tmp_path))  # systemd is init
     assert hostinfo.host_stopping() is expected
 
 
-def test_host_stopping_without_systemd_cannot_tell(tmp_path, monkeypatch):
+def test_host_stopping_without_systemctl_cannot_tell(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", str(tmp_path))  # no systemctl at all
+    monkeypatch.setattr(hostinfo, "SYSTEMD_BOOTED_PATH", str(tmp_path))
     assert hostinfo.host_stopping() is None
+
+
+def test_host_stopping_where_systemd_is_not_init_asks_no_systemctl(tmp_path, monkeypatch):
+    asked = tmp_path / "asked"
+    systemctl = tmp_path / "systemctl"
+    systemctl.write_text(f"#!/bin/sh\ntouch {asked}\necho stopping\n")
+    systemctl.chmod(0o755)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.setattr(hostinfo, "SYSTEMD_BOOTED_PATH", str(tmp_path / "not-booted-with-systemd"))
+    assert hostinfo.host_stopping() is None
+    assert not asked.exists()
