@@ -347,3 +347,15 @@ def test_several_locks_share_one_bounded_wait(store, store_location):
             pass
         with second.try_locks(["u-1", "u-3"]) as (held, busy):  # u-1 was given back
             assert held == ["u-1", "u-3"] and busy == {}
+
+
+def test_locks_taken_together_name_their_holder_to_others_until_released(store, store_location):
+    with open_store(store_location) as other:
+        with store.try_locks(["u-3", "u-1", "u-2"]) as (held, busy):
+            assert held == ["u-1", "u-2", "u-3"] and busy == {}
+            assert [other.holder(key)["pid"] for key in held] == [os.getpid()] * 3
+            with other.try_locks(["u-2", "u-4"]) as (theirs, taken):
+                assert theirs == ["u-4"] and taken["u-2"]["pid"] == os.getpid()
+        assert [other.holder(key) for key in ("u-1", "u-2", "u-3")] == [None] * 3
+        with other.try_locks(["u-1", "u-2", "u-3"]) as (theirs, taken):
+            assert theirs == ["u-1", "u-2", "u-3"] and taken == {}

@@ -396,11 +396,9 @@ class Store(abc.ABC):
         held: list[str] = []
         busy: dict[str, dict | None] = {}
         try:
-            for key in sorted(set(keys)):
-                if key not in self._held and self._take(key):
-                    held.append(key)
-                else:
-                    busy[key] = self.holder(key)
+            wanted = sorted(set(keys))
+            held = self._take_many([key for key in wanted if key not in self._held])
+            busy = {key: self.holder(key) for key in wanted if key not in held}
             yield held, busy
         finally:
             self._release_all(held)
@@ -442,9 +440,26 @@ class Store(abc.ABC):
                         self.path, self._describe(exc))
         return True
 
+    def _take_many(self, keys: list[str]) -> list[str]:
+        """Try each of ``keys`` (sorted, none held by this store) once; those held now, in
+        order. Raises holding none of them. A backend may take them in fewer round trips."""
+        taken: list[str] = []
+        try:
+            for key in keys:
+                if self._take(key):
+                    taken.append(key)
+        except BaseException:
+            self._release_all(taken)
+            raise
+        return taken
+
     def _release_all(self, keys: list[str]) -> None:
-        for key in reversed(keys):
-            handle = self._held.pop(key)
+        self._release_many([(key, self._held.pop(key)) for key in reversed(keys)])
+
+    def _release_many(self, taken: list[tuple[str, Any]]) -> None:
+        """Release each ``(key, handle)``; one that fails is logged, and the rest released. A
+        backend may release them in fewer round trips."""
+        for key, handle in taken:
             try:
                 self._release(key, handle)
             except self._errors + (OSError,) as exc:  # a lost connection lost its locks too

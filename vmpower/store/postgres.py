@@ -17,12 +17,16 @@ the store too, so nothing goes on writing unlocked.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
+import logging
 import re
 from collections.abc import Sequence
 
 from vmpower.store.base import ADDED_COLUMNS, APPEND_ONLY, SCHEMA_LOCK, TABLES, Store, StoreError
+
+log = logging.getLogger(__name__)
 
 try:
     import psycopg
@@ -124,8 +128,9 @@ class PostgresStore(Store):
         try:
             # No statement waits unbounded for another session's row or table lock (a writer
             # whose job hung mid-transaction), and such a transaction is ended by the server.
-            self._db.execute(f"SET lock_timeout = '{WAIT_LIMIT}'")
-            self._db.execute(f"SET idle_in_transaction_session_timeout = '{IDLE_IN_TRANSACTION_LIMIT}'")
+            # One round trip for both (no parameters: psycopg sends it as one simple query).
+            self._db.execute(f"SET lock_timeout = '{WAIT_LIMIT}'; "
+                             f"SET idle_in_transaction_session_timeout = '{IDLE_IN_TRANSACTION_LIMIT}'")
             self._create_schema()
         except psycopg.Error as exc:
             self._db.close()
@@ -163,6 +168,52 @@ class PostgresStore(Store):
     def _read_holder(self, key: str) -> str | None:
         row = self._db.execute("SELECT holder FROM lock_holders WHERE key = %s", (key,)).fetchone()
         return row[0] if row else None
+
+    def _take_many(self, keys: list[str]) -> list[str]:
+        # A sync locks the VMs it will write in one go: each statement of the lock protocol
+        # once for them all, not once for each (a round trip and a transaction of the
+        # server's each).
+        if len(keys) < 2:
+            return super()._take_many(keys)
+        idents = [lock_id(key) for key in keys]
+        try:
+            rows = self._db.execute("SELECT pg_try_advisory_lock(id) FROM unnest(%s::bigint[]) "
+                                    "WITH ORDINALITY AS t(id, n) ORDER BY n", (idents,)).fetchall()
+        except psycopg.Error as exc:
+            # Locks taken before the statement failed stay taken (they are the session's, not
+            # the transaction's): let go of them all (none was held before; unlocking one not
+            # held only returns false).
+            with contextlib.suppress(psycopg.Error):
+                self._db.execute("SELECT pg_advisory_unlock(id) FROM unnest(%s::bigint[]) AS id", (idents,))
+            raise StoreError(f"could not take the vmpower locks {', '.join(map(repr, keys))} in "
+                             f"{self.path}: {self._describe(exc)}") from exc
+        taken = [(key, ident) for (key, ident), (ok,) in zip(zip(keys, idents), rows) if ok]
+        self._held.update(taken)
+        if taken:
+            try:
+                self._db.execute("INSERT INTO lock_holders (key, holder) "
+                                 "SELECT * FROM unnest(%s::text[], %s::text[]) "
+                                 "ON CONFLICT (key) DO UPDATE SET holder = EXCLUDED.holder",
+                                 ([key for key, _ in taken], [self._holder_text(key) for key, _ in taken]))
+            except psycopg.Error as exc:  # the locks hold; only their labels are missing
+                log.warning("vmpower: cannot record the holder of the locks %s in %s: %s",
+                            ", ".join(repr(key) for key, _ in taken), self.path, self._describe(exc))
+        return [key for key, _ in taken]
+
+    def _release_many(self, taken: list[tuple[str, int]]) -> None:
+        if len(taken) < 2:
+            super()._release_many(taken)
+            return
+        try:
+            try:
+                # Before letting go, so that it never deletes the next holder's row.
+                self._db.execute("DELETE FROM lock_holders WHERE key = ANY(%s)", ([key for key, _ in taken],))
+            finally:
+                self._db.execute("SELECT pg_advisory_unlock(id) FROM unnest(%s::bigint[]) AS id",
+                                 ([ident for _, ident in taken],))
+        except psycopg.Error as exc:  # a lost connection lost its locks too
+            log.warning("vmpower: releasing the locks %s of %s: %s", ", ".join(repr(key) for key, _ in taken),
+                        self.path, self._describe(exc))
 
     def _release(self, key: str, ident: int) -> None:
         try:
