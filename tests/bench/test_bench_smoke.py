@@ -66,6 +66,12 @@ def test_json_has_every_event_throughput_series_and_the_storm(results):
     # the watcher's thread is scheduled against the burst moves it, so it is no pass mark here.
     assert storm["peak_ratio"] > 0
     assert {target["met"] for target in events["targets"]} == {None}  # targets are at 100,000
+    summary = events["summary"]
+    assert {"events_per_second_vmpower", "events_per_second_floor", "ratio", "cpu_ratio",
+            "callback_us", "drain_us"} <= summary.keys()
+    assert summary["ratio"] == watchers[0]["over_floor"] > 0
+    assert summary["callback_us"] > 0 and summary["drain_us"] > 0
+    assert [(point["burst"], point["lost"]) for point in summary["storm"]] == [(2_000, 1_000), (4_000, 3_000)]
 
 
 def test_the_event_path_is_measured_against_a_job_that_does_nothing(results):

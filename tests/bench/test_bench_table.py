@@ -72,12 +72,12 @@ def test_real_socket_rows():
 
 
 def event_result(events):
-    def point(kind, seconds, stop_grace=0.0, **work):
-        return {"kind": kind, "stop_grace": stop_grace, "seconds": seconds, "work": work}
+    def point(kind, seconds, stop_grace=0.0, **extra):
+        return {"kind": kind, "stop_grace": stop_grace, "seconds": seconds, **extra}
     return {"events": events, "series": [
         point("operations", 0.5), point("floor", 1.0), point("vmpower", 1.1),
-        point("vmpower", 1.3, 15.0), point("replay", 0.4, callback_seconds=events * 2e-6),
-        point("replay", 0.4, 15.0, callback_seconds=events * 3e-6)]}
+        point("vmpower", 1.3, 15.0), point("replay", 0.4, callback_us=2.0),
+        point("replay", 0.4, 15.0, callback_us=3.0)]}
 
 
 def test_event_throughput_rows():
@@ -85,8 +85,8 @@ def test_event_throughput_rows():
     assert end_to_end.ratio == pytest.approx(1.1) and end_to_end.target == 1.2
     assert end_to_end.met is True
     assert grace.ratio == pytest.approx(1.3) and grace.met is None  # context
-    # The callback's floor is its budget, 5 µs: 2 µs is 0.4 of it.
-    assert callback.floor == 5e-6 and callback.floor_is == "a stated budget"
+    # The callback's floor is its budget, 5 µs of CPU: 2 µs is 0.4 of it.
+    assert callback.floor == pytest.approx(5e-6) and callback.floor_is == "a stated budget"
     assert callback.ratio == pytest.approx(0.4) and callback.target == 1.0 and callback.met is True
     assert {row.met for row in event_throughput.against_floor(event_result(2_000))} == {None}
 

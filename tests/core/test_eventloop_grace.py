@@ -30,6 +30,20 @@ def test_everything_but_stopped_goes_through_at_once(clock):
     assert len(grace) == 0 and grace.next_due() is None
 
 
+@pytest.mark.parametrize("seconds", [0, 15])
+def test_offering_into_one_list_gives_what_offering_one_by_one_gives(seconds):
+    stream = [("a", T.STOPPED, 100.0), ("b", T.STOPPED, 101.0), ("a", T.STARTED, 105.0),
+              ("c", T.PAUSED, 116.0), ("b", T.RESUMED, 117.0), ("c", T.STOPPED, 118.0),
+              ("c", T.STOPPED, 140.0)]
+    one_by_one, into = StopGrace(seconds, Clock()), StopGrace(seconds, Clock())
+    expected, out = [], []
+    for i, (uuid, transition, at) in enumerate(stream):
+        expected.extend(one_by_one.offer(uuid, transition, i, at))
+        into.offer_into(out, uuid, transition, i, at)
+        assert (out, list(into)) == (expected, list(one_by_one))
+    assert out == ([0, 1, 2, 3, 4, 5, 6] if seconds == 0 else [2, 1, 3, 4, 5])
+
+
 def test_a_stopped_is_held_for_its_grace_and_then_due(clock):
     grace = StopGrace(15, clock)
     assert grace.offer("a", T.STOPPED, "stop a") == []

@@ -9,6 +9,7 @@ from vmpower.core.mapping import (
     DOMAIN_STATES,
     EXPECTED_POWER,
     LIFECYCLE_EVENTS,
+    TRANSLATIONS,
     LifecycleTranslator,
     is_stale,
     live_state,
@@ -101,6 +102,23 @@ def test_a_new_start_voids_an_old_shutdown_announcement():
     translator.lifecycle("a", libvirt.VIR_DOMAIN_EVENT_SHUTDOWN, libvirt.VIR_DOMAIN_EVENT_SHUTDOWN_HOST)
     translator.lifecycle("a", libvirt.VIR_DOMAIN_EVENT_STARTED, libvirt.VIR_DOMAIN_EVENT_STARTED_BOOTED)
     assert translator.lifecycle("a", libvirt.VIR_DOMAIN_EVENT_STOPPED, 0).reason == "guest_shutdown"
+
+
+def test_the_memo_holds_every_mapped_pair_translated_as_without_it():
+    assert set(TRANSLATIONS) == set(EVERY_EVENT)
+    for (event, detail), memo in TRANSLATIONS.items():
+        assert memo == translate_lifecycle(event, detail)
+
+
+@pytest.mark.parametrize("event,detail", EVERY_EVENT + [(99, 7), (libvirt.VIR_DOMAIN_EVENT_STOPPED, 42)])
+@pytest.mark.parametrize("announced", [None, *LIFECYCLE_EVENTS[libvirt.VIR_DOMAIN_EVENT_SHUTDOWN][2]])
+def test_the_translator_gives_what_the_unmemoised_mapping_gives(event, detail, announced):
+    translator = LifecycleTranslator()
+    if announced is not None:
+        translator.lifecycle("a", libvirt.VIR_DOMAIN_EVENT_SHUTDOWN, announced)
+    shutdown_detail = announced if event == libvirt.VIR_DOMAIN_EVENT_STOPPED else None
+    assert translator.lifecycle("a", event, detail) == translate_lifecycle(event, detail, shutdown_detail)
+    assert set(TRANSLATIONS) == set(EVERY_EVENT)  # what libvirt may add later is not kept
 
 
 def test_reboot():

@@ -966,3 +966,55 @@ def test_a_retry_due_while_salt_has_the_beacon_closed_fires_when_it_runs_again(w
     assert loop.watcher.settle(WAIT) and loop.watcher._outbox == []  # not while closed
     # Salt runs the beacon again: it connects, says so, and fires the retry.
     wait_until(lambda: loop.drain() is not None and RETRY in loop.fired, "the retry resync")
+
+
+# What the watcher's thread reads from the domain and when the callback stamped it.
+def test_each_event_names_its_own_domain_in_order_with_few_uuids_kept(watch, testdriver, monkeypatch):
+    from vmpower.eventloop import watcher as watcher_module
+
+    monkeypatch.setattr(watcher_module, "UUIDS_KEPT", 2)  # fewer than the domains: kept ones go
+    collector = watch(stop_grace=0)
+    doms = [testdriver.define(f"kept-{i}", start=False) for i in range(5)]
+    steps = [(L.VIR_DOMAIN_EVENT_SUSPENDED, 0, "paused"), (L.VIR_DOMAIN_EVENT_RESUMED, 0, "resumed")] * 3
+    for event, detail, _ in steps:
+        for dom in doms:
+            collector.watcher.lifecycle_callback(None, dom, event, detail, None)
+    collector.drain()
+    for dom in doms:
+        fired = collector.of(dom)
+        assert [(e["uuid"], e["name"], e["transition"]) for e in fired] == [
+            (dom.UUIDString(), dom.name(), transition) for _, _, transition in steps]
+    assert len(collector.watcher._uuids) <= 2
+
+
+class ThreadClock:
+    """A clock whose every reading is new and remembers which thread it was given to."""
+
+    def __init__(self, start):
+        self.now = start
+        self.given: dict[str, set] = {}
+
+    def __call__(self):
+        self.now += 0.001
+        self.given.setdefault(threading.current_thread().name, set()).add(self.now)
+        return self.now
+
+
+def test_a_fired_event_is_stamped_by_the_callback_and_shaped_as_lifecycle_data(testdriver):
+    from vmpower.core.model import LifecycleEvent, Transition
+
+    clock = ThreadClock(1_800_000_000.0)
+    watcher = eventloop.Watcher(BeaconSettings(uri=TEST_URI, stop_grace=0), clock=clock)
+    try:
+        collector = Collector(watcher)
+        wait_until(lambda: collector.drain() is not None and collector.resyncs(), "connected")
+        dom = testdriver.define("stamped", start=False)
+        threading.Thread(target=watcher.lifecycle_callback, name="libvirt-like",
+                         args=(None, dom, L.VIR_DOMAIN_EVENT_SUSPENDED, 0, None)).start()
+        [event] = collector.wait_for(dom, 1)
+        assert event["timestamp"] in clock.given["libvirt-like"]
+        observed = LifecycleEvent(event["timestamp"], dom.UUIDString(), dom.name(), Transition.PAUSED,
+                                  "paused", "SUSPENDED", "PAUSED")
+        assert event == eventloop.lifecycle_data(observed, event["seq"], TEST_URI)
+    finally:
+        watcher.retire()

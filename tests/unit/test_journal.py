@@ -231,3 +231,34 @@ def test_latest_is_the_last_row_of_a_domain_and_says_if_a_gap_came_after(journal
     assert journal.latest("u-1", "qemu:///system") == (None, False)
     journal.append([row("", GAP, "reconnected")])
     assert journal.latest("u-1", "test:///default")[1] is True
+
+
+def test_a_journaled_event_keeps_the_monotonic_time_of_its_callback(path, testdriver):
+    import threading
+
+    given: dict[str, set] = {}
+    now = [100.0]
+
+    def mono():
+        now[0] += 0.001  # every reading new, and remembered by the thread it was given to
+        given.setdefault(threading.current_thread().name, set()).add(now[0])
+        return now[0]
+
+    watcher = Watcher(BeaconSettings(uri=TEST_URI, stop_grace=0), monotonic=mono,
+                      journal=Journal(path, boot_id=lambda: BOOT), boot_id=lambda: BOOT)
+    watcher.fired = []
+    try:
+        drain_until(watcher, lambda fired: fired)
+        dom = testdriver.define("stamped", start=False)
+        caller = threading.Thread(target=watcher.lifecycle_callback, name="libvirt-like",
+                                  args=(None, dom, EVENT_STARTED, 0, None))
+        caller.start()
+        caller.join()
+        uuid = dom.UUIDString()
+        [started] = [e for e in drain_until(watcher, lambda f: any(e.get("uuid") == uuid for e in f))
+                     if e.get("uuid") == uuid]
+        with Journal(path) as reader:
+            entry, _later = reader.read(started["seq"], uuid)
+        assert entry.monotonic in given["libvirt-like"]
+    finally:
+        watcher.retire()

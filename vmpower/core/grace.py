@@ -48,14 +48,21 @@ class StopGrace(Generic[E]):
         then ``event`` itself unless it is a STOPPED to hold. Any transition of a domain
         cancels that domain's held STOPPED (a hard reboot is only its start).
         """
-        at = self._clock() if at is None else at
-        out = self.due(at)
-        self._held.pop(uuid, None)
+        out: list[E] = []
+        self.offer_into(out, uuid, transition, event, self._clock() if at is None else at)
+        return out
+
+    def offer_into(self, out: list[E], uuid: str, transition: Transition, event: E, at: float) -> None:
+        """``offer``, appending what may be fired now to ``out``: the caller that offers every
+        event of a stream keeps one list for all of them."""
+        held = self._held
+        if held:  # else nothing to release or cancel: the path of most events
+            out.extend(self.due(at))
+            held.pop(uuid, None)
         if transition is Transition.STOPPED and self.seconds > 0:
-            self._held[uuid] = (at + self.seconds, event)
+            held[uuid] = (at + self.seconds, event)
         else:
             out.append(event)
-        return out
 
     def due(self, now: float | None = None) -> list[E]:
         """The held stops whose grace is over by ``now`` (default: the clock), oldest first."""

@@ -112,9 +112,20 @@ def translate_lifecycle(event: int, detail: int, shutdown_detail: int | None = N
     return Translation(transition, reason, name, detail_name)
 
 
+@functools.cache
 def translate_reboot() -> Translation:
-    """A ``VIR_DOMAIN_EVENT_ID_REBOOT`` callback: the guest reset and is running again."""
+    """A ``VIR_DOMAIN_EVENT_ID_REBOOT`` callback: the guest reset and is running again.
+
+    Memoised: a Translation is immutable, and the beacon translates every callback."""
     return Translation(Transition.STARTED, "rebooted", "REBOOT", "")
+
+
+# Every (event, detail) pair libvirt documents, translated once: the beacon translates every
+# callback, and a Translation is immutable. Pairs missing here (values libvirt may add later)
+# are translated each time, so the table stays bounded whatever libvirt sends.
+TRANSLATIONS: dict[tuple[int, int], Translation] = {
+    (event, detail): translate_lifecycle(event, detail)
+    for event, (_name, _transition, details) in LIFECYCLE_EVENTS.items() for detail in details}
 
 
 class LifecycleTranslator:
@@ -128,14 +139,19 @@ class LifecycleTranslator:
         self._shutdown_detail: dict[str, int] = {}
 
     def lifecycle(self, uuid: str, event: int, detail: int) -> Translation:
+        """The translation of ``uuid``'s callback ``(event, detail)``, in the order libvirt
+        called back."""
         if event == EVENT_SHUTDOWN:
             self._shutdown_detail[uuid] = detail
         elif event == EVENT_STOPPED:
-            return translate_lifecycle(event, detail, self._shutdown_detail.pop(uuid, None))
+            shutdown_detail = self._shutdown_detail.pop(uuid, None)
+            if shutdown_detail is not None:  # announced: who asked may change the reason
+                return translate_lifecycle(event, detail, shutdown_detail)
         elif event == EVENT_STARTED:
             self._shutdown_detail.pop(uuid, None)  # a new run: an old announcement is void
         # Other events (DEFINED/UPDATED...) may come between SHUTDOWN and STOPPED.
-        return translate_lifecycle(event, detail)
+        known = TRANSLATIONS.get((event, detail))
+        return known if known is not None else translate_lifecycle(event, detail)
 
 
 def is_stale(transition: Transition, live: LiveState) -> bool:

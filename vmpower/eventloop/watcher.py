@@ -34,7 +34,7 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from vmpower import forksafe, hostinfo
@@ -57,13 +57,17 @@ CHECK_EVERY = 1.0  # seconds between two looks at a connection's health (isAlive
 STUCK_AFTER = 10.0  # a blocking libvirt call running this long means libvirtd is not answering
 # The raw queue's "event" for a VIR_DOMAIN_EVENT_ID_REBOOT callback (lifecycle events are ints).
 REBOOT = None
+UUIDS_KEPT = 4096  # UUIDs formatted and kept; more (a host rarely has so many domains) start anew
 
 # (time, monotonic, domain, event, detail): the domain's UUID and name are read on the watcher's
 # thread (libvirt keeps both in the virDomain object: no call to libvirtd).
 RawEvent = tuple[float, float, Any, int | None, int]
 Deliver = Callable[[list[dict]], bool | None]  # True sent, False refused, None not now
+# A journal row before it is numbered: (uuid, transition, reason, monotonic, timestamp). It
+# becomes an Observation only when there is a journal to write it in.
+Row = tuple[str, Any, str, float, float]
 # What a round fires and journals: (data to fire or None, row to journal or None).
-Pending = tuple[dict | None, Observation | None]
+Pending = tuple[dict | None, Row | None]
 # Resyncs whose gap in the watch is journaled with them (a burst's is journaled as it begins;
 # master_reconnected is a gap in the delivery, not in what the beacon observed).
 GAP_RESYNCS = frozenset({"connected", "reconnected", "restarted", "overflow"})
@@ -77,7 +81,7 @@ class _Numbering:
         self._lock = threading.Lock()
         self.last = 0
 
-    def assign(self, rows: list[Observation], journal: Journal | None) -> tuple[list[int], Exception | None]:
+    def assign(self, rows: Sequence, journal: Journal | None) -> tuple[list[int], Exception | None]:
         """Numbers for ``rows``, journaled if ``journal`` can be written (else counted on from
         the last number known); and why the journal could not be written, if it could not."""
         with self._lock:  # one watcher at a time: numbers follow the order they are journaled
@@ -102,10 +106,18 @@ _numbering = _Numbering()
 
 def lifecycle_data(event: LifecycleEvent, seq: int, uri: str) -> dict:
     """A lifecycle event as the beacon fires it (Salt turns ``tag`` into the tag's tail)."""
-    return {"tag": f"lifecycle/{event.transition.value}", "uuid": event.uuid, "name": event.name,
-            "transition": event.transition.value, "reason": event.reason,
-            "libvirt": {"event": event.libvirt_event, "detail": event.libvirt_detail},
-            "timestamp": event.timestamp, "seq": seq, "uri": uri}
+    return _lifecycle_dict(event.timestamp, event.uuid, event.name, event.transition.value,
+                           event.reason, event.libvirt_event, event.libvirt_detail, seq, uri)
+
+
+def _lifecycle_dict(timestamp: float, uuid: str, name: str, transition: str, reason: str,
+                    libvirt_event: str, libvirt_detail: str, seq: int, uri: str) -> dict:
+    # The watcher builds this straight from a callback's translation, with no LifecycleEvent
+    # in between: it runs once per event.
+    return {"tag": f"lifecycle/{transition}", "uuid": uuid, "name": name,
+            "transition": transition, "reason": reason,
+            "libvirt": {"event": libvirt_event, "detail": libvirt_detail},
+            "timestamp": timestamp, "seq": seq, "uri": uri}
 
 
 def resync_data(reason: str, lost: int) -> dict:
@@ -182,11 +194,14 @@ class Watcher:
         self._next_check = 0.0
         self._failures = 0  # consecutive failed connection attempts
         self._translator = LifecycleTranslator()
-        # Each held STOPPED with the monotonic time libvirt called back.
-        self._grace: StopGrace[tuple[LifecycleEvent, float]] = StopGrace(settings.grace(stop_grace),
-                                                                        monotonic)
+        # A domain's raw UUID -> libvirt's string of it: a raw UUID costs libvirt less to read.
+        self._uuids: dict[bytes, str] = {}
+        # Each held STOPPED as it will be fired and journaled (its row keeps the monotonic
+        # time libvirt called back).
+        self._grace: StopGrace[Pending] = StopGrace(settings.grace(stop_grace), monotonic)
         self._burst = BurstGuard(settings.burst_limit)
         self._pending: list[Pending] = []
+        self._pending_overflow = False  # an overflow resync is among them
         # Read by health() from any thread (plain attributes, each written by one thread).
         self.state = "connecting"
         self.state_since = clock()
@@ -226,7 +241,19 @@ class Watcher:
     # all happen on the watcher's thread.
     def lifecycle_callback(self, _conn, dom, event: int, detail: int, _opaque) -> None:
         """``VIR_DOMAIN_EVENT_ID_LIFECYCLE``."""
-        self._enqueue((self._clock(), self._monotonic(), dom, event, detail))
+        # _enqueue written out: this runs for every event, on libvirt's thread.
+        self.events_seen += 1
+        queue = self._raw
+        if len(queue) >= self._queue_size:  # full: the oldest goes, and is counted
+            try:
+                queue.popleft()
+            except IndexError:  # the watcher took it meanwhile: nothing was dropped
+                pass
+            else:
+                self._callback_drops += 1
+        queue.append((self._clock(), self._monotonic(), dom, event, detail))
+        if self._asleep:
+            self._poke()
 
     def reboot_callback(self, _conn, dom, _opaque) -> None:
         """``VIR_DOMAIN_EVENT_ID_REBOOT``."""
@@ -425,8 +452,7 @@ class Watcher:
         self.queue_depth = len(raw)
         if lost:
             self._resync("overflow", lost)
-        for item in raw:
-            self._translate(item)
+        self._translate(raw)
         self._release_due(self._monotonic())
         if master_back and wanted:
             self._resync("master_reconnected", 0)
@@ -570,29 +596,43 @@ class Watcher:
                            "(up to %gs)", self.uri, exc, RECONNECT_MAX)
 
     # The events.
-    def _translate(self, item: RawEvent) -> None:
-        timestamp, at, dom, event, detail = item
-        uuid, name = dom.UUIDString(), dom.name()
-        translation = (translate_reboot() if event is REBOOT
-                       else self._translator.lifecycle(uuid, event, detail))
-        if translation.transition is None:
-            self._release_due(at)
-            return  # DEFINED, UNDEFINED, SHUTDOWN: no power change of their own
-        self.transitions[translation.transition.value] += 1
-        if not self._burst.admit(at):
-            if self._burst.swallowed == 1:  # the burst begins: its resync covers the held stops too
-                dropped = self._grace.drop()
-                self._burst.swallowed += len(dropped)
-                self._gap("burst")  # what the beacon sees from now on is not journaled one by one
-            return
-        lifecycle = LifecycleEvent(timestamp, uuid, name, translation.transition, translation.reason,
-                                   translation.libvirt_event, translation.libvirt_detail)
-        for ready, called_back in self._grace.offer(uuid, translation.transition, (lifecycle, at), at):
-            self._emit_lifecycle(ready, called_back)
+    def _translate(self, raw: list[RawEvent]) -> None:
+        """A round's callbacks, in the order libvirt made them, into what is fired and
+        journaled, held (STOPPED, for its grace) or swallowed by a burst."""
+        lifecycle, burst, offer = self._translator.lifecycle, self._burst, self._grace.offer_into
+        pending, uri, uuids = self._pending, self.uri, self._uuids
+        counted: dict[str, int] = {}  # into self.transitions once the round is translated
+        for timestamp, at, dom, event, detail in raw:
+            uuid = uuids.get(dom.UUID())
+            if uuid is None:
+                uuid = self._uuid_string(dom)
+            translation = translate_reboot() if event is REBOOT else lifecycle(uuid, event, detail)
+            transition = translation.transition
+            if transition is None:
+                self._release_due(at)
+                continue  # DEFINED, UNDEFINED, SHUTDOWN: no power change of their own
+            value = transition._value_  # what .value returns, without its descriptor's cost
+            counted[value] = counted.get(value, 0) + 1
+            if not burst.admit(at):
+                if burst.swallowed == 1:  # the burst begins: its resync covers the held stops too
+                    burst.swallowed += len(self._grace.drop())
+                    self._gap("burst")  # what the beacon sees from now on is not journaled one by one
+                continue
+            reason = translation.reason
+            event_data = _lifecycle_dict(timestamp, uuid, dom.name(), value, reason,
+                                         translation.libvirt_event, translation.libvirt_detail, 0, uri)
+            offer(pending, uuid, transition, (event_data, (uuid, transition, reason, at, timestamp)), at)
+        self.transitions.update(counted)
+
+    def _uuid_string(self, dom) -> str:
+        """``dom``'s UUID as libvirt writes it, kept for its next events."""
+        if len(self._uuids) >= UUIDS_KEPT:
+            self._uuids.clear()
+        uuid = self._uuids[dom.UUID()] = dom.UUIDString()
+        return uuid
 
     def _release_due(self, now: float) -> None:
-        for ready, called_back in self._grace.due(now):
-            self._emit_lifecycle(ready, called_back)
+        self._pending.extend(self._grace.due(now))
         swallowed = self._burst.due(now)
         if swallowed is not None:
             self.coalesced += swallowed
@@ -601,29 +641,24 @@ class Watcher:
     def _resync(self, reason: str, lost: int) -> None:
         self.last_resync = {"reason": reason, "lost": lost, "at": self._clock()}
         self.resyncs[reason] += 1
-        gap = self._row("", GAP, reason, self._monotonic(), self._clock()) if reason in GAP_RESYNCS else None
+        gap = ("", GAP, reason, self._monotonic(), self._clock()) if reason in GAP_RESYNCS else None
         self._pending.append((resync_data(reason, lost), gap))
-
-    def _emit_lifecycle(self, event: LifecycleEvent, called_back: float) -> None:
-        """Fire ``event`` (numbered when it is journaled), libvirt having called back at
-        ``called_back`` on the monotonic clock."""
-        self._pending.append((lifecycle_data(event, 0, self.uri),
-                              self._row(event.uuid, event.transition, event.reason, called_back,
-                                        event.timestamp)))
+        if reason == "overflow":
+            self._pending_overflow = True
 
     def _gap(self, reason: str) -> None:
         """Journal a gap in the watch (nothing is fired for it)."""
-        self._pending.append((None, self._row("", GAP, reason, self._monotonic(), self._clock())))
-
-    def _row(self, uuid: str, transition, reason: str, monotonic: float, timestamp: float) -> Observation:
-        return Observation(0, self._boot_id, self.uri, uuid, transition, reason, monotonic, timestamp)
+        self._pending.append((None, ("", GAP, reason, self._monotonic(), self._clock())))
 
     def _journal_round(self, pending: list[Pending]) -> list[dict]:
         """Journal and number the round's rows; what is to be fired, in order."""
-        rows = [row for _data, row in pending if row is not None]
+        rows: list = [row for _data, row in pending if row is not None]
         resumed = self._journal is not None and self._journal_failed and bool(rows)
         if resumed:  # a round went unjournaled: what came before it is not the latest word
-            rows.insert(0, self._row("", GAP, "journal", self._monotonic(), self._clock()))
+            rows.insert(0, ("", GAP, "journal", self._monotonic(), self._clock()))
+        if self._journal is not None:
+            boot_id, uri = self._boot_id, self.uri
+            rows = [Observation(0, boot_id, uri, *row) for row in rows]
         numbers, error = _numbering.assign(rows, self._journal)
         if error is not None:
             self._journal_failed = True
@@ -636,11 +671,14 @@ class Watcher:
         numbered = iter(numbers[1:] if resumed else numbers)
         out = []
         for data, row in pending:
-            seq = next(numbered) if row is not None else None
-            if data is None:
+            if row is not None:
+                seq = next(numbered)
+                if data is None:
+                    continue
+                if data["tag"] != "resync":
+                    data["seq"] = seq
+            elif data is None:
                 continue
-            if data["tag"] != "resync":
-                data["seq"] = seq
             out.append(data)
         return out
 
@@ -651,6 +689,7 @@ class Watcher:
             return
         pending = self._journal_round(self._pending)
         self._pending = []
+        overflow, self._pending_overflow = self._pending_overflow, False
         if not pending:
             return
         deliver = self._deliver if self.settings.immediate else None
@@ -673,9 +712,12 @@ class Watcher:
                 self.failures.note("deliver", "the minion's bus did not take %d event(s); they "
                                    "go through the beacon's tick", len(pending))
         # Waiting for the tick, every overflow so far is one resync at the head of the outbox.
-        lost = sum(item["lost"] for item in pending if _is_overflow(item))
+        lost = 0
+        if overflow:  # rare: look for it only then
+            lost = sum(item["lost"] for item in pending if _is_overflow(item))
+            pending = [item for item in pending if not _is_overflow(item)]
         with self._cond:
-            self._outbox.extend(item for item in pending if not _is_overflow(item))
+            self._outbox.extend(pending)
         self._trim_outbox(lost)
 
     def _trim_outbox(self, lost: int = 0) -> None:
