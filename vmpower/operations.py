@@ -56,7 +56,7 @@ from vmpower.core.rules import (
 )
 from vmpower.core.settings import InstancePolicy, Settings
 from vmpower.eventloop import read_status
-from vmpower.hypervisor import Hypervisor, LiveDomain
+from vmpower.hypervisor import Hypervisor, HypervisorError, LibvirtTimeout, LiveDomain
 from vmpower.journal import Journal, JournalError
 from vmpower.measurements import Measurements
 from vmpower.store import Change, Note, Store, describe_holder
@@ -89,6 +89,37 @@ class Acted:
 
     uuid: str
     finish: Callable[[PowerState | Exception], Outcome]
+
+
+@dataclasses.dataclass(frozen=True)
+class ToAct:
+    """A power action decided, to be carried out with others in one hand-off to libvirt's
+    thread; ``then`` gives what came of it from its result (or the exception it raised)."""
+
+    uuid: str
+    action: str
+    then: Callable[[bool | Exception], Outcome | Acted]
+
+
+@dataclasses.dataclass(frozen=True)
+class Recheck:
+    """A sync's domain to decide again on every fact, once the migration jobs of all such
+    domains of its chunk have been read in one hand-off."""
+
+    uuid: str
+    record: Record
+    state: LiveState
+    base: Facts
+    policy: InstancePolicy
+    error: str | None
+    preface: str
+    cause: Cause
+    at: float
+    test: bool
+
+
+# Not read yet: a migration job is read only for a domain that runs or is paused.
+_UNREAD = object()
 
 
 class OperationError(RuntimeError):
@@ -222,10 +253,12 @@ class HostOperations:
         return dataclasses.replace(base, owner_alive=alive, host_stopping=stopping)
 
     def _full_facts(self, hv: Hypervisor, uuid: str, record: Record | None, live: LiveState,
-                    base: Facts) -> Facts:
-        """``base`` with what is read per domain: only what this decision can need."""
-        migrating = False
-        if live.power_state in (PowerState.RUNNING, PowerState.PAUSED):
+                    base: Facts, migrating=_UNREAD) -> Facts:
+        """``base`` with what is read per domain: only what this decision can need.
+        ``migrating``: the domain's migration job, if it was read already (in a batch)."""
+        if not _may_migrate(live):
+            migrating = False
+        elif migrating is _UNREAD:
             migrating = hv.migration_job(uuid)
         on_crash = hv.on_crash(uuid) if live.is_crash else None
         alive = self._owner_alive(record.task_owner, base.boot_id) if record and record.task_state else None
@@ -266,13 +299,14 @@ class HostOperations:
         return adoption.after
 
     def _carry_out(self, hv: Hypervisor, record: Record, decision: Decision, cause: Cause,
-                   at: float, facts: Facts, test: bool = False) -> Outcome | Acted:
+                   at: float, facts: Facts, test: bool = False) -> Outcome | ToAct:
         """Act on one decision; the caller holds the instance lock and records the outcome.
 
         ``conduct`` (the core) says whether to: a dry run (``test``) writes and does
         nothing and reports what would be done; observe mode records what was observed,
-        audits what it would have done, and never acts. A power action gives an ``Acted``:
-        its outcome is known once the domain's power state is read after it (``_settle``)."""
+        audits what it would have done, and never acts. A power action gives a ``ToAct``,
+        carried out with the others of its batch (``_act``), then an ``Acted``: its outcome is
+        known once the domain's power state is read after it (``_settle``)."""
         fields = dict(decision.observed)
         how = conduct(decision.action.value, self.settings.mode, test)
         if not how.act:
@@ -281,25 +315,27 @@ class HostOperations:
             fields.update(decision.outcome)
             return self._outcome(record, decision, cause, at, fields, "recorded" if fields else "nothing to do")
         fields.update(decision.attempted)  # tried: it counts, whatever comes of it
-        try:
-            if decision.action is Action.POWER_OFF:
-                result = "powered off" if hv.power_off(record.uuid) else "already off"
-            else:
-                result = "started" if hv.start(record.uuid) else "already running"
-        except Exception as exc:  # recorded and reported; the next sync tries again
-            return self._failed(record, decision, cause, at, fields, exc)
-        fields.update(decision.outcome)
 
-        def finish(power: PowerState | Exception) -> Outcome:
-            if isinstance(power, Exception):
-                return self._failed(record, decision, cause, at, fields, power)
-            # From the record as decided: an off spell the decision dated (from what the
-            # beacon observed) is kept when the domain was already off.
-            books = _off_books(record.replace(**fields), power, facts)
-            fields["power_state"] = power
-            fields.update(books)
-            return self._outcome(record, decision, cause, at, fields, result)
-        return Acted(record.uuid, finish)
+        def acted(done: bool | Exception) -> Outcome | Acted:
+            if isinstance(done, Exception):  # recorded and reported; the next sync tries again
+                return self._failed(record, decision, cause, at, fields, done)
+            if decision.action is Action.POWER_OFF:
+                result = "powered off" if done else "already off"
+            else:
+                result = "started" if done else "already running"
+            fields.update(decision.outcome)
+
+            def finish(power: PowerState | Exception) -> Outcome:
+                if isinstance(power, Exception):
+                    return self._failed(record, decision, cause, at, fields, power)
+                # From the record as decided: an off spell the decision dated (from what the
+                # beacon observed) is kept when the domain was already off.
+                books = _off_books(record.replace(**fields), power, facts)
+                fields["power_state"] = power
+                fields.update(books)
+                return self._outcome(record, decision, cause, at, fields, result)
+            return Acted(record.uuid, finish)
+        return ToAct(record.uuid, decision.action.value, acted)
 
     def _failed(self, record: Record, decision: Decision, cause: Cause, at: float, fields: dict,
                 exc: Exception) -> Outcome:
@@ -320,11 +356,24 @@ class HostOperations:
                        retry_in=decision.retry_in)
 
     @staticmethod
+    def _act(hv: Hypervisor, decided: Sequence[Outcome | ToAct]) -> list[Outcome | Acted]:
+        """Carry out the power actions of ``decided`` in one hand-off to libvirt's thread;
+        each domain's outcome is its own result (an action that failed or timed out fails
+        that domain's outcome, and no other)."""
+        to_act = [(item.action, item.uuid) for item in decided if isinstance(item, ToAct)]
+        done = hv.power_actions(to_act) if to_act else {}
+        return [item.then(done[item.uuid]) if isinstance(item, ToAct) else item for item in decided]
+
+    @staticmethod
     def _settle(hv: Hypervisor, carried: Sequence[Outcome | Acted]) -> list[Outcome]:
         """The outcomes of ``carried``: the domains acted on have their power state read
         again, after the actions, in one bulk call (one by one for those it cannot read)."""
         acted = [item.uuid for item in carried if isinstance(item, Acted)]
-        after = hv.find_listed(acted) if acted else {}
+        try:
+            after = hv.find_listed(acted) if acted else {}
+        except HypervisorError as exc:  # a connection left busy: each read below says so
+            log.debug("vmpower: no bulk state read after the actions: %s", exc)
+            after = {}
         outcomes = []
         for item in carried:
             if isinstance(item, Acted):
@@ -369,13 +418,14 @@ class HostOperations:
                      dom: LiveDomain | None, boot_id: str,
                      observation: Observation | None = None, preface: str = "",
                      fresh: bool = True, test: bool = False,
-                     reread: dict[str, LiveDomain | None] | None = None) -> Outcome | Acted:
+                     reread: dict[str, LiveDomain | None] | None = None) -> Outcome | ToAct | Recheck:
         """Decide about one domain and act; the caller holds its instance lock.
 
         ``record`` was read under that lock; ``dom`` is the domain as read just now (``fresh``)
         or, for a sync, as read in bulk after that record under the lock (``reread``; the
         listing's only where the bulk read could not name it), decided first on the facts that
-        cost no libvirt call and read again with every fact before any action.
+        cost no libvirt call and read again with every fact before any action: a ``Recheck``,
+        which ``_rechecked`` decides once the sync has read the migration jobs in a batch.
         ``observation`` is what this host's beacon observed of the event being reconciled;
         ``preface`` goes before the decision's reason (what was made of the event's claims).
         """
@@ -423,10 +473,26 @@ class HostOperations:
             found = reread[uuid] if reread is not None and uuid in reread else hv.find(uuid)
             state = found.state if found else GONE
             if state != live or not fresh:
-                facts = self._full_facts(hv, uuid, record, state, base)
-                decision = _prefaced(decide(record, state, self.host, policy, self.settings, now(),
-                                            error, facts), preface)
+                recheck = Recheck(uuid, record, state, base, policy, error, preface, cause, at, test)
+                return recheck if not fresh else self._rechecked(hv, recheck)
         return self._carry_out(hv, record, decision, cause, at, base, test)
+
+    def _rechecked(self, hv: Hypervisor, recheck: Recheck, migrating=_UNREAD) -> Outcome | ToAct:
+        """Decide ``recheck`` on every fact (its migration job as read in a batch, if it was)."""
+        r = recheck
+        facts = self._full_facts(hv, r.uuid, r.record, r.state, r.base, migrating)
+        decision = _prefaced(decide(r.record, r.state, self.host, r.policy, self.settings, now(),
+                                    r.error, facts), r.preface)
+        return self._carry_out(hv, r.record, decision, r.cause, r.at, r.base, r.test)
+
+    def _rechecked_all(self, hv: Hypervisor,
+                       decided: Sequence[Outcome | ToAct | Recheck]) -> list[Outcome | ToAct]:
+        """Every ``Recheck`` of ``decided`` decided on every fact, the migration jobs of those
+        that run read in one batch (a call that times out raises: no domain is acted on)."""
+        rechecks = [item for item in decided if isinstance(item, Recheck)]
+        jobs = hv.migration_jobs([r.uuid for r in rechecks if _may_migrate(r.state)])
+        return [self._rechecked(hv, item, jobs.get(item.uuid, False))
+                if isinstance(item, Recheck) else item for item in decided]
 
     def _record(self, outcomes: Sequence[Outcome]) -> None:
         """Commit the outcomes decided under their instance locks, in one transaction."""
@@ -465,7 +531,7 @@ class HostOperations:
                                              hv.find(uuid), boot_id, belief.observation,
                                              preface, test=test)
                 decided = self._clock()  # before the action is carried out
-                [outcome] = self._settle(hv, [decision])
+                [outcome] = self._settle(hv, self._act(hv, [decision]))
                 if not test:
                     self._record([outcome])
         result = outcome.report
@@ -647,7 +713,7 @@ class HostOperations:
                     # the event path may have written a newer record since the listing.
                     now_live = {uuid: reread[uuid] if uuid in reread else (
                         None if live[uuid].state is GONE else live[uuid]) for uuid in held}
-                    outcomes = self._settle(hv, [
+                    decided = self._rechecked_all(hv, [
                         self._decide_held(hv, uuid, Cause.SYNC, fresh.get(uuid),
                                           now_live[uuid], boot_id,
                                           self._last_observed(
@@ -655,8 +721,12 @@ class HostOperations:
                                               now_live[uuid].state if now_live[uuid] else GONE),
                                           fresh=False, test=test, reread=reread)
                         for uuid in held])
+                    outcomes = self._settle(hv, self._act(hv, decided))
                     if not test:
                         self._record(outcomes)
+                if hv.stuck is not None:  # each outcome is recorded; the sync still fails
+                    raise LibvirtTimeout(f"libvirt at {hv.uri} did not answer (to {hv.stuck}): "
+                                         f"the sync ends here")
                 for outcome in outcomes:
                     self._report_outcome(report, outcome, counted=not test)
                     if outcome.retry_in is not None:
@@ -851,6 +921,11 @@ class HostOperations:
             if isinstance(result["event_loop"].get("metrics"), dict):
                 result["metrics"] = result["event_loop"]["metrics"]
         return result
+
+
+def _may_migrate(live: LiveState) -> bool:
+    """Whether a domain in this state can have a migration job worth reading."""
+    return live.power_state in (PowerState.RUNNING, PowerState.PAUSED)
 
 
 def _off_books(record: Record, power: PowerState, facts: Facts) -> dict:
