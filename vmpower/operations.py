@@ -54,12 +54,12 @@ from vmpower.core.rules import (
     refuse_power,
     reset,
 )
-from vmpower.core.settings import InstancePolicy, Settings
+from vmpower.core.settings import DEFAULT_POLICY, InstancePolicy, Settings
 from vmpower.eventloop import read_status
 from vmpower.hypervisor import Hypervisor, HypervisorError, LibvirtTimeout, LiveDomain
 from vmpower.journal import Journal, JournalError
 from vmpower.measurements import Measurements
-from vmpower.store import Change, Note, Store, describe_holder
+from vmpower.store import Change, Note, Store, describe_holder, record_of
 from vmpower.wakeup import WakeUps
 
 log = logging.getLogger(__name__)
@@ -642,19 +642,23 @@ class HostOperations:
         with self.connect() as hv:
             at = now()
             live = hv.list_all()
-            records = self.store.for_host(self.host)
+            # Rows, not records: a Record is built only for the few distinct situations decided.
+            records = self.store.rows_for_host(self.host)
             missing = [uuid for uuid in live if uuid not in records]
             elsewhere = self.store.get_many(missing) if missing else {}
-            for uuid in records:
+            for uuid, row in records.items():
                 if uuid not in live:
-                    live[uuid] = LiveDomain(uuid, records[uuid].name, GONE)
+                    live[uuid] = LiveDomain(uuid, row[1], GONE)
             autostart = hv.autostart_set() if self.settings.instances else None
 
             adoptions: list[Change] = []
             to_lock: list[str] = []
             decide_once = _SyncDecisions(self, at, boot_id)
+            # Without pillar entries every VM has the default policy: not asked 10,000 times.
+            uniform = None if self.settings.instances or self.settings.instance_errors else (
+                DEFAULT_POLICY, None)
             for uuid, dom in live.items():
-                policy, error = self._policy(uuid, dom.name)
+                policy, error = uniform or self._policy(uuid, dom.name)
                 if autostart is not None and dom.state is not GONE:
                     warning = autostart_warning(policy, uuid in autostart)
                     if warning:
@@ -991,15 +995,19 @@ class _SyncDecisions:
         self.facts = ops._base_facts(boot_id)
         self._answers: dict[tuple, Decision] = {}
 
-    def __call__(self, record: Record, dom: LiveDomain, policy: InstancePolicy,
+    def __call__(self, row: Sequence, dom: LiveDomain, policy: InstancePolicy,
                  error: str | None) -> Decision:
+        """The decision for a record (a ``Record``, or a row of ``Store.rows_for_host``: the
+        same fields in the same order, its states as text) and its listed domain."""
         # By identity: live states and policies are shared objects (live_state is memoised),
         # and an equal but distinct one costs a second decision, never a wrong one.
-        renamed = dom.name != record.name and dom.state is not GONE
-        # Every field decide reads: all but uuid, name, updated_at and version.
-        key = (record[2:6] + record[8:], id(dom.state), id(policy), error, renamed)
+        renamed = dom.name != row[1] and dom.state is not GONE
+        # Every field decide reads: all but uuid, name, updated_at and version. A state as
+        # text and as a member may key apart: a second decision, never a wrong one.
+        key = (row[2:6] + row[8:], id(dom.state), id(policy), error, renamed)
         answer = self._answers.get(key)
         if answer is None:
+            record = row if isinstance(row, Record) else record_of(row)
             facts = self.facts
             if renamed:
                 facts = dataclasses.replace(facts, name=dom.name)
