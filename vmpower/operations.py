@@ -641,9 +641,10 @@ class HostOperations:
         """The sync itself; the caller holds the host's sync lock."""
         with self.connect() as hv:
             at = now()
-            live = hv.list_all()
+            # The records are read while libvirt lists. Whichever ends first, nothing is
+            # written or done on what they say: what changes is read again under its lock.
             # Rows, not records: a Record is built only for the few distinct situations decided.
-            records = self.store.rows_for_host(self.host)
+            live, records = hv.list_all_beside(lambda: self.store.rows_for_host(self.host))
             missing = [uuid for uuid in live if uuid not in records]
             elsewhere = self.store.get_many(missing) if missing else {}
             for uuid, row in records.items():
@@ -676,7 +677,9 @@ class HostOperations:
                     adoption = self._adoption(dom, policy, Cause.SYNC, at, facts)
                     adoptions.append(adoption)
                     record = adoption.after
-                decision = decide_once(record, dom, policy, error)
+                decision, quiet = decide_once(record, dom, policy, error)
+                if quiet:  # most VMs of a sync: in sync, nothing to write, report or retry
+                    continue
                 if decision.skipped:
                     report["skipped"].append({"uuid": uuid, "name": dom.name,
                                               "reason": decision.reason, "rule": decision.rule})
@@ -993,12 +996,13 @@ class _SyncDecisions:
         self._ops = ops
         self._at = at
         self.facts = ops._base_facts(boot_id)
-        self._answers: dict[tuple, Decision] = {}
+        self._answers: dict[tuple, tuple[Decision, bool]] = {}
 
     def __call__(self, row: Sequence, dom: LiveDomain, policy: InstancePolicy,
-                 error: str | None) -> Decision:
+                 error: str | None) -> tuple[Decision, bool]:
         """The decision for a record (a ``Record``, or a row of ``Store.rows_for_host``: the
-        same fields in the same order, its states as text) and its listed domain."""
+        same fields in the same order, its states as text) and its listed domain, and whether
+        it is quiet: nothing to lock, write, report or retry."""
         # By identity: live states and policies are shared objects (live_state is memoised),
         # and an equal but distinct one costs a second decision, never a wrong one.
         renamed = dom.name != row[1] and dom.state is not GONE
@@ -1021,8 +1025,11 @@ class _SyncDecisions:
                 # take the copy over under its lock, then let it go again.
                 gone, _ = self._ops._journaled(record.uuid, facts.boot_id)
                 facts = dataclasses.replace(facts, seen_off=gone)
-            answer = decide(record, dom.state, self._ops.host, policy, self._ops.settings,
-                            self._at, error, facts)
+            decision = decide(record, dom.state, self._ops.host, policy, self._ops.settings,
+                              self._at, error, facts)
+            answer = (decision, not (decision.skipped or decision.action is not Action.NONE
+                                     or decision.observed or decision.outcome or decision.recheck
+                                     or decision.warning or decision.retry_in is not None))
             if not renamed and not record.task_owner and not unowned_lost:
                 self._answers[key] = answer
         return answer
