@@ -655,6 +655,7 @@ class HostOperations:
             adoptions: list[Change] = []
             to_lock: list[str] = []
             decide_once = _SyncDecisions(self, at, boot_id)
+            answers = decide_once.answers
             # Without pillar entries every VM has the default policy: not asked 10,000 times.
             uniform = None if self.settings.instances or self.settings.instance_errors else (
                 DEFAULT_POLICY, None)
@@ -677,7 +678,16 @@ class HostOperations:
                     adoption = self._adoption(dom, policy, Cause.SYNC, at, facts)
                     adoptions.append(adoption)
                     record = adoption.after
-                decision, quiet = decide_once(record, dom, policy, error)
+                # Each distinct situation decided once (_SyncDecisions): by identity, live
+                # states and policies are shared objects (live_state is memoised), and an equal
+                # but distinct one costs a second decision, never a wrong one. The key holds
+                # every field decide reads: all but uuid, name, updated_at and version.
+                state = dom.state
+                renamed = dom.name != record[1] and state is not GONE
+                key = (record[2:6] + record[8:], id(state), id(policy), error, renamed)
+                answer = answers.get(key)
+                decision, quiet = answer if answer is not None else decide_once(
+                    key, record, dom, policy, error, renamed)
                 if quiet:  # most VMs of a sync: in sync, nothing to write, report or retry
                     continue
                 if decision.skipped:
@@ -989,27 +999,25 @@ class _SyncDecisions:
     ``decide`` is pure, and its answer does not depend on a VM's name or UUID, only on its
     record's states, its live state and its pillar: a host of thousands of VMs has a handful of
     distinct situations, so a sync need not decide thousands of times. (A renamed domain, and
-    the off-spell bookkeeping, are in the key, so they are decided on their own.)
+    the off-spell bookkeeping, are in the key, so they are decided on their own.) The sync's
+    loop makes each VM's key and looks it up in ``answers``; a miss is decided here.
     """
 
     def __init__(self, ops: HostOperations, at: float, boot_id: str):
         self._ops = ops
         self._at = at
         self.facts = ops._base_facts(boot_id)
-        self._answers: dict[tuple, tuple[Decision, bool]] = {}
+        self.answers: dict[tuple, tuple[Decision, bool]] = {}
 
-    def __call__(self, row: Sequence, dom: LiveDomain, policy: InstancePolicy,
-                 error: str | None) -> tuple[Decision, bool]:
+    def __call__(self, key: tuple, row: Sequence, dom: LiveDomain, policy: InstancePolicy,
+                 error: str | None, renamed: bool) -> tuple[Decision, bool]:
         """The decision for a record (a ``Record``, or a row of ``Store.rows_for_host``: the
         same fields in the same order, its states as text) and its listed domain, and whether
-        it is quiet: nothing to lock, write, report or retry."""
-        # By identity: live states and policies are shared objects (live_state is memoised),
-        # and an equal but distinct one costs a second decision, never a wrong one.
-        renamed = dom.name != row[1] and dom.state is not GONE
-        # Every field decide reads: all but uuid, name, updated_at and version. A state as
-        # text and as a member may key apart: a second decision, never a wrong one.
-        key = (row[2:6] + row[8:], id(dom.state), id(policy), error, renamed)
-        answer = self._answers.get(key)
+        it is quiet: nothing to lock, write, report or retry. ``key`` is its situation, which
+        the caller looked up in ``answers`` first (a state as text and as a member may key
+        apart: a second decision, never a wrong one); ``renamed``: the domain's name is not
+        the record's."""
+        answer = self.answers.get(key)
         if answer is None:
             record = row if isinstance(row, Record) else record_of(row)
             facts = self.facts
@@ -1031,5 +1039,5 @@ class _SyncDecisions:
                                      or decision.observed or decision.outcome or decision.recheck
                                      or decision.warning or decision.retry_in is not None))
             if not renamed and not record.task_owner and not unowned_lost:
-                self._answers[key] = answer
+                self.answers[key] = answer
         return answer
