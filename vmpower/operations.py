@@ -264,7 +264,8 @@ class HostOperations:
         alive = self._owner_alive(record.task_owner, base.boot_id) if record and record.task_state else None
         stopping = self._host_stopping() if live.power_state.is_off else None
         gone, at = self._journaled(uuid, base.boot_id) if live.power_state.is_off else ("", 0.0)
-        return dataclasses.replace(base, migrating=migrating, on_crash=on_crash, owner_alive=alive,
+        return dataclasses.replace(base, migrating=migrating, migration_unknown=migrating is None,
+                                   on_crash=on_crash, owner_alive=alive,
                                    host_stopping=stopping, seen_at=at,
                                    seen_off=gone if live.reason == REASON_LOST else None)
 
@@ -669,7 +670,8 @@ class HostOperations:
                 if record is None:
                     facts = decide_once.facts
                     if dom.state.power_state is PowerState.PAUSED:  # an incoming migration?
-                        facts = dataclasses.replace(facts, migrating=hv.migration_job(uuid))
+                        job = hv.migration_job(uuid)
+                        facts = dataclasses.replace(facts, migrating=job, migration_unknown=job is None)
                     why = not_to_record(dom.state, policy, error, facts)
                     if why:
                         report["skipped"].append({"uuid": uuid, "name": dom.name, "reason": why,
@@ -812,6 +814,9 @@ class HostOperations:
         refusal = refuse_power(name, record, policy, error, vm_state, facts.owner_alive, live, self.host)
         if refusal is None and facts.migrating:
             refusal = f"{name} is in the middle of a migration: vmpower leaves it alone until it ends"
+        if refusal is None and facts.migration_unknown:
+            refusal = (f"libvirt could not say whether {name} is in the middle of a migration: "
+                       f"vmpower leaves it alone until it can")
         return refusal
 
     def power_refusal(self, target: str, vm_state: VmState) -> str | None:

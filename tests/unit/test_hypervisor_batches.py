@@ -166,6 +166,16 @@ def test_a_sync_does_not_act_on_a_vm_whose_migration_check_hung(store, testdrive
     assert {store.get(dom.UUIDString()).vm_state.value for dom in doms} == {"stopped"}
 
 
+def test_a_sync_does_not_act_on_a_vm_whose_migration_job_cannot_be_read(store, testdriver, hangs):
+    unreadable, readable = _started_behind_its_back(testdriver, store, hangs, ["u", "r"])
+    hangs.unreadable = {unreadable.UUIDString()}
+    report = _operations(store, hangs).sync()
+    assert unreadable.isActive() and not readable.isActive()
+    assert [action["name"] for action in report["actions"]] == [readable.name()]
+    assert "could not say whether a migration job runs" in store.history(unreadable.UUIDString())[-1]["reason"]
+    assert store.get(unreadable.UUIDString()).vm_state.value == "stopped"
+
+
 def test_a_sync_records_each_vm_s_own_outcome_when_a_power_off_hangs(store, testdriver, hangs):
     doms = _started_behind_its_back(testdriver, store, hangs, ["a", "b", "c"])
     hung = sorted(doms, key=lambda dom: dom.UUIDString())[1]  # the locked phase goes by UUID
