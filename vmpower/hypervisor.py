@@ -84,9 +84,11 @@ def _error(exc: Exception) -> str:
 
 def _live_domains(stats, handles: dict | None = None) -> dict[str, LiveDomain]:
     """``getAllDomainStats`` / ``domainListGetStats`` with VIR_DOMAIN_STATS_STATE, by UUID;
-    each domain's handle also into ``handles``, if given."""
+    each domain's handle also into ``handles``, if given. ``stats`` is emptied as it is read:
+    a large listing is not held twice over (its entries and the domains made of them)."""
     domains = {}
-    for dom, values in stats:
+    for i, (dom, values) in enumerate(stats):
+        stats[i] = None
         uuid = dom.UUIDString()
         if handles is not None:
             handles[uuid] = dom
