@@ -405,6 +405,11 @@ def run(smoke: bool, scratch: Path) -> dict:
                      "memory": harness.growth(sizes, [p["peak_bytes"] for p in points])}
               for name, points in series.items()}
     for ratio in ratios:
+        # Round by round: how far the best-of ratio moves with the machine's load.
+        ratio["vmpower_over_floor_rounds"] = [
+            ours / theirs for ours, theirs in zip(
+                next(p["rounds"] for p in series[VMPOWER] if p["n"] == ratio["n"]),
+                next(p["rounds"] for p in series[FLOOR] if p["n"] == ratio["n"]))]
         ratio["vmpower_heap_over_floor"] = (
             next(p["peak_bytes"] for p in series[VMPOWER] if p["n"] == ratio["n"])
             / next(p["peak_bytes"] for p in series[FLOOR] if p["n"] == ratio["n"]))
@@ -488,6 +493,10 @@ def markdown(result: dict) -> str:
         harness.table(["target", "measured", "verdict"],
                       [[t["target"], "" if t["measured"] is None else harness.ratio(t["measured"]),
                         verdict[t["met"]]] for t in result["targets"]]),
+        "vmpower ÷ floor in each head-to-head round (each implementation's best run of the "
+        "round): " + "; ".join(
+            f"N = {r['n']:,}: " + ", ".join(harness.ratio(x) for x in r["vmpower_over_floor_rounds"])
+            for r in result["ratios"]) + ".",
         f"Work done at N = {largest:,} (domains checked / records written / actions): " + "; ".join(
             f"{name} {w['checked']:,} / {w['updated']:,} / {w['actions']:,}"
             for name, w in work.items()) + ".",
@@ -502,17 +511,19 @@ def _breakdown_markdown(result: dict) -> list[str]:
         return []
     ours, floor = breakdown[VMPOWER], breakdown[FLOOR]
     phases = list(dict.fromkeys([name for name, _, _ in VMPOWER_PHASES] + [VMPOWER_REST]))
+    def signed(value: float) -> str:
+        return ("−" if value < 0 else "") + harness.seconds(abs(value))
+
     rows = []
     for phase in phases:
         mine = ours["phases"].get(phase, 0.0)
         theirs = floor["phases"].get(phase)
         rows.append([phase, harness.seconds(mine), "" if theirs is None else harness.seconds(theirs),
-                     harness.seconds(mine - theirs) if theirs is not None else harness.seconds(mine)])
-    rows.append(["the floor's rest", "",
-                 harness.seconds(floor["phases"].get("the rest", 0.0)),
-                 harness.seconds(-floor["phases"].get("the rest", 0.0))])
+                     signed(mine - (theirs or 0.0))])
+    rest = floor["phases"].get("the rest", 0.0)
+    rows.append(["the floor's rest", "", harness.seconds(rest), signed(-rest)])
     rows.append(["**total**", harness.seconds(ours["seconds"]), harness.seconds(floor["seconds"]),
-                 harness.seconds(ours["seconds"] - floor["seconds"])])
+                 signed(ours["seconds"] - floor["seconds"])])
     return [
         (f"**Where the time goes** (N = {breakdown['n']:,}; one process, vmpower and the floor "
          f"taking turns, the phases of each one's best of {REPEATS} runs; each method timed on "
