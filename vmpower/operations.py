@@ -22,6 +22,7 @@ import collections
 import contextlib
 import dataclasses
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 
@@ -158,6 +159,7 @@ class HostOperations:
         self._alive = alive
         self._stopping = stopping
         self._stopping_seen: tuple[float, bool | None] | None = None
+        self._stopping_ahead: tuple[float, threading.Thread, list] | None = None
 
     def connect(self) -> Hypervisor:
         return self._hypervisor(self.settings.uri)
@@ -239,9 +241,37 @@ class HostOperations:
             return self._alive(task_owner)
         return hostinfo.owner_alive(task_owner, self.host)
 
+    def _host_stopping_soon(self) -> None:
+        """Start asking ``stopping()`` on a thread of its own, for the decisions about to need
+        it: the read (systemctl, a process) then runs while a sync locks and reads its VMs
+        again. ``_host_stopping`` waits for it, and takes it as it takes any answer less than
+        a second old."""
+        if self._stopping_ahead is not None or (
+                self._stopping_seen is not None and self._clock() - self._stopping_seen[0] < 1.0):
+            return
+        answer: list = []
+
+        def ask() -> None:
+            try:
+                answer.append((True, self._stopping()))
+            except BaseException as exc:  # raised where the answer is waited for
+                answer.append((False, exc))
+        thread = threading.Thread(target=ask, name="vmpower-host-state", daemon=True)
+        self._stopping_ahead = (self._clock(), thread, answer)
+        thread.start()
+
     def _host_stopping(self) -> bool | None:
         """``stopping()``, asked again at most once a second (a sync may ask for many VMs)."""
         clock = self._clock()
+        ahead, self._stopping_ahead = self._stopping_ahead, None
+        if ahead is not None:
+            asked, thread, answer = ahead
+            thread.join()  # bounded by the read itself (systemctl is given 2 s)
+            ok, value = answer[0]
+            if not ok:
+                raise value
+            if clock - asked < 1.0:
+                self._stopping_seen = (asked, value)
         if self._stopping_seen is None or clock - self._stopping_seen[0] >= 1.0:
             self._stopping_seen = (clock, self._stopping())
         return self._stopping_seen[1]
@@ -717,6 +747,8 @@ class HostOperations:
                 report["updated"] = len(adoptions) - len(lost)
             to_lock.extend(change.after.uuid for change in lost if change.after.uuid not in to_lock)
 
+            if any(live[uuid].state.power_state.is_off for uuid in to_lock):
+                self._host_stopping_soon()  # a VM seen off is decided on it, under its lock
             for start in range(0, len(to_lock), LOCK_CHUNK):
                 chunk = to_lock[start:start + LOCK_CHUNK]
                 with self.store.try_locks(chunk) as (held, busy):
