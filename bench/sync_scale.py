@@ -296,8 +296,7 @@ def measure(implementation: str, n: int, scratch: str, first_sync: bool = True) 
 # Where the time goes: each phase of vmpower's sync, by the methods that do it.
 VMPOWER_PHASES = (
     ("connection (open, close)", "vmpower.hypervisor:Hypervisor", ("__enter__", "__exit__")),
-    # The records are read while libvirt lists: the listing's phase is what is left of it.
-    ("listing", "vmpower.hypervisor:Hypervisor", ("list_all", "list_all_beside")),
+    ("listing", "vmpower.hypervisor:Hypervisor", ("list_all",)),
     ("reading records", "vmpower.store:Store", ("rows_for_host", "for_host", "get_many")),
     ("locks (host, changed VMs)", "vmpower.store:Store", ("try_locks", "lock")),
     ("host state (systemctl)", "vmpower.operations:HostOperations", ("_host_stopping",)),

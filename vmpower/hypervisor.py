@@ -135,22 +135,14 @@ class _Caller:
 
     def call(self, timeout: float, function: Callable, *args):
         """``function(*args)`` on the thread; TimeoutError after ``timeout`` seconds."""
-        return self.call_beside(timeout, None, function, *args)[0]
-
-    def call_beside(self, timeout: float, meanwhile: Callable | None, function: Callable, *args):
-        """``function(*args)`` on the thread, and ``meanwhile()`` (if given) on the caller's
-        while it runs: both results. TimeoutError once ``function`` has taken ``timeout``
-        seconds (however long ``meanwhile`` took); what ``meanwhile`` raises is raised."""
         outcome: list = []
         done = threading.Event()
-        started = time.monotonic()
         self._jobs.put((function, args, outcome, done))
-        beside = meanwhile() if meanwhile is not None else None
-        if not done.wait(max(0.0, timeout - (time.monotonic() - started))):
+        if not done.wait(timeout):
             raise TimeoutError
         ok, value = outcome[0]
         if ok:
-            return value, beside
+            return value
         raise value
 
     def call_each(self, timeout: float, run: Callable, function: Callable, items: Sequence):
@@ -287,22 +279,15 @@ class Hypervisor:
     def _bounded_call(self, what: str, function: Callable, *args, **kwargs):
         """``function(*args, **kwargs)`` on the connection's thread, waited for at most
         ``call_timeout`` seconds; a call that never returns leaves the connection unusable."""
-        return self._bounded_call_beside(what, None, function, *args, **kwargs)[0]
-
-    def _bounded_call_beside(self, what: str, meanwhile: Callable | None, function: Callable,
-                             *args, **kwargs):
-        """``_bounded_call``, with ``meanwhile()`` (if given) called on this thread while
-        the connection's thread runs ``function``: both results."""
         if self._caller is None:
             raise HypervisorError(f"no connection to libvirt at {self.uri}: use Hypervisor in a with block")
-        if threading.current_thread() is self._caller.thread:  # a bounded method calling another
-            return function(*args, **kwargs), meanwhile() if meanwhile is not None else None
+        if threading.current_thread() is self._caller.thread:
+            return function(*args, **kwargs)  # a bounded method calling another
         if self._stuck is not None:
             raise LibvirtTimeout(f"libvirt at {self.uri} is still busy with '{self._stuck}', "
                                  f"which did not return: cannot {what}")
         try:
-            return self._caller.call_beside(self.call_timeout, meanwhile, self._call_fresh,
-                                            function, args, kwargs)
+            return self._caller.call(self.call_timeout, self._call_fresh, function, args, kwargs)
         except TimeoutError:
             self._stuck = what
             raise LibvirtTimeout(f"libvirt at {self.uri} did not answer within "
@@ -365,28 +350,10 @@ class Hypervisor:
     @_bounded('list the domains')
     def list_all(self) -> dict[str, LiveDomain]:
         """Every domain on the host with its state, from one bulk call."""
-        return self._listing()
-
-    def list_all_beside(self, meanwhile: Callable[[], object]) -> tuple[dict[str, LiveDomain], object]:
-        """``list_all``, with ``meanwhile()`` called on this thread while libvirt lists: the
-        listing and what ``meanwhile`` returned. A sync reads its records meanwhile: libvirt's
-        bulk call and the store's reads each let the other run while they wait or work in C.
-        (Only the bulk call: the domains are made of its answer once ``meanwhile`` is done,
-        as two threads making Python objects at once only wait for each other.) Bounded as
-        ``list_all`` is."""
-        stats, beside = self._bounded_call_beside('list the domains', meanwhile, self._stats)
-        return self._bounded_call('list the domains', self._domains, stats), beside
-
-    def _listing(self) -> dict[str, LiveDomain]:
-        return self._domains(self._stats())
-
-    def _stats(self) -> list:
         try:
-            return self._conn.getAllDomainStats(libvirt.VIR_DOMAIN_STATS_STATE)
+            stats = self._conn.getAllDomainStats(libvirt.VIR_DOMAIN_STATS_STATE)
         except libvirt.libvirtError as exc:
             raise HypervisorError(f"cannot list domains at {self.uri}: {_error(exc)}") from exc
-
-    def _domains(self, stats: list) -> dict[str, LiveDomain]:
         # A sync acts on a few of them: no second lookup, and their states read again in bulk.
         return _live_domains(stats, self._handles)
 

@@ -672,10 +672,9 @@ class HostOperations:
         """The sync itself; the caller holds the host's sync lock."""
         with self.connect() as hv:
             at = now()
-            # The records are read while libvirt lists. Whichever ends first, nothing is
-            # written or done on what they say: what changes is read again under its lock.
+            live = hv.list_all()
             # Rows, not records: a Record is built only for the few distinct situations decided.
-            live, records = hv.list_all_beside(lambda: self.store.rows_for_host(self.host))
+            records = self.store.rows_for_host(self.host)
             missing = [uuid for uuid in live if uuid not in records]
             elsewhere = self.store.get_many(missing) if missing else {}
             for uuid, row in records.items():

@@ -285,12 +285,6 @@ class SimHypervisor(Hypervisor):
         self.sim.world.listed(self.sim)
         return listed
 
-    def list_all_beside(self, meanwhile):
-        """The records first, then the listing and the sim's chance to run an event-path job:
-        in a real sync the two reads overlap, and the records may be the older."""
-        rows = meanwhile()
-        return self.list_all(), rows
-
     def find_listed(self, uuids):
         return self._overlay(super().find_listed(uuids))
 

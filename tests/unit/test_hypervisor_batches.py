@@ -1,7 +1,6 @@
 """Batched libvirt calls on the test driver: the migration checks and the power actions of a
 sync are handed to the connection's thread once for them all, each call still bounded on its
-own, and each domain's outcome its own (a failure or a hung call acts on no other domain); and
-the listing, during which a sync reads its records."""
+own, and each domain's outcome its own (a failure or a hung call acts on no other domain)."""
 
 import threading
 import time
@@ -193,31 +192,3 @@ def test_a_sync_records_each_vm_s_own_outcome_when_a_power_off_hangs(store, test
     assert last.isActive()
     assert "cannot power off" in store.history(last.UUIDString())[-1]["reason"]
 
-
-def test_the_listing_runs_while_the_records_are_read(testdriver):
-    dom = testdriver.define("l")
-    seen = []
-    with Hypervisor(TEST_URI) as hv:
-        listed, read = hv.list_all_beside(lambda: seen.append(threading.current_thread()) or "rows")
-        assert dom.UUIDString() in listed and read == "rows"
-        assert seen == [threading.current_thread()]  # on this thread, not libvirt's
-        with pytest.raises(ValueError, match="unreadable"):
-            hv.list_all_beside(lambda: (_ for _ in ()).throw(ValueError("unreadable")))
-        assert dom.UUIDString() in hv.list_all()  # the connection is as usable as before
-
-
-def test_a_hung_listing_is_given_up_however_long_the_records_took(testdriver):
-    never = threading.Event()
-
-    class _HungListing(Hypervisor):
-        def _stats(self):
-            never.wait(30)
-            return []
-
-    try:
-        with _HungListing(TEST_URI, call_timeout=0.5) as hv:
-            with pytest.raises(LibvirtTimeout, match=r"within 0.5s \(to list the domains\)"):
-                hv.list_all_beside(lambda: time.sleep(0.1))
-            assert hv.stuck == "list the domains"
-    finally:
-        never.set()

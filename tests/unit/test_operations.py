@@ -323,12 +323,6 @@ class _ListingThen(Hypervisor):
         type(self).then()
         return listed
 
-    def list_all_beside(self, meanwhile):
-        # A sync reads its records while libvirt lists: here, both before ``then()``.
-        listed, rows = super().list_all_beside(meanwhile)
-        type(self).then()
-        return listed, rows
-
 
 def test_a_sync_never_writes_its_listing_over_a_newer_record_from_the_event_path(store, testdriver):
     dom = testdriver.define("web")
