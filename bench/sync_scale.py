@@ -21,6 +21,13 @@ process of its own (``harness.in_subprocess``):
     one bulk listing (``getAllDomainStats(VIR_DOMAIN_STATS_STATE)``) and one SQLite
     transaction writing every domain's power state, nothing else: no sync can do less.
 
+vmpower and the floor are measured head to head: in ``ROUNDS`` rounds, each a fresh process
+for vmpower then one for the floor, each the best of its runs; each keeps its best round. On a
+machine whose load changes (a CI run beside it), the two then meet the same load. A last process
+at the largest size times where each one's time goes (``bench.breakdown``): vmpower's listing,
+records, locks, decisions, migration checks, power actions, transaction and audit rows, against
+the floor's listing and transaction.
+
 The host: N domains on libvirt's test driver, half of them running, all adopted by a first
 sync (timed too, for vmpower: it is what a new minion pays once). Then 1% of the running ones
 are destroyed behind vmpower's back (their records say active: the sync records them off and,
@@ -64,6 +71,7 @@ SIZES = (100, 1_000, 10_000)
 SMOKE_SIZES = (100,)
 REPEATS = 5        # best of this many runs for time ...
 RUN_BUDGET = 15.0  # ... or fewer, once the runs of one measurement have taken this long (s)
+ROUNDS = 3         # vmpower and the floor, head to head: this many fresh processes each
 TARGET_N = 10_000
 TARGET_SPEEDUP = 20.0   # vmpower at least this many times faster than nova-style
 TARGET_OVER_FLOOR = 1.3  # vmpower at most this many times the floor
@@ -237,20 +245,33 @@ def _nova(store: Store, every_row: bool) -> dict:
 
 def sync_floor(db: sqlite3.Connection) -> dict:
     """The least any sync can do: one listing, one transaction writing N power states."""
+    rows = floor_listing()
+    floor_transaction(db, rows)
+    return {"checked": len(rows), "updated": len(rows), "actions": 0}
+
+
+def floor_listing() -> list[tuple[str, str]]:
+    """The floor's listing: every domain's power state and UUID, from one bulk call."""
     conn = libvirt.open(URI)
     try:
         stats = conn.getAllDomainStats(libvirt.VIR_DOMAIN_STATS_STATE)
         rows = [(POWER[values["state.state"]], dom.UUIDString()) for dom, values in stats]
+        del stats  # its handles are freed here, as vmpower's are when it closes its connection
     finally:
         conn.close()
+    return rows
+
+
+def floor_transaction(db: sqlite3.Connection, rows: list[tuple[str, str]]) -> None:
+    """The floor's transaction: every power state written, one commit (full fsync)."""
     db.execute("BEGIN IMMEDIATE")
     db.executemany("UPDATE instances SET power_state = ? WHERE uuid = ?", rows)
     db.execute("COMMIT")
-    return {"checked": len(rows), "updated": len(rows), "actions": 0}
 
 
-def measure(implementation: str, n: int, scratch: str) -> dict:
-    """Measure one implementation at one size; run by ``harness.in_subprocess``.
+def measure(implementation: str, n: int, scratch: str, first_sync: bool = True) -> dict:
+    """Measure one implementation at one size; run by ``harness.in_subprocess``. For
+    vmpower, a new minion's first sync too, unless not ``first_sync``.
 
     Raises if an implementation did other work than the scenario calls for: a benchmark of
     the wrong job is worse than none.
@@ -262,7 +283,7 @@ def measure(implementation: str, n: int, scratch: str) -> dict:
         scenario = Scenario(n, Path(workdir))
         result = {implementation: harness.best_of(REPEATS, RUN_BUDGET,
                                                   lambda: scenario.steady(opener), sync)}
-        if implementation == VMPOWER:
+        if implementation == VMPOWER and first_sync:
             result[FIRST_SYNC] = harness.best_of(REPEATS, RUN_BUDGET,
                                                  lambda: scenario.first_sync(open_store), sync_vmpower)
     for name, point in result.items():
@@ -270,6 +291,67 @@ def measure(implementation: str, n: int, scratch: str) -> dict:
         if point["work"] != expected:
             raise RuntimeError(f"{name} did {point['work']}, the scenario calls for {expected}")
     return result
+
+
+# Where the time goes: each phase of vmpower's sync, by the methods that do it.
+VMPOWER_PHASES = (
+    ("connection (open, close)", "vmpower.hypervisor:Hypervisor", ("__enter__", "__exit__")),
+    ("listing", "vmpower.hypervisor:Hypervisor", ("list_all",)),
+    ("reading records", "vmpower.store:Store", ("rows_for_host", "for_host", "get_many")),
+    ("locks (host, changed VMs)", "vmpower.store:Store", ("try_locks", "lock")),
+    ("host state (systemctl)", "vmpower.operations:HostOperations", ("_host_stopping",)),
+    ("state re-reads (bulk)", "vmpower.hypervisor:Hypervisor", ("find_listed", "find", "state")),
+    ("migration checks", "vmpower.hypervisor:Hypervisor", ("migration_jobs", "migration_job")),
+    ("power actions", "vmpower.hypervisor:Hypervisor", ("power_actions", "power_off", "start")),
+    ("transaction", "vmpower.store:Store", ("commit",)),
+    ("audit rows", "vmpower.store.base:", ("diff",)),
+    ("audit rows", "vmpower.store:SqliteStore", ("_run_many",)),
+)
+VMPOWER_REST = "deciding (the loop over every domain) and the rest"
+FLOOR_PHASES = (("listing", "bench.sync_scale:", ("floor_listing",)),
+                ("transaction", "bench.sync_scale:", ("floor_transaction",)))
+# Context managers: their entering and leaving are timed too.
+CONTEXTS = {"try_locks", "lock"}
+
+
+def measure_breakdown(n: int, scratch: str) -> dict:
+    """Where vmpower's and the floor's time goes at one size, in one process: the phases of
+    each one's best of ``REPEATS`` runs, the two taking turns; run by ``harness.in_subprocess``."""
+    import importlib
+
+    from bench.breakdown import REST, Phases
+
+    def timed(phases_of: tuple) -> Phases:
+        phases = Phases()
+        for phase, where, attributes in phases_of:
+            module, _, owner = where.partition(":")
+            target = importlib.import_module(module)
+            target = getattr(target, owner) if owner else target
+            for attribute in attributes:
+                phases.wrap(target, attribute, phase, context=attribute in CONTEXTS)
+        return phases
+
+    result: dict = {}
+    with tempfile.TemporaryDirectory(dir=scratch) as workdir:
+        scenario = Scenario(n, Path(workdir))
+        best: dict[str, tuple[float, dict]] = {}
+        for _ in range(REPEATS):
+            for name, phases_of, opener, sync, rest in (
+                    (VMPOWER, VMPOWER_PHASES, open_store, sync_vmpower, VMPOWER_REST),
+                    (FLOOR, FLOOR_PHASES, open_sqlite, sync_floor, "the rest")):
+                phases = timed(phases_of)
+                try:
+                    with scenario.steady(opener) as handle:
+                        took, _work = phases.timing(lambda: sync(handle))  # noqa: B023
+                finally:
+                    phases.restore()
+                if name not in best or took < best[name][0]:
+                    seconds = dict(phases.seconds)
+                    seconds[rest] = seconds.pop(REST, 0.0)
+                    best[name] = (took, seconds)
+        for name, (took, seconds) in best.items():
+            result[name] = {"seconds": took, "phases": seconds}
+    return {"n": n, **result}
 
 
 def _expected_work(name: str, n: int, drifts: int) -> dict:
@@ -288,13 +370,27 @@ def run(smoke: bool, scratch: Path) -> dict:
     sizes = SMOKE_SIZES if smoke else SIZES
     series: dict[str, list[dict]] = {name: [] for name in SERIES}
     for n in sizes:
-        for implementation in (VMPOWER, NOVA, NOVA_CHANGED, FLOOR):
+        for implementation in (NOVA, NOVA_CHANGED):
             print(f"sync_scale: {implementation}, N={n:,}", file=sys.stderr, flush=True)
-            measured = harness.in_subprocess(measure, implementation=implementation, n=n,
-                                             scratch=str(scratch))
-            rss = measured.pop("max_rss_kib")  # the whole process's, test driver included
-            for name, point in measured.items():
-                series[name].append({"n": n, **point, "process_max_rss_kib": rss})
+            _add(series, n, harness.in_subprocess(measure, implementation=implementation, n=n,
+                                                  scratch=str(scratch)))
+        rounds: dict[str, list[dict]] = {VMPOWER: [], FLOOR: []}
+        for turn in range(1 if smoke else ROUNDS):  # head to head: the same load for both
+            for implementation in (VMPOWER, FLOOR):
+                print(f"sync_scale: {implementation}, N={n:,}, round {turn + 1}", file=sys.stderr,
+                      flush=True)
+                measured = harness.in_subprocess(measure, implementation=implementation, n=n,
+                                                 scratch=str(scratch), first_sync=turn == 0)
+                if FIRST_SYNC in measured:
+                    _add(series, n, {FIRST_SYNC: measured.pop(FIRST_SYNC),
+                                     "max_rss_kib": measured["max_rss_kib"]})
+                rounds[implementation].append(measured)
+        for implementation, measured in rounds.items():
+            _add(series, n, _best_round(implementation, measured))
+    largest = max(sizes)
+    print(f"sync_scale: where the time goes, N={largest:,}", file=sys.stderr, flush=True)
+    breakdown = harness.in_subprocess(measure_breakdown, n=largest, scratch=str(scratch))
+    breakdown.pop("max_rss_kib")
 
     def seconds(name: str, n: int) -> float:
         return next(point["seconds"] for point in series[name] if point["n"] == n)
@@ -307,18 +403,47 @@ def run(smoke: bool, scratch: Path) -> dict:
     growth = {name: {"time": harness.growth(sizes, [p["seconds"] for p in points]),
                      "memory": harness.growth(sizes, [p["peak_bytes"] for p in points])}
               for name, points in series.items()}
+    for ratio in ratios:
+        # Round by round: how far the best-of ratio moves with the machine's load.
+        ratio["vmpower_over_floor_rounds"] = [
+            ours / theirs for ours, theirs in zip(
+                next(p["rounds"] for p in series[VMPOWER] if p["n"] == ratio["n"]),
+                next(p["rounds"] for p in series[FLOOR] if p["n"] == ratio["n"]))]
+        ratio["vmpower_heap_over_floor"] = (
+            next(p["peak_bytes"] for p in series[VMPOWER] if p["n"] == ratio["n"])
+            / next(p["peak_bytes"] for p in series[FLOOR] if p["n"] == ratio["n"]))
     at_target = next((r for r in ratios if r["n"] == TARGET_N), None)
     targets = []
     for text, key, goal, met in (
             (f"vmpower at least {TARGET_SPEEDUP:g}× faster than nova-style", "nova_over_vmpower",
              TARGET_SPEEDUP, operator.ge),
             (f"vmpower within {TARGET_OVER_FLOOR:g}× of the floor", "vmpower_over_floor",
-             TARGET_OVER_FLOOR, operator.le)):
+             TARGET_OVER_FLOOR, operator.le),
+            (f"vmpower's peak heap within {TARGET_HEAP_OVER_FLOOR:g}× of the floor's",
+             "vmpower_heap_over_floor", TARGET_HEAP_OVER_FLOOR, operator.le)):
         measured = at_target[key] if at_target else None
         targets.append({"target": text, "n": TARGET_N, "measured": measured,
                         "met": None if measured is None else met(measured, goal)})
     return {"sizes": list(sizes), "series": series, "ratios": ratios, "growth": growth,
-            "targets": targets}
+            "targets": targets, "breakdown": breakdown}
+
+
+def _add(series: dict[str, list[dict]], n: int, measured: dict) -> None:
+    """The points of one measuring process into ``series``."""
+    rss = measured.pop("max_rss_kib")  # the whole process's, test driver included
+    for name, point in measured.items():
+        series[name].append({"n": n, **point, "process_max_rss_kib": rss})
+
+
+def _best_round(implementation: str, rounds: list[dict]) -> dict:
+    """One implementation's head-to-head rounds as one point: the best round's time and work,
+    every round's runs, and the largest peak heap of any round."""
+    points = [measured[implementation] for measured in rounds]
+    best = min(points, key=lambda point: point["seconds"])
+    return {implementation: {**best, "runs": [run for point in points for run in point["runs"]],
+                             "rounds": [point["seconds"] for point in points],
+                             "peak_bytes": max(point["peak_bytes"] for point in points)},
+            "max_rss_kib": max(measured["max_rss_kib"] for measured in rounds)}
 
 
 def markdown(result: dict) -> str:
@@ -351,8 +476,9 @@ def markdown(result: dict) -> str:
         f"SQLite (WAL, synchronous=FULL) on the results' filesystem. nova-style is the baseline, "
         f"Nova's access pattern (per instance a lookup, an info() and a commit); \"changed rows\" "
         f"commits only the rows that change, as Nova itself does. Each implementation runs in a "
-        f"fresh process; "
-        f"time is the best of {best_of} runs, memory the tracemalloc peak of the "
+        f"fresh process; vmpower and the floor head to head, in {ROUNDS} rounds of a process "
+        f"each, one after the other, so that both meet the same load (one round in a smoke "
+        f"run). Time is the best of {best_of} runs, memory the tracemalloc peak of the "
         f"Python heap during one more. The test driver answers in-process (about 5 µs for a "
         f"lookup and an info(), against about 200 µs from libvirtd over its socket), which "
         f"flatters the per-instance baselines: on a real host the gap is wider. "
@@ -366,9 +492,14 @@ def markdown(result: dict) -> str:
         harness.table(["target", "measured", "verdict"],
                       [[t["target"], "" if t["measured"] is None else harness.ratio(t["measured"]),
                         verdict[t["met"]]] for t in result["targets"]]),
+        "vmpower ÷ floor in each head-to-head round (each implementation's best run of the "
+        "round): " + "; ".join(
+            f"N = {r['n']:,}: " + ", ".join(harness.ratio(x) for x in r["vmpower_over_floor_rounds"])
+            for r in result["ratios"]) + ".",
         f"Work done at N = {largest:,} (domains checked / records written / actions): " + "; ".join(
             f"{name} {w['checked']:,} / {w['updated']:,} / {w['actions']:,}"
             for name, w in work.items()) + ".",
+        *_breakdown_markdown(result),
     ])
 
 
@@ -392,6 +523,36 @@ def against_floor(result: dict) -> list[harness.FloorRow]:
                          judged, note),
         harness.FloorRow(PART, f"Nova-style sync of {n:,} domains (context)", at(NOVA, "seconds"),
                          at(FLOOR, "seconds"), FLOOR_IS, None, "s"),
+        harness.FloorRow(PART, f"Nova-style, committing only changed rows, {n:,} domains (context)",
+                         at(NOVA_CHANGED, "seconds"), at(FLOOR, "seconds"), FLOOR_IS, None, "s"),
+    ]
+
+
+def _breakdown_markdown(result: dict) -> list[str]:
+    """The breakdown's table: each phase of vmpower's sync beside the floor's."""
+    breakdown = result.get("breakdown")
+    if not breakdown:
+        return []
+    ours, floor = breakdown[VMPOWER], breakdown[FLOOR]
+    phases = list(dict.fromkeys([name for name, _, _ in VMPOWER_PHASES] + [VMPOWER_REST]))
+    def signed(value: float) -> str:
+        return ("−" if value < 0 else "") + harness.seconds(abs(value))
+
+    rows = []
+    for phase in phases:
+        mine = ours["phases"].get(phase, 0.0)
+        theirs = floor["phases"].get(phase)
+        rows.append([phase, harness.seconds(mine), "" if theirs is None else harness.seconds(theirs),
+                     signed(mine - (theirs or 0.0))])
+    rest = floor["phases"].get("the rest", 0.0)
+    rows.append(["the floor's rest", "", harness.seconds(rest), signed(-rest)])
+    rows.append(["**total**", harness.seconds(ours["seconds"]), harness.seconds(floor["seconds"]),
+                 signed(ours["seconds"] - floor["seconds"])])
+    return [
+        (f"**Where the time goes** (N = {breakdown['n']:,}; one process, vmpower and the floor "
+         f"taking turns, the phases of each one's best of {REPEATS} runs; each method timed on "
+         f"its own, a method called inside another counted once, in its own phase)"),
+        harness.table(["phase", "vmpower", "floor", "vmpower − floor"], rows),
     ]
 
 

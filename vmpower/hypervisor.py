@@ -24,7 +24,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, NamedTuple
 from xml.etree import ElementTree
 
@@ -84,9 +84,11 @@ def _error(exc: Exception) -> str:
 
 def _live_domains(stats, handles: dict | None = None) -> dict[str, LiveDomain]:
     """``getAllDomainStats`` / ``domainListGetStats`` with VIR_DOMAIN_STATS_STATE, by UUID;
-    each domain's handle also into ``handles``, if given."""
+    each domain's handle also into ``handles``, if given. ``stats`` is emptied as it is read:
+    a large listing is not held twice over (its entries and the domains made of them)."""
     domains = {}
-    for dom, values in stats:
+    for i, (dom, values) in enumerate(stats):
+        stats[i] = None
         uuid = dom.UUIDString()
         if handles is not None:
             handles[uuid] = dom
@@ -143,8 +145,60 @@ class _Caller:
             return value
         raise value
 
+    def call_each(self, timeout: float, run: Callable, function: Callable, items: Sequence):
+        """``function(item)`` for each of ``items`` on the thread, one after the other, handed
+        over once; ``run(batch)`` runs the batch there (``_Batch.run``, or it wrapped). Each
+        call may take ``timeout`` seconds, counted from when it began (the first from now).
+
+        Returns the outcome of each call made, ``(True, value)`` or ``(False, exception)``,
+        and whether the call after them did not return in time: then no later one is begun,
+        even if that call returns after all. A BaseException raised by a call ends the batch
+        and is raised here."""
+        batch = _Batch(function, items)
+        outcome: list = []
+        done = threading.Event()
+        self._jobs.put((run, (batch,), outcome, done))
+        wait = timeout
+        while not done.wait(wait):
+            with batch.lock:
+                waited = time.monotonic() - batch.since
+                if waited >= timeout:
+                    batch.given_up = True
+                    return list(batch.outcomes), True
+                wait = timeout - waited
+        ok, value = outcome[0]
+        if not ok:
+            raise value
+        return batch.outcomes, False
+
     def stop(self) -> None:
         self._jobs.put(None)
+
+
+class _Batch:
+    """Calls made one after the other on a ``_Caller``'s thread, each timed on its own."""
+
+    def __init__(self, function: Callable, items: Sequence):
+        self.function = function
+        self.items = items
+        self.outcomes: list[tuple[bool, object]] = []
+        self.lock = threading.Lock()  # the caller gives up only between begun and done
+        self.since = time.monotonic()  # when the call under way began
+        self.given_up = False
+
+    def run(self) -> None:
+        """On the caller's thread: each call, unless the caller has given up on the batch."""
+        for item in self.items:
+            with self.lock:
+                if self.given_up:
+                    return
+                self.since = time.monotonic()
+            try:
+                outcome = (True, self.function(item))
+            except Exception as exc:  # this item's outcome, not the batch's
+                outcome = (False, exc)
+            with self.lock:
+                self.outcomes.append(outcome)
 
 
 def _bounded(what: str):
@@ -239,6 +293,43 @@ class Hypervisor:
             raise LibvirtTimeout(f"libvirt at {self.uri} did not answer within "
                                  f"{self.call_timeout:g}s (to {what}): libvirtd, or the domain's "
                                  f"QEMU, is not responding") from None
+
+    def _bounded_each(self, what: Callable[[object], str], function: Callable,
+                      items: Sequence) -> list[tuple[bool, object]]:
+        """``function(item)`` for each of ``items`` on the connection's thread, handed over
+        once rather than once each, each call bounded by ``call_timeout`` seconds on its own;
+        ``what(item)`` names a call in an error.
+
+        Returns each item's outcome, in order: ``(True, value)``, or ``(False, exception)``
+        for one that raised. A call that does not return in time is a LibvirtTimeout, leaves
+        the connection unusable (as in ``_bounded_call``), and the items after it are not
+        tried: each is a LibvirtTimeout saying so. Nothing is done for an empty batch."""
+        if not items:
+            return []
+        if self._caller is None:
+            raise HypervisorError(f"no connection to libvirt at {self.uri}: use Hypervisor in a with block")
+        if threading.current_thread() is self._caller.thread:
+            batch = _Batch(function, items)
+            batch.run()
+            return batch.outcomes
+        if self._stuck is None:
+            def run(batch: _Batch) -> None:
+                self._call_fresh(batch.run, (), {})
+            outcomes, timed_out = self._caller.call_each(self.call_timeout, run, function, items)
+            if not timed_out:
+                return outcomes
+            item = items[len(outcomes)]
+            self._stuck = what(item)
+            outcomes.append((False, LibvirtTimeout(
+                f"libvirt at {self.uri} did not answer within {self.call_timeout:g}s (to "
+                f"{what(item)}): libvirtd, or the domain's QEMU, is not responding")))
+        else:
+            outcomes = []
+        for item in items[len(outcomes):]:
+            outcomes.append((False, LibvirtTimeout(
+                f"libvirt at {self.uri} is still busy with '{self._stuck}', which did not "
+                f"return: cannot {what(item)}")))
+        return outcomes
 
     def _call_fresh(self, function: Callable, args: tuple, kwargs: dict):
         """On the connection's thread: reopen a connection idle for long where keepalive cannot
@@ -397,6 +488,22 @@ class Hypervisor:
         return operation in (libvirt.VIR_DOMAIN_JOB_OPERATION_MIGRATION_IN,
                              libvirt.VIR_DOMAIN_JOB_OPERATION_MIGRATION_OUT)
 
+    def migration_jobs(self, uuids: Sequence[str]) -> dict[str, bool | None]:
+        """``migration_job`` of each domain, handed to the connection's thread once for them
+        all, each call bounded on its own. A domain whose job cannot be told is None, as in
+        ``migration_job``; a call that does not return in time raises LibvirtTimeout, as one
+        call would (no domain of the batch can then be acted on: its check is missing)."""
+        jobs: dict[str, bool | None] = {}
+        for uuid, (ok, value) in zip(uuids, self._bounded_each(
+                lambda uuid: f"read the job of {uuid}", self.migration_job, uuids)):
+            if not ok:
+                if isinstance(value, LibvirtTimeout):
+                    raise value
+                log.warning("vmpower: cannot read the job of %s at %s: %s", uuid, self.uri, value)
+                value = None
+            jobs[uuid] = value
+        return jobs
+
     @_bounded('list the autostarted domains')
     def autostart_set(self) -> set[str] | None:
         """The UUIDs of the domains libvirt starts when it starts, in one bulk call; None when
@@ -431,6 +538,26 @@ class Hypervisor:
             raise HypervisorError(f"cannot power off {dom.name()} at {self.uri}: "
                                   f"{_error(exc)}") from exc
         return True
+
+    def power_actions(self, actions: Sequence[tuple[str, str]]) -> dict[str, bool | Exception]:
+        """Each ``(action, uuid)``: ``power_off`` or ``start`` (the action's name) the domain,
+        handed to the connection's thread once for them all, each call bounded on its own.
+
+        Each domain's result is its own: what ``power_off`` or ``start`` returned, or the
+        exception its call raised. A call that does not return in time is a LibvirtTimeout,
+        and the domains after it are not acted on: each is a LibvirtTimeout saying so."""
+        verbs = {"power_off": "power off", "start": "start"}
+        for action, _uuid in actions:
+            if action not in verbs:
+                raise ValueError(f"not a power action: {action!r}")
+        outcomes = self._bounded_each(lambda item: f"{verbs[item[0]]} {item[1]}",
+                                      lambda item: getattr(self, item[0])(item[1]), actions)
+        return {uuid: value for (_action, uuid), (_ok, value) in zip(actions, outcomes)}
+
+    @property
+    def stuck(self) -> str | None:
+        """The call that did not return in time, if one did not: the connection is unusable."""
+        return self._stuck
 
     @staticmethod
     def _running(dom) -> bool:

@@ -22,6 +22,7 @@ import collections
 import contextlib
 import dataclasses
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 
@@ -54,12 +55,12 @@ from vmpower.core.rules import (
     refuse_power,
     reset,
 )
-from vmpower.core.settings import InstancePolicy, Settings
+from vmpower.core.settings import DEFAULT_POLICY, InstancePolicy, Settings
 from vmpower.eventloop import read_status
-from vmpower.hypervisor import Hypervisor, LiveDomain
+from vmpower.hypervisor import Hypervisor, HypervisorError, LibvirtTimeout, LiveDomain
 from vmpower.journal import Journal, JournalError
 from vmpower.measurements import Measurements
-from vmpower.store import Change, Note, Store, describe_holder
+from vmpower.store import Change, Note, Store, describe_holder, record_of
 from vmpower.wakeup import WakeUps
 
 log = logging.getLogger(__name__)
@@ -89,6 +90,37 @@ class Acted:
 
     uuid: str
     finish: Callable[[PowerState | Exception], Outcome]
+
+
+@dataclasses.dataclass(frozen=True)
+class ToAct:
+    """A power action decided, to be carried out with others in one hand-off to libvirt's
+    thread; ``then`` gives what came of it from its result (or the exception it raised)."""
+
+    uuid: str
+    action: str
+    then: Callable[[bool | Exception], Outcome | Acted]
+
+
+@dataclasses.dataclass(frozen=True)
+class Recheck:
+    """A sync's domain to decide again on every fact, once the migration jobs of all such
+    domains of its chunk have been read in one hand-off."""
+
+    uuid: str
+    record: Record
+    state: LiveState
+    base: Facts
+    policy: InstancePolicy
+    error: str | None
+    preface: str
+    cause: Cause
+    at: float
+    test: bool
+
+
+# Not read yet: a migration job is read only for a domain that runs or is paused.
+_UNREAD = object()
 
 
 class OperationError(RuntimeError):
@@ -127,6 +159,7 @@ class HostOperations:
         self._alive = alive
         self._stopping = stopping
         self._stopping_seen: tuple[float, bool | None] | None = None
+        self._stopping_ahead: tuple[float, threading.Thread, list] | None = None
 
     def connect(self) -> Hypervisor:
         return self._hypervisor(self.settings.uri)
@@ -208,9 +241,37 @@ class HostOperations:
             return self._alive(task_owner)
         return hostinfo.owner_alive(task_owner, self.host)
 
+    def _host_stopping_soon(self) -> None:
+        """Start asking ``stopping()`` on a thread of its own, for the decisions about to need
+        it: the read (systemctl, a process) then runs while a sync locks and reads its VMs
+        again. ``_host_stopping`` waits for it, and takes it as it takes any answer less than
+        a second old."""
+        if self._stopping_ahead is not None or (
+                self._stopping_seen is not None and self._clock() - self._stopping_seen[0] < 1.0):
+            return
+        answer: list = []
+
+        def ask() -> None:
+            try:
+                answer.append((True, self._stopping()))
+            except BaseException as exc:  # raised where the answer is waited for
+                answer.append((False, exc))
+        thread = threading.Thread(target=ask, name="vmpower-host-state", daemon=True)
+        self._stopping_ahead = (self._clock(), thread, answer)
+        thread.start()
+
     def _host_stopping(self) -> bool | None:
         """``stopping()``, asked again at most once a second (a sync may ask for many VMs)."""
         clock = self._clock()
+        ahead, self._stopping_ahead = self._stopping_ahead, None
+        if ahead is not None:
+            asked, thread, answer = ahead
+            thread.join()  # bounded by the read itself (systemctl is given 2 s)
+            ok, value = answer[0]
+            if not ok:
+                raise value
+            if clock - asked < 1.0:
+                self._stopping_seen = (asked, value)
         if self._stopping_seen is None or clock - self._stopping_seen[0] >= 1.0:
             self._stopping_seen = (clock, self._stopping())
         return self._stopping_seen[1]
@@ -222,16 +283,19 @@ class HostOperations:
         return dataclasses.replace(base, owner_alive=alive, host_stopping=stopping)
 
     def _full_facts(self, hv: Hypervisor, uuid: str, record: Record | None, live: LiveState,
-                    base: Facts) -> Facts:
-        """``base`` with what is read per domain: only what this decision can need."""
-        migrating = False
-        if live.power_state in (PowerState.RUNNING, PowerState.PAUSED):
+                    base: Facts, migrating=_UNREAD) -> Facts:
+        """``base`` with what is read per domain: only what this decision can need.
+        ``migrating``: the domain's migration job, if it was read already (in a batch)."""
+        if not _may_migrate(live):
+            migrating = False
+        elif migrating is _UNREAD:
             migrating = hv.migration_job(uuid)
         on_crash = hv.on_crash(uuid) if live.is_crash else None
         alive = self._owner_alive(record.task_owner, base.boot_id) if record and record.task_state else None
         stopping = self._host_stopping() if live.power_state.is_off else None
         gone, at = self._journaled(uuid, base.boot_id) if live.power_state.is_off else ("", 0.0)
-        return dataclasses.replace(base, migrating=migrating, on_crash=on_crash, owner_alive=alive,
+        return dataclasses.replace(base, migrating=migrating, migration_unknown=migrating is None,
+                                   on_crash=on_crash, owner_alive=alive,
                                    host_stopping=stopping, seen_at=at,
                                    seen_off=gone if live.reason == REASON_LOST else None)
 
@@ -266,13 +330,14 @@ class HostOperations:
         return adoption.after
 
     def _carry_out(self, hv: Hypervisor, record: Record, decision: Decision, cause: Cause,
-                   at: float, facts: Facts, test: bool = False) -> Outcome | Acted:
+                   at: float, facts: Facts, test: bool = False) -> Outcome | ToAct:
         """Act on one decision; the caller holds the instance lock and records the outcome.
 
         ``conduct`` (the core) says whether to: a dry run (``test``) writes and does
         nothing and reports what would be done; observe mode records what was observed,
-        audits what it would have done, and never acts. A power action gives an ``Acted``:
-        its outcome is known once the domain's power state is read after it (``_settle``)."""
+        audits what it would have done, and never acts. A power action gives a ``ToAct``,
+        carried out with the others of its batch (``_act``), then an ``Acted``: its outcome is
+        known once the domain's power state is read after it (``_settle``)."""
         fields = dict(decision.observed)
         how = conduct(decision.action.value, self.settings.mode, test)
         if not how.act:
@@ -281,25 +346,27 @@ class HostOperations:
             fields.update(decision.outcome)
             return self._outcome(record, decision, cause, at, fields, "recorded" if fields else "nothing to do")
         fields.update(decision.attempted)  # tried: it counts, whatever comes of it
-        try:
-            if decision.action is Action.POWER_OFF:
-                result = "powered off" if hv.power_off(record.uuid) else "already off"
-            else:
-                result = "started" if hv.start(record.uuid) else "already running"
-        except Exception as exc:  # recorded and reported; the next sync tries again
-            return self._failed(record, decision, cause, at, fields, exc)
-        fields.update(decision.outcome)
 
-        def finish(power: PowerState | Exception) -> Outcome:
-            if isinstance(power, Exception):
-                return self._failed(record, decision, cause, at, fields, power)
-            # From the record as decided: an off spell the decision dated (from what the
-            # beacon observed) is kept when the domain was already off.
-            books = _off_books(record.replace(**fields), power, facts)
-            fields["power_state"] = power
-            fields.update(books)
-            return self._outcome(record, decision, cause, at, fields, result)
-        return Acted(record.uuid, finish)
+        def acted(done: bool | Exception) -> Outcome | Acted:
+            if isinstance(done, Exception):  # recorded and reported; the next sync tries again
+                return self._failed(record, decision, cause, at, fields, done)
+            if decision.action is Action.POWER_OFF:
+                result = "powered off" if done else "already off"
+            else:
+                result = "started" if done else "already running"
+            fields.update(decision.outcome)
+
+            def finish(power: PowerState | Exception) -> Outcome:
+                if isinstance(power, Exception):
+                    return self._failed(record, decision, cause, at, fields, power)
+                # From the record as decided: an off spell the decision dated (from what the
+                # beacon observed) is kept when the domain was already off.
+                books = _off_books(record.replace(**fields), power, facts)
+                fields["power_state"] = power
+                fields.update(books)
+                return self._outcome(record, decision, cause, at, fields, result)
+            return Acted(record.uuid, finish)
+        return ToAct(record.uuid, decision.action.value, acted)
 
     def _failed(self, record: Record, decision: Decision, cause: Cause, at: float, fields: dict,
                 exc: Exception) -> Outcome:
@@ -320,11 +387,24 @@ class HostOperations:
                        retry_in=decision.retry_in)
 
     @staticmethod
+    def _act(hv: Hypervisor, decided: Sequence[Outcome | ToAct]) -> list[Outcome | Acted]:
+        """Carry out the power actions of ``decided`` in one hand-off to libvirt's thread;
+        each domain's outcome is its own result (an action that failed or timed out fails
+        that domain's outcome, and no other)."""
+        to_act = [(item.action, item.uuid) for item in decided if isinstance(item, ToAct)]
+        done = hv.power_actions(to_act) if to_act else {}
+        return [item.then(done[item.uuid]) if isinstance(item, ToAct) else item for item in decided]
+
+    @staticmethod
     def _settle(hv: Hypervisor, carried: Sequence[Outcome | Acted]) -> list[Outcome]:
         """The outcomes of ``carried``: the domains acted on have their power state read
         again, after the actions, in one bulk call (one by one for those it cannot read)."""
         acted = [item.uuid for item in carried if isinstance(item, Acted)]
-        after = hv.find_listed(acted) if acted else {}
+        try:
+            after = hv.find_listed(acted) if acted else {}
+        except HypervisorError as exc:  # a connection left busy: each read below says so
+            log.debug("vmpower: no bulk state read after the actions: %s", exc)
+            after = {}
         outcomes = []
         for item in carried:
             if isinstance(item, Acted):
@@ -369,13 +449,14 @@ class HostOperations:
                      dom: LiveDomain | None, boot_id: str,
                      observation: Observation | None = None, preface: str = "",
                      fresh: bool = True, test: bool = False,
-                     reread: dict[str, LiveDomain | None] | None = None) -> Outcome | Acted:
+                     reread: dict[str, LiveDomain | None] | None = None) -> Outcome | ToAct | Recheck:
         """Decide about one domain and act; the caller holds its instance lock.
 
         ``record`` was read under that lock; ``dom`` is the domain as read just now (``fresh``)
         or, for a sync, as read in bulk after that record under the lock (``reread``; the
         listing's only where the bulk read could not name it), decided first on the facts that
-        cost no libvirt call and read again with every fact before any action.
+        cost no libvirt call and read again with every fact before any action: a ``Recheck``,
+        which ``_rechecked`` decides once the sync has read the migration jobs in a batch.
         ``observation`` is what this host's beacon observed of the event being reconciled;
         ``preface`` goes before the decision's reason (what was made of the event's claims).
         """
@@ -423,10 +504,26 @@ class HostOperations:
             found = reread[uuid] if reread is not None and uuid in reread else hv.find(uuid)
             state = found.state if found else GONE
             if state != live or not fresh:
-                facts = self._full_facts(hv, uuid, record, state, base)
-                decision = _prefaced(decide(record, state, self.host, policy, self.settings, now(),
-                                            error, facts), preface)
+                recheck = Recheck(uuid, record, state, base, policy, error, preface, cause, at, test)
+                return recheck if not fresh else self._rechecked(hv, recheck)
         return self._carry_out(hv, record, decision, cause, at, base, test)
+
+    def _rechecked(self, hv: Hypervisor, recheck: Recheck, migrating=_UNREAD) -> Outcome | ToAct:
+        """Decide ``recheck`` on every fact (its migration job as read in a batch, if it was)."""
+        r = recheck
+        facts = self._full_facts(hv, r.uuid, r.record, r.state, r.base, migrating)
+        decision = _prefaced(decide(r.record, r.state, self.host, r.policy, self.settings, now(),
+                                    r.error, facts), r.preface)
+        return self._carry_out(hv, r.record, decision, r.cause, r.at, r.base, r.test)
+
+    def _rechecked_all(self, hv: Hypervisor,
+                       decided: Sequence[Outcome | ToAct | Recheck]) -> list[Outcome | ToAct]:
+        """Every ``Recheck`` of ``decided`` decided on every fact, the migration jobs of those
+        that run read in one batch (a call that times out raises: no domain is acted on)."""
+        rechecks = [item for item in decided if isinstance(item, Recheck)]
+        jobs = hv.migration_jobs([r.uuid for r in rechecks if _may_migrate(r.state)])
+        return [self._rechecked(hv, item, jobs.get(item.uuid, False))
+                if isinstance(item, Recheck) else item for item in decided]
 
     def _record(self, outcomes: Sequence[Outcome]) -> None:
         """Commit the outcomes decided under their instance locks, in one transaction."""
@@ -465,7 +562,7 @@ class HostOperations:
                                              hv.find(uuid), boot_id, belief.observation,
                                              preface, test=test)
                 decided = self._clock()  # before the action is carried out
-                [outcome] = self._settle(hv, [decision])
+                [outcome] = self._settle(hv, self._act(hv, [decision]))
                 if not test:
                     self._record([outcome])
         result = outcome.report
@@ -576,19 +673,24 @@ class HostOperations:
         with self.connect() as hv:
             at = now()
             live = hv.list_all()
-            records = self.store.for_host(self.host)
+            # Rows, not records: a Record is built only for the few distinct situations decided.
+            records = self.store.rows_for_host(self.host)
             missing = [uuid for uuid in live if uuid not in records]
             elsewhere = self.store.get_many(missing) if missing else {}
-            for uuid in records:
+            for uuid, row in records.items():
                 if uuid not in live:
-                    live[uuid] = LiveDomain(uuid, records[uuid].name, GONE)
+                    live[uuid] = LiveDomain(uuid, row[1], GONE)
             autostart = hv.autostart_set() if self.settings.instances else None
 
             adoptions: list[Change] = []
             to_lock: list[str] = []
             decide_once = _SyncDecisions(self, at, boot_id)
+            answers = decide_once.answers
+            # Without pillar entries every VM has the default policy: not asked 10,000 times.
+            uniform = None if self.settings.instances or self.settings.instance_errors else (
+                DEFAULT_POLICY, None)
             for uuid, dom in live.items():
-                policy, error = self._policy(uuid, dom.name)
+                policy, error = uniform or self._policy(uuid, dom.name)
                 if autostart is not None and dom.state is not GONE:
                     warning = autostart_warning(policy, uuid in autostart)
                     if warning:
@@ -597,7 +699,8 @@ class HostOperations:
                 if record is None:
                     facts = decide_once.facts
                     if dom.state.power_state is PowerState.PAUSED:  # an incoming migration?
-                        facts = dataclasses.replace(facts, migrating=hv.migration_job(uuid))
+                        job = hv.migration_job(uuid)
+                        facts = dataclasses.replace(facts, migrating=job, migration_unknown=job is None)
                     why = not_to_record(dom.state, policy, error, facts)
                     if why:
                         report["skipped"].append({"uuid": uuid, "name": dom.name, "reason": why,
@@ -606,7 +709,18 @@ class HostOperations:
                     adoption = self._adoption(dom, policy, Cause.SYNC, at, facts)
                     adoptions.append(adoption)
                     record = adoption.after
-                decision = decide_once(record, dom, policy, error)
+                # Each distinct situation decided once (_SyncDecisions): by identity, live
+                # states and policies are shared objects (live_state is memoised), and an equal
+                # but distinct one costs a second decision, never a wrong one. The key holds
+                # every field decide reads: all but uuid, name, updated_at and version.
+                state = dom.state
+                renamed = dom.name != record[1] and state is not GONE
+                key = (record[2:6] + record[8:], id(state), id(policy), error, renamed)
+                answer = answers.get(key)
+                decision, quiet = answer if answer is not None else decide_once(
+                    key, record, dom, policy, error, renamed)
+                if quiet:  # most VMs of a sync: in sync, nothing to write, report or retry
+                    continue
                 if decision.skipped:
                     report["skipped"].append({"uuid": uuid, "name": dom.name,
                                               "reason": decision.reason, "rule": decision.rule})
@@ -632,6 +746,8 @@ class HostOperations:
                 report["updated"] = len(adoptions) - len(lost)
             to_lock.extend(change.after.uuid for change in lost if change.after.uuid not in to_lock)
 
+            if any(live[uuid].state.power_state.is_off for uuid in to_lock):
+                self._host_stopping_soon()  # a VM seen off is decided on it, under its lock
             for start in range(0, len(to_lock), LOCK_CHUNK):
                 chunk = to_lock[start:start + LOCK_CHUNK]
                 with self.store.try_locks(chunk) as (held, busy):
@@ -647,7 +763,7 @@ class HostOperations:
                     # the event path may have written a newer record since the listing.
                     now_live = {uuid: reread[uuid] if uuid in reread else (
                         None if live[uuid].state is GONE else live[uuid]) for uuid in held}
-                    outcomes = self._settle(hv, [
+                    decided = self._rechecked_all(hv, [
                         self._decide_held(hv, uuid, Cause.SYNC, fresh.get(uuid),
                                           now_live[uuid], boot_id,
                                           self._last_observed(
@@ -655,8 +771,12 @@ class HostOperations:
                                               now_live[uuid].state if now_live[uuid] else GONE),
                                           fresh=False, test=test, reread=reread)
                         for uuid in held])
+                    outcomes = self._settle(hv, self._act(hv, decided))
                     if not test:
                         self._record(outcomes)
+                if hv.stuck is not None:  # each outcome is recorded; the sync still fails
+                    raise LibvirtTimeout(f"libvirt at {hv.uri} did not answer (to {hv.stuck}): "
+                                         f"the sync ends here")
                 for outcome in outcomes:
                     self._report_outcome(report, outcome, counted=not test)
                     if outcome.retry_in is not None:
@@ -725,6 +845,9 @@ class HostOperations:
         refusal = refuse_power(name, record, policy, error, vm_state, facts.owner_alive, live, self.host)
         if refusal is None and facts.migrating:
             refusal = f"{name} is in the middle of a migration: vmpower leaves it alone until it ends"
+        if refusal is None and facts.migration_unknown:
+            refusal = (f"libvirt could not say whether {name} is in the middle of a migration: "
+                       f"vmpower leaves it alone until it can")
         return refusal
 
     def power_refusal(self, target: str, vm_state: VmState) -> str | None:
@@ -853,6 +976,11 @@ class HostOperations:
         return result
 
 
+def _may_migrate(live: LiveState) -> bool:
+    """Whether a domain in this state can have a migration job worth reading."""
+    return live.power_state in (PowerState.RUNNING, PowerState.PAUSED)
+
+
 def _off_books(record: Record, power: PowerState, facts: Facts) -> dict:
     """The off-spell bookkeeping after vmpower itself changed a domain's power."""
     if power in (PowerState.SHUTDOWN, PowerState.CRASHED):
@@ -907,24 +1035,27 @@ class _SyncDecisions:
     ``decide`` is pure, and its answer does not depend on a VM's name or UUID, only on its
     record's states, its live state and its pillar: a host of thousands of VMs has a handful of
     distinct situations, so a sync need not decide thousands of times. (A renamed domain, and
-    the off-spell bookkeeping, are in the key, so they are decided on their own.)
+    the off-spell bookkeeping, are in the key, so they are decided on their own.) The sync's
+    loop makes each VM's key and looks it up in ``answers``; a miss is decided here.
     """
 
     def __init__(self, ops: HostOperations, at: float, boot_id: str):
         self._ops = ops
         self._at = at
         self.facts = ops._base_facts(boot_id)
-        self._answers: dict[tuple, Decision] = {}
+        self.answers: dict[tuple, tuple[Decision, bool]] = {}
 
-    def __call__(self, record: Record, dom: LiveDomain, policy: InstancePolicy,
-                 error: str | None) -> Decision:
-        # By identity: live states and policies are shared objects (live_state is memoised),
-        # and an equal but distinct one costs a second decision, never a wrong one.
-        renamed = dom.name != record.name and dom.state is not GONE
-        # Every field decide reads: all but uuid, name, updated_at and version.
-        key = (record[2:6] + record[8:], id(dom.state), id(policy), error, renamed)
-        answer = self._answers.get(key)
+    def __call__(self, key: tuple, row: Sequence, dom: LiveDomain, policy: InstancePolicy,
+                 error: str | None, renamed: bool) -> tuple[Decision, bool]:
+        """The decision for a record (a ``Record``, or a row of ``Store.rows_for_host``: the
+        same fields in the same order, its states as text) and its listed domain, and whether
+        it is quiet: nothing to lock, write, report or retry. ``key`` is its situation, which
+        the caller looked up in ``answers`` first (a state as text and as a member may key
+        apart: a second decision, never a wrong one); ``renamed``: the domain's name is not
+        the record's."""
+        answer = self.answers.get(key)
         if answer is None:
+            record = row if isinstance(row, Record) else record_of(row)
             facts = self.facts
             if renamed:
                 facts = dataclasses.replace(facts, name=dom.name)
@@ -938,8 +1069,11 @@ class _SyncDecisions:
                 # take the copy over under its lock, then let it go again.
                 gone, _ = self._ops._journaled(record.uuid, facts.boot_id)
                 facts = dataclasses.replace(facts, seen_off=gone)
-            answer = decide(record, dom.state, self._ops.host, policy, self._ops.settings,
-                            self._at, error, facts)
+            decision = decide(record, dom.state, self._ops.host, policy, self._ops.settings,
+                              self._at, error, facts)
+            answer = (decision, not (decision.skipped or decision.action is not Action.NONE
+                                     or decision.observed or decision.outcome or decision.recheck
+                                     or decision.warning or decision.retry_in is not None))
             if not renamed and not record.task_owner and not unowned_lost:
-                self._answers[key] = answer
+                self.answers[key] = answer
         return answer

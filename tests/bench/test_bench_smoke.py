@@ -39,6 +39,11 @@ def test_json_has_the_machine_and_every_measurement(results):
         assert point["work"]["checked"] == 100
     assert [ratio["n"] for ratio in sync["ratios"]] == [100]
     assert {target["met"] for target in sync["targets"]} == {None}  # targets are at 10,000
+    breakdown = sync["breakdown"]  # where vmpower's time goes, beside the floor's
+    assert breakdown["n"] == 100
+    assert {"listing", "transaction"} <= breakdown["floor"]["phases"].keys()
+    assert {"listing", "reading records", "transaction"} <= breakdown["vmpower"]["phases"].keys()
+    assert all(seconds >= 0 for seconds in breakdown["vmpower"]["phases"].values())
 
 
 def test_json_has_every_event_throughput_series_and_the_storm(results):

@@ -178,6 +178,27 @@ class TestMidMigrationIsHandsOff:
         assert not_to_record(LiveState(P.PAUSED, "starting_up"), DEFAULT, None, SYNC) is None
 
 
+class TestAMigrationJobThatCannotBeReadIsHandsOff:
+    UNKNOWN = dataclasses.replace(SYNC, migrating=None, migration_unknown=True)
+
+    @pytest.mark.parametrize("power", [P.RUNNING, P.PAUSED])
+    @pytest.mark.parametrize("vm_state", list(V))
+    def test_nothing_at_all(self, power, vm_state):
+        decision = decide(record(vm_state, P.SHUTDOWN), LiveState(power, "booted"), HOST,
+                          DEFAULT, SETTINGS, NOW, facts=self.UNKNOWN)
+        assert decision.skipped and nothing(decision) and not decision.observed
+        assert decision.rule == "migrating" and "could not say" in decision.reason
+
+    def test_not_even_recorded(self):
+        assert "could not say" in not_to_record(LiveState(P.PAUSED, "booted"), DEFAULT, None,
+                                                 self.UNKNOWN)
+
+    def test_a_domain_that_is_off_cannot_be_migrating(self):
+        decision = decide(record(V.ACTIVE, P.RUNNING), LiveState(P.SHUTDOWN, "shutdown"), HOST,
+                          DEFAULT, SETTINGS, NOW, facts=self.UNKNOWN)
+        assert not decision.skipped
+
+
 OFF_ACTIVE = [(V.ACTIVE, live) for live in OFF_STATES if live.reason != "failed"] + [
     (V.PAUSED, LiveState(P.SHUTDOWN, "shutdown"))]
 HOST_SHUTDOWNS = {

@@ -306,6 +306,18 @@ class SimHypervisor(Hypervisor):
             self.sim.world.went_off(self.sim, uuid, "vmpower", Transition.STOPPED, "destroyed")
         return done
 
+    def power_actions(self, actions):
+        """One by one, through ``power_off`` and ``start`` above, on the sim's thread: what
+        the beacon sees of an action is journaled in SQLite, whose connections belong to the
+        thread that opened them. Each domain's outcome is its own, as in the batch."""
+        done = {}
+        for action, uuid in actions:
+            try:
+                done[uuid] = getattr(self, action)(uuid)
+            except Exception as exc:  # that domain's outcome, as in Hypervisor.power_actions
+                done[uuid] = exc
+        return done
+
     def shutdown(self, uuid: str, timeout: float) -> bool:
         self.sim.world.acting("power_off", self.sim, uuid)
         if self.sim.kill == "before":

@@ -6,6 +6,7 @@ The test driver cannot migrate or crash a guest: those rules are tested cell by 
 test_rules_fleet.py, and on real libvirtds by tests/real."""
 
 import json
+import threading
 import time
 
 import libvirt
@@ -235,6 +236,38 @@ def test_a_pinned_vm_is_not_restarted_while_the_host_shuts_down(store, testdrive
     assert store.get(dom.UUIDString()).off_reason == "host_shutdown"
 
 
+
+
+def test_a_sync_asks_whether_the_host_stops_ahead_and_decides_on_the_answer(store, testdriver):
+    dom = testdriver.define("web")
+    asked = []
+
+    def stopping():
+        asked.append(threading.current_thread())
+        return True
+
+    ops = HostOperations(parse_settings({"uri": TEST_URI}), HOST, store, clock=Clock(),
+                         boot_id=lambda: BOOT, stopping=stopping)
+    ops.sync()
+    dom.shutdown()  # libvirt-guests, while systemd says the host is stopping
+    ops.sync()
+    assert store.get(dom.UUIDString()).off_reason == "host_shutdown"
+    assert asked and threading.current_thread() not in asked  # read on a thread of its own
+
+
+def test_a_sync_fails_when_asking_whether_the_host_stops_fails(store, testdriver):
+    dom = testdriver.define("web")
+
+    def stopping():
+        raise RuntimeError("no answer")
+
+    ops = HostOperations(parse_settings({"uri": TEST_URI}), HOST, store, clock=Clock(),
+                         boot_id=lambda: BOOT, stopping=stopping)
+    ops.sync()
+    dom.shutdown()
+    with pytest.raises(RuntimeError, match="no answer"):
+        ops.sync()
+    assert store.get(dom.UUIDString()).power_state is PowerState.RUNNING  # nothing written
 
 
 def test_ownership_follows_the_running_domain(path, testdriver):

@@ -111,6 +111,9 @@ class Facts:
 
     ``migrating``
         libvirt reports an active migration job for the domain.
+    ``migration_unknown``
+        the domain's migration job was asked for and libvirt could not say (an error, or a
+        job it does not name): whether it migrates cannot be told, so it is left alone.
     ``on_crash``
         the domain's ``<on_crash>`` action; "" when it could not be read.
     ``owner_alive``
@@ -139,6 +142,7 @@ class Facts:
     event_reason: str = ""
     event_at: float | None = None
     migrating: bool | None = None
+    migration_unknown: bool = False
     on_crash: str | None = None
     owner_alive: bool | None = None
     host_stopping: bool | None = None
@@ -255,6 +259,13 @@ def mid_migration(live: LiveState, facts: Facts) -> str | None:
     return None
 
 
+def migration_unknown(live: LiveState, facts: Facts) -> str | None:
+    """Why a domain that may be migrating cannot be told not to be, or None."""
+    if facts.migration_unknown and live.power_state in ALIVE:
+        return "libvirt could not say whether a migration job runs"
+    return None
+
+
 def lives_elsewhere(live: LiveState) -> bool:
     """A domain shut off because it was migrated away or saved to a file: it lives elsewhere."""
     return live.power_state in OFF and live.reason in LIVES_ELSEWHERE
@@ -286,6 +297,9 @@ def not_to_record(live: LiveState, policy: InstancePolicy, pillar_error: str | N
     migrating = mid_migration(live, facts)
     if migrating:
         return f"in the middle of a migration ({migrating}): not recorded until it ends"
+    unknown = migration_unknown(live, facts)
+    if unknown:
+        return f"{unknown}: not recorded until it can"
     return None
 
 
@@ -514,6 +528,9 @@ def decide(record: Record, live: LiveState, host: str, policy: InstancePolicy,
     if migrating:
         return _skip(f"in the middle of a migration ({migrating}): hands off until it ends",
                      "migrating")
+    unknown = migration_unknown(live, facts)
+    if unknown:  # it may be migrating: nothing done, nothing written, asked again next time
+        return _skip(f"{unknown}: hands off until it can", "migrating")
 
     observed: dict = {}
     notes = []

@@ -20,9 +20,10 @@ from vmpower.store.base import (
     describe_holder,
     diff,
     open_store,
+    record_of,
 )
 from vmpower.store.postgres import PostgresStore
 from vmpower.store.sqlite import SqliteStore
 
 __all__ = ["COLUMNS", "LOCK_TIMEOUT", "Change", "LockBusy", "Note", "PostgresStore", "SqliteStore", "Store",
-           "StoreError", "describe_holder", "diff", "open_store"]
+           "StoreError", "describe_holder", "diff", "open_store", "record_of"]

@@ -177,6 +177,11 @@ def _row_to_record(row: Sequence) -> Record:
                   stored_state(_POWER_STATES, row[4]), *row[5:])
 
 
+def record_of(row: Sequence) -> Record:
+    """The record a row of ``Store.rows_for_host`` holds."""
+    return _row_to_record(row)
+
+
 def _plain(value):
     return value.value if hasattr(value, "value") else value
 
@@ -312,6 +317,12 @@ class Store(abc.ABC):
         """Every record owned by the minion ``host``: a store shared by a fleet holds others too."""
         rows = self._query(SQL_FOR_HOST, (host,))
         return {row[0]: _row_to_record(row) for row in rows}
+
+    def rows_for_host(self, host: str) -> dict[str, Sequence]:
+        """``for_host`` as stored: each record a row in ``Record``'s field order, its states as
+        text. A sync reads every record of the host and decides on the few distinct ones, so
+        it builds a ``Record`` (``record_of``) only for those."""
+        return {row[0]: row for row in self._query(SQL_FOR_HOST, (host,))}
 
     def history(self, uuid: str, limit: int | None = None) -> list[dict]:
         rows = self._query(SQL_HISTORY, (uuid,))
