@@ -56,7 +56,7 @@ def test_a_ratio_over_its_target_is_not_met():
 
 
 def test_a_smaller_run_is_shown_but_not_judged():
-    [sync, heap, _] = sync_scale.against_floor(sync_result(100))
+    [sync, heap, *_context] = sync_scale.against_floor(sync_result(100))
     assert sync.measured == "sync of 100 domains (test driver)"
     assert sync.ratio == pytest.approx(1.2) and not sync.judged and sync.met is None
     assert "10,000" in sync.note and heap.met is None
