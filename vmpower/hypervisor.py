@@ -547,11 +547,12 @@ class Hypervisor:
         exception its call raised. A call that does not return in time is a LibvirtTimeout,
         and the domains after it are not acted on: each is a LibvirtTimeout saying so."""
         verbs = {"power_off": "power off", "start": "start"}
+        methods = {"power_off": self.power_off, "start": self.start}
         for action, _uuid in actions:
-            if action not in verbs:
+            if action not in methods:
                 raise ValueError(f"not a power action: {action!r}")
         outcomes = self._bounded_each(lambda item: f"{verbs[item[0]]} {item[1]}",
-                                      lambda item: getattr(self, item[0])(item[1]), actions)
+                                      lambda item: methods[item[0]](item[1]), actions)
         return {uuid: value for (_action, uuid), (_ok, value) in zip(actions, outcomes)}
 
     @property
