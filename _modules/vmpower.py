@@ -31,6 +31,13 @@ import time
 
 from salt.exceptions import CommandExecutionError
 
+if __name__ == "vmpower":
+    # Salt puts this file's directory on sys.path while it loads it, so before the library is
+    # synced ``import vmpower`` finds this file. Refused, it stays out of sys.modules, and the
+    # library imports once it is there instead of this file for the rest of the process.
+    raise ModuleNotFoundError(f"No module named 'vmpower' ({__file__} is a Salt module)",
+                              name="vmpower", path=__file__)
+
 try:
     from vmpower import loader, minion
     from vmpower.core import arguments
