@@ -241,19 +241,7 @@ class Watcher:
     # all happen on the watcher's thread.
     def lifecycle_callback(self, _conn, dom, event: int, detail: int, _opaque) -> None:
         """``VIR_DOMAIN_EVENT_ID_LIFECYCLE``."""
-        # _enqueue written out: this runs for every event, on libvirt's thread.
-        self.events_seen += 1
-        queue = self._raw
-        if len(queue) >= self._queue_size:  # full: the oldest goes, and is counted
-            try:
-                queue.popleft()
-            except IndexError:  # the watcher took it meanwhile: nothing was dropped
-                pass
-            else:
-                self._callback_drops += 1
-        queue.append((self._clock(), self._monotonic(), dom, event, detail))
-        if self._asleep:
-            self._poke()
+        self._enqueue((self._clock(), self._monotonic(), dom, event, detail))
 
     def reboot_callback(self, _conn, dom, _opaque) -> None:
         """``VIR_DOMAIN_EVENT_ID_REBOOT``."""
