@@ -91,11 +91,11 @@ def test_event_throughput_rows():
     assert {row.met for row in event_throughput.against_floor(event_result(2_000))} == {None}
 
 
-def e2e_result(floor: bool):
+def e2e_result(floor: bool, cycles: int = 4):
     def path(p50, p99):
         return {"immediate": {"decision": {"n": 48, "p50": p50, "p99": p99}}}
     paths = {"immediate": path(0.3, 0.6), **({"floor: no-op job": path(0.25, 0.4)} if floor else {})}
-    return {"guests": 4, "vmpower": paths["immediate"], "paths": paths}
+    return {"guests": 4, "cycles": cycles, "vmpower": paths["immediate"], "paths": paths}
 
 
 def test_e2e_latency_rows_are_vmpowers_decision_over_a_no_op_jobs_return():
@@ -104,6 +104,8 @@ def test_e2e_latency_rows_are_vmpowers_decision_over_a_no_op_jobs_return():
     assert p50.ratio == pytest.approx(1.2) and p50.met is True
     assert p99.ratio == pytest.approx(1.5) and p99.met is False
     assert "test.arg" in p50.floor_is
+    smoke = e2e_latency.against_floor(e2e_result(floor=True, cycles=1))
+    assert {row.met for row in smoke} == {None} and "judged at 4" in smoke[0].note
 
 
 def test_e2e_latency_rows_without_the_no_op_run_say_the_floor_is_not_measured():
