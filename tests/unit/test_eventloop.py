@@ -270,6 +270,28 @@ def test_transitions_only_a_real_hypervisor_produces(watch, testdriver, case, ca
     assert [summary(event) for event in collector.of(dom)] == [expected]
 
 
+class _UnreadableDomain:
+    """A domain handle libvirt can no longer read (libvirt raises)."""
+
+    def UUID(self):
+        raise L.libvirtError("virDomainGetUUID: invalid domain pointer")
+
+
+def test_an_event_that_cannot_be_read_costs_itself_and_a_resync_not_its_round(watch, testdriver):
+    collector = watch(stop_grace=0)
+    before, after = (testdriver.define(name, start=False) for name in ("before", "after"))
+    for dom in (before, _UnreadableDomain(), after):  # one round: queued before the watcher reads
+        collector.watcher.lifecycle_callback(None, dom, L.VIR_DOMAIN_EVENT_STARTED,
+                                             L.VIR_DOMAIN_EVENT_STARTED_BOOTED, None)
+    wait_until(lambda: collector.drain() is not None and ("overflow", 1) in collector.resyncs(),
+               "the resync for the unreadable event")
+    assert [summary(e) for e in collector.of(before) + collector.of(after)] == [
+        ("started", "booted", "STARTED", "BOOTED")] * 2
+    health = collector.watcher.health()
+    assert health["dropped"] == 1 and health["failures"] == {"translate": 1}
+    assert "could not be read" in collector.watcher.failures.last
+
+
 def test_a_reboot_is_started_rebooted(watch, testdriver):
     collector = watch(stop_grace=0)
     dom = testdriver.define("rebooted", start=False)

@@ -590,26 +590,37 @@ class Watcher:
         lifecycle, burst, offer = self._translator.lifecycle, self._burst, self._grace.offer_into
         pending, uri, uuids = self._pending, self.uri, self._uuids
         counted: dict[str, int] = {}  # into self.transitions once the round is translated
+        untranslated = 0
         for timestamp, at, dom, event, detail in raw:
-            uuid = uuids.get(dom.UUID())
-            if uuid is None:
-                uuid = self._uuid_string(dom)
-            translation = translate_reboot() if event is REBOOT else lifecycle(uuid, event, detail)
-            transition = translation.transition
-            if transition is None:
-                self._release_due(at)
-                continue  # DEFINED, UNDEFINED, SHUTDOWN: no power change of their own
-            value = transition._value_  # what .value returns, without its descriptor's cost
-            counted[value] = counted.get(value, 0) + 1
-            if not burst.admit(at):
-                if burst.swallowed == 1:  # the burst begins: its resync covers the held stops too
-                    burst.swallowed += len(self._grace.drop())
-                    self._gap("burst")  # what the beacon sees from now on is not journaled one by one
-                continue
-            reason = translation.reason
-            event_data = _lifecycle_dict(timestamp, uuid, dom.name(), value, reason,
-                                         translation.libvirt_event, translation.libvirt_detail, 0, uri)
-            offer(pending, uuid, transition, (event_data, (uuid, transition, reason, at, timestamp)), at)
+            try:
+                uuid = uuids.get(dom.UUID())
+                if uuid is None:
+                    uuid = self._uuid_string(dom)
+                translation = translate_reboot() if event is REBOOT else lifecycle(uuid, event, detail)
+                transition = translation.transition
+                if transition is None:
+                    self._release_due(at)
+                    continue  # DEFINED, UNDEFINED, SHUTDOWN: no power change of their own
+                value = transition._value_  # what .value returns, without its descriptor's cost
+                counted[value] = counted.get(value, 0) + 1
+                if not burst.admit(at):
+                    if burst.swallowed == 1:  # the burst begins: its resync covers the held stops too
+                        burst.swallowed += len(self._grace.drop())
+                        self._gap("burst")  # what the beacon sees from now on is not journaled one by one
+                    continue
+                reason = translation.reason
+                event_data = _lifecycle_dict(timestamp, uuid, dom.name(), value, reason,
+                                             translation.libvirt_event, translation.libvirt_detail, 0, uri)
+                offer(pending, uuid, transition, (event_data, (uuid, transition, reason, at, timestamp)), at)
+            except Exception as exc:  # pylint: disable=broad-except
+                # One event that cannot be read (its domain gone bad, say) costs that event,
+                # not the rest of the round: it is counted, and a resync stands for it.
+                untranslated += 1
+                self.failures.note("translate", "an event of %s could not be read: %s; a resync "
+                                   "stands for it", self.uri, exc)
+        if untranslated:
+            self.dropped += untranslated
+            self._resync("overflow", untranslated)
         self.transitions.update(counted)
 
     def _uuid_string(self, dom) -> str:
