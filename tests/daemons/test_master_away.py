@@ -64,9 +64,13 @@ def test_a_guest_that_stops_while_the_master_is_away_is_recorded_once_it_is_back
                                 overrides=overrides) as minion:
         guest, back = _stop_a_guest_while_the_master_is_away(salt_master, minion,
                                                              event_listener, make_guest, since)
-        resync = wait_for_event(event_listener, f"salt/beacon/{MINION_ID}/vmpower/resync", back,
-                                120, daemon_id=salt_master.id,
-                                match=lambda data: data["reason"] == "master_reconnected")
+        try:
+            resync = wait_for_event(event_listener, f"salt/beacon/{MINION_ID}/vmpower/resync",
+                                    back, 120, daemon_id=salt_master.id,
+                                    match=lambda data: data["reason"] == "master_reconnected")
+        except pytest.fail.Exception:
+            _unless_salt_never_signed_in_again(salt_master, [minion.id])
+            raise
         assert resync == {"reason": "master_reconnected", "lost": 0, "id": MINION_ID}
         _the_record_is_stopped(salt_master, minion, event_listener, guest, back)
         status = salt_call(minion, "vmpower.status")["event_loop"]
@@ -189,6 +193,7 @@ def test_a_minion_that_restarts_itself_after_losing_its_master_records_the_chang
             # Not vmpower's doing only if Salt never brought the minion back to its master.
             if SALT_MAJOR == 3006 and not _answers(salt_master, minion):
                 pytest.xfail(SALT_3006_NEVER_CAME_BACK)
+            _unless_salt_never_signed_in_again(salt_master, [minion.id])
             raise
         _the_record_is_stopped(salt_master, minion, event_listener, guest, back)
         restarted = not before & _minion_processes(minion)
@@ -260,11 +265,44 @@ def everyone_answers(salt_master):
     keys = salt_master.salt_key_cli().run("-L", "--out=json").data or {}
     expected = set(keys.get("minions", []))
 
+    answering: set = set()
+
     def answered():
         try:
             returns = salt_cmd(salt_master, "*", "test.ping", check=False, cli_timeout=10)
         except FactoryTimeout:
             return False  # the salt CLI itself did not finish in time: ask again
-        return expected <= {mid for mid, ret in returns.items() if ret is True}
-    wait_until(answered, 180, f"every minion ({sorted(expected)}) to answer the master again",
-               interval=2)
+        answering.clear()
+        answering.update(mid for mid, ret in returns.items() if ret is True)
+        return expected <= answering
+    try:
+        wait_until(answered, 180, f"every minion ({sorted(expected)}) to answer the master again",
+                   interval=2)
+    except pytest.fail.Exception:
+        _unless_salt_never_signed_in_again(salt_master, sorted(expected - answering))
+        raise
+
+
+SALT_SIGN_IN_DIED = (
+    "Salt's minion never signed in to its restarted master again: its AsyncAuth._authenticate "
+    "task died with asyncio.InvalidStateError (set_exception on a future already done, "
+    "salt/crypt.py), and from then on the minion only times out and reconnects. Seen on Salt "
+    "3008.4; not vmpower's part (its log: {logs})")
+
+
+def _unless_salt_never_signed_in_again(salt_master, minion_ids) -> None:
+    """Mark the test an expected failure if every minion of ``minion_ids`` (the ones that did
+    not come back) shows, in its own log, Salt's sign-in task dying; otherwise return, and the
+    caller's failure stands."""
+    salt_root = Path(salt_master.config["root_dir"]).parent  # each daemon's root is <root>/<id>
+    logs = [salt_root / mid / "logs" / "minion.log" for mid in minion_ids]
+    if logs and all(_sign_in_died(log) for log in logs):
+        pytest.xfail(SALT_SIGN_IN_DIED.format(logs=", ".join(map(str, logs))))
+
+
+def _sign_in_died(log: Path) -> bool:
+    try:
+        text = log.read_text(errors="replace")
+    except OSError:
+        return False
+    return "InvalidStateError" in text and "in _authenticate" in text
