@@ -193,8 +193,9 @@ def test_a_forged_tag_with_commas_reaches_no_minion(salt_master, salt_minion, sa
     published = [event.data for event in wait_until(
         lambda: [e for e in _job_news(event_listener, since) if e.data.get("fun") == "vmpower.sync"],
         30, "the marker's job")]
-    assert all(data.get("minions") == [salt_minion_2.id] for data in published), published
-    assert len(published) == 1
+    # Only minion 2's own syncs: the marker's, and any its beacon asked for on its own (the
+    # connected resync of a minion started just before this test). None from the forged tag.
+    assert published and all(data.get("minions") == [salt_minion_2.id] for data in published), published
     assert salt_call(salt_minion, "test.ping") is True
 
 
