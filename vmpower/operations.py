@@ -1050,30 +1050,28 @@ class _SyncDecisions:
         """The decision for a record (a ``Record``, or a row of ``Store.rows_for_host``: the
         same fields in the same order, its states as text) and its listed domain, and whether
         it is quiet: nothing to lock, write, report or retry. ``key`` is its situation, which
-        the caller looked up in ``answers`` first (a state as text and as a member may key
+        the caller found no answer for in ``answers`` (a state as text and as a member may key
         apart: a second decision, never a wrong one); ``renamed``: the domain's name is not
         the record's."""
-        answer = self.answers.get(key)
-        if answer is None:
-            record = row if isinstance(row, Record) else record_of(row)
-            facts = self.facts
-            if renamed:
-                facts = dataclasses.replace(facts, name=dom.name)
-            if record.task_state and record.task_owner:  # rare: read whether its owner runs
-                facts = dataclasses.replace(facts, owner_alive=self._ops._owner_alive(
-                    record.task_owner, facts.boot_id))
-            unowned_lost = not record.host and dom.state.reason == REASON_LOST
-            if unowned_lost:
-                # Rare: a copy no host owns, whose reason a libvirtd restart lost. Whether it
-                # lives elsewhere is what this host's beacon saw; without it, every sync would
-                # take the copy over under its lock, then let it go again.
-                gone, _ = self._ops._journaled(record.uuid, facts.boot_id)
-                facts = dataclasses.replace(facts, seen_off=gone)
-            decision = decide(record, dom.state, self._ops.host, policy, self._ops.settings,
-                              self._at, error, facts)
-            answer = (decision, not (decision.skipped or decision.action is not Action.NONE
-                                     or decision.observed or decision.outcome or decision.recheck
-                                     or decision.warning or decision.retry_in is not None))
-            if not renamed and not record.task_owner and not unowned_lost:
-                self.answers[key] = answer
+        record = row if isinstance(row, Record) else record_of(row)
+        facts = self.facts
+        if renamed:
+            facts = dataclasses.replace(facts, name=dom.name)
+        if record.task_state and record.task_owner:  # rare: read whether its owner runs
+            facts = dataclasses.replace(facts, owner_alive=self._ops._owner_alive(
+                record.task_owner, facts.boot_id))
+        unowned_lost = not record.host and dom.state.reason == REASON_LOST
+        if unowned_lost:
+            # Rare: a copy no host owns, whose reason a libvirtd restart lost. Whether it
+            # lives elsewhere is what this host's beacon saw; without it, every sync would
+            # take the copy over under its lock, then let it go again.
+            gone, _ = self._ops._journaled(record.uuid, facts.boot_id)
+            facts = dataclasses.replace(facts, seen_off=gone)
+        decision = decide(record, dom.state, self._ops.host, policy, self._ops.settings,
+                          self._at, error, facts)
+        answer = (decision, not (decision.skipped or decision.action is not Action.NONE
+                                 or decision.observed or decision.outcome or decision.recheck
+                                 or decision.warning or decision.retry_in is not None))
+        if not renamed and not record.task_owner and not unowned_lost:
+            self.answers[key] = answer
         return answer

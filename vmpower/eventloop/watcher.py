@@ -201,7 +201,6 @@ class Watcher:
         self._grace: StopGrace[Pending] = StopGrace(settings.grace(stop_grace), monotonic)
         self._burst = BurstGuard(settings.burst_limit)
         self._pending: list[Pending] = []
-        self._pending_overflow = False  # an overflow resync is among them
         # Read by health() from any thread (plain attributes, each written by one thread).
         self.state = "connecting"
         self.state_since = clock()
@@ -642,8 +641,6 @@ class Watcher:
         self.resyncs[reason] += 1
         gap = ("", GAP, reason, self._monotonic(), self._clock()) if reason in GAP_RESYNCS else None
         self._pending.append((resync_data(reason, lost), gap))
-        if reason == "overflow":
-            self._pending_overflow = True
 
     def _gap(self, reason: str) -> None:
         """Journal a gap in the watch (nothing is fired for it)."""
@@ -670,14 +667,11 @@ class Watcher:
         numbered = iter(numbers[1:] if resumed else numbers)
         out = []
         for data, row in pending:
-            if row is not None:
-                seq = next(numbered)
-                if data is None:
-                    continue
-                if data["tag"] != "resync":
-                    data["seq"] = seq
-            elif data is None:
+            seq = next(numbered) if row is not None else None
+            if data is None:
                 continue
+            if data["tag"] != "resync":
+                data["seq"] = seq
             out.append(data)
         return out
 
@@ -688,7 +682,6 @@ class Watcher:
             return
         pending = self._journal_round(self._pending)
         self._pending = []
-        overflow, self._pending_overflow = self._pending_overflow, False
         if not pending:
             return
         deliver = self._deliver if self.settings.immediate else None
@@ -711,12 +704,9 @@ class Watcher:
                 self.failures.note("deliver", "the minion's bus did not take %d event(s); they "
                                    "go through the beacon's tick", len(pending))
         # Waiting for the tick, every overflow so far is one resync at the head of the outbox.
-        lost = 0
-        if overflow:  # rare: look for it only then
-            lost = sum(item["lost"] for item in pending if _is_overflow(item))
-            pending = [item for item in pending if not _is_overflow(item)]
+        lost = sum(item["lost"] for item in pending if _is_overflow(item))
         with self._cond:
-            self._outbox.extend(pending)
+            self._outbox.extend(item for item in pending if not _is_overflow(item))
         self._trim_outbox(lost)
 
     def _trim_outbox(self, lost: int = 0) -> None:

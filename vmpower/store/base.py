@@ -170,16 +170,12 @@ _VM_STATES = {state.value: state for state in VmState}
 _POWER_STATES = {state.value: state for state in PowerState}
 
 
-def _row_to_record(row: Sequence) -> Record:
+def record_of(row: Sequence) -> Record:
+    """The record a stored row holds (a row of ``Store.rows_for_host``, say)."""
     # Positional, in COLUMNS order (Record's field order): a sync reads every record of the host.
     # A state this version does not know is kept as it is; the rules leave that VM alone.
     return Record(row[0], row[1], row[2], stored_state(_VM_STATES, row[3]),
                   stored_state(_POWER_STATES, row[4]), *row[5:])
-
-
-def record_of(row: Sequence) -> Record:
-    """The record a row of ``Store.rows_for_host`` holds."""
-    return _row_to_record(row)
 
 
 def _plain(value):
@@ -287,7 +283,7 @@ class Store(abc.ABC):
 
     def get(self, uuid: str) -> Record | None:
         rows = self._query(SQL_GET, (uuid,))
-        return _row_to_record(rows[0]) if rows else None
+        return record_of(rows[0]) if rows else None
 
     def find(self, name_or_uuid: str, host: str | None = None) -> Record | None:
         """The record with this UUID, else one with this name; with ``host``, only that
@@ -296,7 +292,7 @@ class Store(abc.ABC):
             rows = self._query(SQL_FIND, (name_or_uuid,) * 3)
         else:
             rows = self._query(SQL_FIND_ON_HOST, (name_or_uuid, name_or_uuid, host, name_or_uuid))
-        return _row_to_record(rows[0]) if rows else None
+        return record_of(rows[0]) if rows else None
 
     def get_many(self, uuids: Sequence[str]) -> dict[str, Record]:
         """The records of these UUIDs that exist, in a query per ``IN_CHUNK`` of them."""
@@ -304,7 +300,7 @@ class Store(abc.ABC):
         for start in range(0, len(uuids), IN_CHUNK):
             part = uuids[start:start + IN_CHUNK]
             rows = self._query(sql_get_many(len(part)), part)
-            found.update((row[0], _row_to_record(row)) for row in rows)
+            found.update((row[0], record_of(row)) for row in rows)
         return found
 
     def count(self, host: str | None = None) -> int:
@@ -315,8 +311,7 @@ class Store(abc.ABC):
 
     def for_host(self, host: str) -> dict[str, Record]:
         """Every record owned by the minion ``host``: a store shared by a fleet holds others too."""
-        rows = self._query(SQL_FOR_HOST, (host,))
-        return {row[0]: _row_to_record(row) for row in rows}
+        return {uuid: record_of(row) for uuid, row in self.rows_for_host(host).items()}
 
     def rows_for_host(self, host: str) -> dict[str, Sequence]:
         """``for_host`` as stored: each record a row in ``Record``'s field order, its states as
