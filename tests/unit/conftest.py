@@ -15,6 +15,8 @@ import uuid as uuidlib
 import libvirt
 import pytest
 
+from vmpower import eventloop
+
 from .pgserver import PostgresServer, find_bindir
 
 TEST_URI = "test:///default"
@@ -84,6 +86,30 @@ class Clock:
 
     def step(self, seconds):
         self.at += seconds
+
+
+@pytest.fixture(scope="session", autouse=True)
+def test_driver_events():
+    """One callback registered on the test driver's event state for the whole session.
+
+    Every connection to ``test:///default`` in this process shares one driver, and with it one
+    queue of events. libvirt removes that queue's timer when the last callback on it is
+    deregistered. An event queued at that moment (a test's ``undefine()`` while the watcher it
+    just retired deregisters on its own thread) is left in the queue with no timer, and the next
+    registration adds a timer that libvirt never arms: it arms the timer only when an event
+    joins an empty queue. From then on no event of this process reaches any callback (a
+    watcher connects and sees nothing). A production beacon is not exposed: its connection
+    goes through libvirtd (qemu:///system), whose events each connection queues for itself,
+    and a watcher never registers again on a connection it deregistered. Here, one callback
+    that stays keeps the timer.
+    """
+    eventloop.ensure_running()  # libvirt's event implementation comes before the connection
+    conn = libvirt.open(TEST_URI)
+    callback = conn.domainEventRegisterAny(None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE,
+                                           lambda *_: None, None)
+    yield
+    conn.domainEventDeregisterAny(callback)
+    conn.close()
 
 
 @pytest.fixture
