@@ -45,11 +45,17 @@ class Phases:
         self.wall: dict[str, float] = {}
         self._stack: list[list] = []
 
-    def wrap(self, owner, attribute: str, phase: str) -> None:
+    def wrap(self, owner, attribute: str, phase: str, schema_lock: str | None = None) -> None:
+        """Time ``owner.attribute`` as ``phase``; a lock method called for ``schema_lock`` (the
+        store's schema lock, taken while it is opened) as the store's opening."""
         original = owner.__dict__[attribute]
         function = original.__func__ if isinstance(original, staticmethod) else original
 
         def timed(*args, **kwargs):
+            named = phase
+            if schema_lock is not None and len(args) > 1 and schema_lock in (
+                    args[1] if isinstance(args[1], list) else [args[1]]):
+                named = "store open"
             self._stack.append([time.process_time(), 0.0, time.perf_counter(), 0.0])
             try:
                 return function(*args, **kwargs)
@@ -57,8 +63,8 @@ class Phases:
                 started, inner, wall_started, wall_inner = self._stack.pop()
                 took = time.process_time() - started
                 wall = time.perf_counter() - wall_started
-                self.seconds[phase] = self.seconds.get(phase, 0.0) + took - inner
-                self.wall[phase] = self.wall.get(phase, 0.0) + wall - wall_inner
+                self.seconds[named] = self.seconds.get(named, 0.0) + took - inner
+                self.wall[named] = self.wall.get(named, 0.0) + wall - wall_inner
                 if self._stack:
                     self._stack[-1][1] += took
                     self._stack[-1][3] += wall
@@ -102,7 +108,7 @@ def _instrument(phases: Phases) -> None:
         (fleet, "seal", "seal"),
     ]
     for owner, attribute, phase in wraps:
-        phases.wrap(owner, attribute, phase)
+        phases.wrap(owner, attribute, phase, base.SCHEMA_LOCK if phase == "instance lock" else None)
     # HostOperations took these as defaults when its class was made: time them there too.
     defaults = list(operations.HostOperations.__init__.__defaults__)
     defaults = [hostinfo.boot_id if d is getattr(hostinfo.boot_id, "__wrapped__", None) else
