@@ -62,8 +62,10 @@ eventloop = minion = fleet = config = settings = None
 
 def _import_library():
     global eventloop, minion, fleet, config, settings
+    # arguments is the execution module's: imported here, in the minion's process, every job
+    # forked from it finds it there instead of importing it again.
     from vmpower import eventloop, fleet, minion
-    from vmpower.core import settings
+    from vmpower.core import arguments, settings  # noqa: F401
     from vmpower.eventloop import config
 
 

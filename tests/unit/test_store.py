@@ -273,14 +273,19 @@ def test_sqlite_openers_set_up_the_schema_one_at_a_time(sqlite_store):
             print("holding", flush=True)
             time.sleep(60)
     """, sqlite_store.path)
+    opener_code = """
+        import sys
+        from vmpower.store import open_store
+        with open_store(sys.argv[1]) as store:
+            print(store.count(), flush=True)
+    """
     try:
         assert holder.stdout.readline().strip() == "holding"
-        opener = _python("""
-            import sys
-            from vmpower.store import open_store
-            with open_store(sys.argv[1]) as store:
-                print(store.count(), flush=True)
-        """, sqlite_store.path)
+        # A store whose schema is complete is opened without the lock: every job opens it.
+        complete = _python(opener_code, sqlite_store.path)
+        assert complete.communicate(timeout=60)[0].strip() == "0" and complete.returncode == 0
+        sqlite_store._db.execute("DROP TRIGGER audit_no_delete")  # now the schema lacks a part
+        opener = _python(opener_code, sqlite_store.path)
         with pytest.raises(subprocess.TimeoutExpired):  # it waits while the schema is set up
             opener.communicate(timeout=1)
         busy = (r"the lock on the store's schema \(held while a vmpower process sets it up\) "
@@ -291,6 +296,8 @@ def test_sqlite_openers_set_up_the_schema_one_at_a_time(sqlite_store):
         holder.kill()
         holder.wait()
     assert opener.communicate(timeout=60)[0].strip() == "0" and opener.returncode == 0
+    triggers = sqlite_store._db.execute("SELECT name FROM sqlite_master WHERE type = 'trigger'")
+    assert "audit_no_delete" in {name for (name,) in triggers}  # the opener put it back
 
 
 def test_a_sync_takes_the_free_locks_and_is_told_who_holds_the_others(store, store_location):

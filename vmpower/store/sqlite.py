@@ -1,9 +1,11 @@
 """The SQLite backend, the default: one file, ``/var/lib/vmpower/records.sqlite`` unless configured.
 
 Crash-safe (WAL journal, full fsync on commit); writers take the database's write lock up front
-(``BEGIN IMMEDIATE``). Locks are flocks on files of their own in ``<path>.locks/``: the kernel
-releases them when their holder dies, however it dies. The holder writes who it is (pid, host,
-job, since) into the lock file, so a wait that times out can name it.
+(``BEGIN IMMEDIATE``). Every job opens the store, so an open that finds the schema complete
+(every table, index, trigger and added column) does no schema work and takes no lock for it.
+Locks are flocks on files of their own in ``<path>.locks/``: the kernel releases them when
+their holder dies, however it dies. The holder writes who it is (pid, host, job, since) into
+the lock file, so a wait that times out can name it.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+import re
 import sqlite3
 from collections.abc import Sequence
 
@@ -24,6 +27,13 @@ CREATE TRIGGER IF NOT EXISTS audit_no_update BEFORE UPDATE ON audit
 CREATE TRIGGER IF NOT EXISTS audit_no_delete BEFORE DELETE ON audit
     BEGIN SELECT RAISE(ABORT, '{APPEND_ONLY}'); END;
 """
+_SCHEMA_OBJECTS = re.findall(r"CREATE (?:TABLE|INDEX|TRIGGER) IF NOT EXISTS (\w+)", SCHEMA)
+# True when the file holds all of SCHEMA and the columns added since the first release (a
+# store of an older vmpower lacks some), as PostgresStore's SCHEMA_READY.
+SCHEMA_READY = (f"SELECT (SELECT count(*) FROM sqlite_master WHERE name IN "
+                f"({', '.join(repr(name) for name in _SCHEMA_OBJECTS)})) = {len(_SCHEMA_OBJECTS)} "
+                f"AND (SELECT count(*) FROM pragma_table_info('instances') WHERE name IN "
+                f"({', '.join(repr(name) for name, _ in ADDED_COLUMNS)})) = {len(ADDED_COLUMNS)}")
 
 
 class SqliteStore(Store):
@@ -42,19 +52,27 @@ class SqliteStore(Store):
         except (sqlite3.Error, OSError) as exc:
             raise self._unreadable(exc) from exc
         try:
-            # One process at a time: turning a new (or old) file to WAL needs it to itself, and
-            # SQLite refuses that at once, without its busy wait, to two openers doing it together.
-            with self.lock(SCHEMA_LOCK):
-                self._db.execute("PRAGMA journal_mode=WAL")
-                self._db.execute("PRAGMA synchronous=FULL")
-                self._db.executescript(SCHEMA)
-                self._migrate()
+            self._db.execute("PRAGMA synchronous=FULL")  # a setting of the connection, not the file
+            if not self._ready():
+                # One process at a time: turning a new (or old) file to WAL needs it to itself,
+                # and SQLite refuses that at once, without its busy wait, to two openers doing it
+                # together.
+                with self.lock(SCHEMA_LOCK):
+                    self._db.execute("PRAGMA journal_mode=WAL")
+                    self._db.executescript(SCHEMA)
+                    self._migrate()
         except StoreError:
             self._db.close()
             raise
         except sqlite3.Error as exc:
             self._db.close()
             raise self._unreadable(exc) from exc
+
+    def _ready(self) -> bool:
+        """Whether the file is in WAL mode with the whole schema (a file that is not a
+        database raises sqlite3.Error)."""
+        return (self._db.execute(SCHEMA_READY).fetchone()[0] == 1
+                and self._db.execute("PRAGMA journal_mode").fetchone()[0] == "wal")
 
     def _missing_columns(self):
         present = {row[1] for row in self._db.execute("PRAGMA table_info(instances)")}
