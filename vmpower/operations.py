@@ -983,13 +983,13 @@ def _collector_paused() -> Iterator[None]:
     """Python's cyclic garbage collector paused for the block (left off where it was off).
 
     A sync of thousands of domains holds tens of thousands of objects at once (the listing, a
-    libvirt handle per domain, the records), none in a reference cycle: reference counting
-    frees them when the sync ends. Their number alone makes the collector run meanwhile, move
-    them to its oldest generation and then traverse the whole heap of the process to free
-    nothing: at 10,000 domains, a tenth of the sync. Paused, it collects whatever cycles the
-    block made once it resumes. The collector is the process's: in a process that runs jobs
-    on threads, the others' cycles wait for the end of the sync too (each libvirt call of a
-    sync is bounded, so the sync ends)."""
+    libvirt handle per domain, the records), which reference counting frees when the sync
+    ends. Their number alone makes the collector run meanwhile, move them to its oldest
+    generation and then traverse the whole heap of the process: at 10,000 domains, about a
+    tenth of the sync. Paused, it collects whatever cycles the block made once it resumes.
+    The collector is the process's: in a process that runs jobs on threads, the others'
+    cycles wait for the end of the sync too (each libvirt call of a sync is bounded, so the
+    sync ends)."""
     if not gc.isenabled():
         yield
         return
