@@ -34,12 +34,12 @@ IMPLEMENTATIONS = (sync_scale.VMPOWER, sync_scale.NOVA, sync_scale.FLOOR)
 
 def measure(implementation: str, n: int, scratch: str) -> dict:
     """``sync_scale.measure`` with every libvirt call going to libvirtd's socket; run in a
-    fresh process by ``harness.in_subprocess``."""
+    fresh process by ``harness.in_subprocess``. No first sync: this part does not report it."""
     from vmpower.core.settings import parse_settings
 
     sync_scale.URI = URI
     sync_scale.SETTINGS = parse_settings({"uri": URI})
-    return sync_scale.measure(implementation, n, scratch)
+    return sync_scale.measure(implementation, n, scratch, first_sync=False)
 
 
 def _answers(uri: str) -> bool:
@@ -57,20 +57,35 @@ def run(smoke: bool, scratch: Path) -> dict:
         if not _answers(URI):
             raise RuntimeError(f"libvirtd does not serve {URI} (its test driver)")
         for n in sizes:
-            for implementation in IMPLEMENTATIONS:
-                print(f"real_socket: {implementation}, N={n:,}", file=sys.stderr, flush=True)
-                measured = harness.in_subprocess(measure, implementation=implementation, n=n,
-                                                 scratch=str(scratch))
-                measured.pop("max_rss_kib")
-                series[implementation].append({"n": n, **measured[implementation]})
+            print(f"real_socket: {sync_scale.NOVA}, N={n:,}", file=sys.stderr, flush=True)
+            measured = harness.in_subprocess(measure, implementation=sync_scale.NOVA, n=n,
+                                             scratch=str(scratch))
+            series[sync_scale.NOVA].append({"n": n, **measured[sync_scale.NOVA]})
+            # vmpower and the floor head to head, as in part 1: measured minutes apart (with
+            # the Nova-style run between them), the two would meet different loads.
+            rounds: dict[str, list[dict]] = {sync_scale.VMPOWER: [], sync_scale.FLOOR: []}
+            for turn in range(1 if smoke else sync_scale.ROUNDS):
+                for implementation, measured_rounds in rounds.items():
+                    print(f"real_socket: {implementation}, N={n:,}, round {turn + 1}",
+                          file=sys.stderr, flush=True)
+                    measured_rounds.append(harness.in_subprocess(
+                        measure, implementation=implementation, n=n, scratch=str(scratch)))
+            for implementation, measured_rounds in rounds.items():
+                best = sync_scale._best_round(implementation, measured_rounds)
+                series[implementation].append({"n": n, **best[implementation]})
     finally:
         daemon.stop()
 
     def seconds(name: str, n: int) -> float:
         return next(p["seconds"] for p in series[name] if p["n"] == n)
 
+    def rounds(name: str, n: int) -> list[float]:
+        return next(p["rounds"] for p in series[name] if p["n"] == n)
+
     ratios = [{"n": n, "nova_over_vmpower": seconds(sync_scale.NOVA, n) / seconds(sync_scale.VMPOWER, n),
-               "vmpower_over_floor": seconds(sync_scale.VMPOWER, n) / seconds(sync_scale.FLOOR, n)}
+               "vmpower_over_floor": seconds(sync_scale.VMPOWER, n) / seconds(sync_scale.FLOOR, n),
+               "vmpower_over_floor_rounds": [ours / theirs for ours, theirs in zip(
+                   rounds(sync_scale.VMPOWER, n), rounds(sync_scale.FLOOR, n))]}
               for n in sizes]
     at = next((r for r in ratios if r["n"] == TARGET_N), None)
     measured = at["nova_over_vmpower"] if at else None
@@ -93,8 +108,14 @@ def markdown(result: dict) -> str:
         (f"Part 1's scenario (N domains, half running, 2% drifted behind vmpower's back, SQLite WAL "
         f"+ full fsync) with libvirt's test driver hosted by a real libvirtd, `{result['uri']}`: "
         f"every libvirt call is a round trip over its UNIX socket. Each implementation in a "
-        f"fresh process, best of up to {sync_scale.REPEATS} runs. See `bench/real_socket.py`."),
+        f"fresh process, best of up to {sync_scale.REPEATS} runs; vmpower and the floor head to "
+        f"head, in {sync_scale.ROUNDS} rounds of a process each, one after the other, so that "
+        f"both meet the same load (one round in a smoke run). See `bench/real_socket.py`."),
         harness.table(["N", *IMPLEMENTATIONS, "nova-style ÷ vmpower", "vmpower ÷ floor"], rows),
+        "vmpower ÷ floor in each head-to-head round (each implementation's best run of the "
+        "round): " + "; ".join(
+            f"N = {r['n']:,}: " + ", ".join(harness.ratio(x) for x in r.get("vmpower_over_floor_rounds", ()))
+            for r in result["ratios"]) + ".",
         f"**Targets** (at N = {TARGET_N:,})",
         harness.table(["target", "measured", "verdict"],
                       [[t["target"], "" if t["measured"] is None else harness.ratio(t["measured"]),

@@ -18,8 +18,10 @@ process of its own (``harness.in_subprocess``):
     (it returns early when no field changed). The 20× target is not measured against it;
     it shows how much of the gap is the commits and how much the per-instance calls.
 ``floor``
-    one bulk listing (``getAllDomainStats(VIR_DOMAIN_STATS_STATE)``) and one SQLite
-    transaction writing every domain's power state, nothing else: no sync can do less.
+    one bulk listing (``getAllDomainStats(VIR_DOMAIN_STATS_STATE)``), the power-offs the
+    scenario calls for (a ``destroy()`` each on the listing's handles: libvirt has no bulk
+    one, and no correct sync leaves them out) and one SQLite transaction writing every
+    domain's power state, nothing else: no sync can do less.
 
 vmpower and the floor are measured head to head: in ``ROUNDS`` rounds, each a fresh process
 for vmpower then one for the floor, each the best of its runs; each keeps its best round. On a
@@ -82,6 +84,7 @@ URI = "test:///default"
 SETTINGS = parse_settings({"uri": URI})
 # libvirt's domain state number -> the power state the floor writes: a dict lookup, nothing more.
 POWER = {state: power.value for state, (power, _reasons) in DOMAIN_STATES.items()}
+POWER_OFF = POWER[libvirt.VIR_DOMAIN_SHUTOFF]  # what the floor writes for a domain it powered off
 DOMAIN_XML = """<domain type='test'>
   <name>{name}</name><uuid>{uuid}</uuid><memory>65536</memory><vcpu>1</vcpu>
   <os><type>hvm</type></os>
@@ -116,6 +119,8 @@ class Host:
         self._destroyed = self.domains[0:2 * self.drifts:2]  # running: to be recorded stopped
         self._started = self.domains[1:2 * self.drifts:2]    # shut off: to be powered off
         self.drifting = self._destroyed + self._started
+        # What any correct sync of the drifted host must power off (their records say stopped).
+        self.to_power_off = frozenset(dom.UUIDString() for dom in self._started)
 
     def agree(self) -> None:
         """Every domain as the first sync found it."""
@@ -153,6 +158,10 @@ class Scenario:
             for dom in self.host.drifting:
                 with store.lock(dom.UUIDString()):
                     pass
+
+    def sync_floor(self, db: sqlite3.Connection) -> dict:
+        """The floor's sync of this host: what it must power off is the scenario's to say."""
+        return sync_floor(db, self.host.to_power_off)
 
     def first_sync(self, opener: Callable) -> contextlib.AbstractContextManager:
         """An empty store and the host as it was: what a new minion's first sync meets."""
@@ -243,23 +252,34 @@ def _nova(store: Store, every_row: bool) -> dict:
     return work
 
 
-def sync_floor(db: sqlite3.Connection) -> dict:
-    """The least any sync can do: one listing, one transaction writing N power states."""
-    rows = floor_listing()
+def sync_floor(db: sqlite3.Connection, to_power_off: frozenset[str] = frozenset()) -> dict:
+    """The least any sync can do: one listing, the power-offs ``to_power_off`` (UUIDs) that
+    the scenario calls for, one transaction writing N power states."""
+    rows = floor_listing(to_power_off)
     floor_transaction(db, rows)
-    return {"checked": len(rows), "updated": len(rows), "actions": 0}
+    return {"checked": len(rows), "updated": len(rows), "actions": len(to_power_off)}
 
 
-def floor_listing() -> list[tuple[str, str]]:
-    """The floor's listing: every domain's power state and UUID, from one bulk call."""
+def floor_listing(to_power_off: frozenset[str] = frozenset()) -> list[tuple[str, str]]:
+    """The floor's listing: every domain's power state and UUID, from one bulk call; the
+    domains of ``to_power_off`` powered off on its handles, and written as off."""
     conn = libvirt.open(URI)
     try:
         stats = conn.getAllDomainStats(libvirt.VIR_DOMAIN_STATS_STATE)
         rows = [(POWER[values["state.state"]], dom.UUIDString()) for dom, values in stats]
+        if to_power_off:
+            floor_power_offs([dom for dom, _values in stats if dom.UUIDString() in to_power_off])
+            rows = [(POWER_OFF if uuid in to_power_off else power, uuid) for power, uuid in rows]
         del stats  # its handles are freed here, as vmpower's are when it closes its connection
     finally:
         conn.close()
     return rows
+
+
+def floor_power_offs(domains: list) -> None:
+    """The floor's power actions: one ``destroy()`` each, nothing read before or after."""
+    for dom in domains:
+        dom.destroy()
 
 
 def floor_transaction(db: sqlite3.Connection, rows: list[tuple[str, str]]) -> None:
@@ -276,11 +296,11 @@ def measure(implementation: str, n: int, scratch: str, first_sync: bool = True) 
     Raises if an implementation did other work than the scenario calls for: a benchmark of
     the wrong job is worse than none.
     """
-    opener, sync = {VMPOWER: (open_store, sync_vmpower), NOVA: (open_store, sync_nova_style),
-                    NOVA_CHANGED: (open_store, sync_nova_changed),
-                    FLOOR: (open_sqlite, sync_floor)}[implementation]
     with tempfile.TemporaryDirectory(dir=scratch) as workdir:
         scenario = Scenario(n, Path(workdir))
+        opener, sync = {VMPOWER: (open_store, sync_vmpower), NOVA: (open_store, sync_nova_style),
+                        NOVA_CHANGED: (open_store, sync_nova_changed),
+                        FLOOR: (open_sqlite, scenario.sync_floor)}[implementation]
         result = {implementation: harness.best_of(REPEATS, RUN_BUDGET,
                                                   lambda: scenario.steady(opener), sync)}
         if implementation == VMPOWER and first_sync:
@@ -309,6 +329,7 @@ VMPOWER_PHASES = (
 )
 VMPOWER_REST = "deciding (the loop over every domain) and the rest"
 FLOOR_PHASES = (("listing", "bench.sync_scale:", ("floor_listing",)),
+                ("power actions", "bench.sync_scale:", ("floor_power_offs",)),
                 ("transaction", "bench.sync_scale:", ("floor_transaction",)))
 # Context managers: their entering and leaving are timed too.
 CONTEXTS = {"try_locks", "lock"}
@@ -338,7 +359,7 @@ def measure_breakdown(n: int, scratch: str) -> dict:
         for _ in range(REPEATS):
             for name, phases_of, opener, sync, rest in (
                     (VMPOWER, VMPOWER_PHASES, open_store, sync_vmpower, VMPOWER_REST),
-                    (FLOOR, FLOOR_PHASES, open_sqlite, sync_floor, "the rest")):
+                    (FLOOR, FLOOR_PHASES, open_sqlite, scenario.sync_floor, "the rest")):
                 phases = timed(phases_of)
                 try:
                     with scenario.steady(opener) as handle:
@@ -356,8 +377,10 @@ def measure_breakdown(n: int, scratch: str) -> dict:
 
 def _expected_work(name: str, n: int, drifts: int) -> dict:
     """What a run must report: every domain checked; the drifted ones fixed, or all N written."""
-    if name in (FIRST_SYNC, FLOOR):
+    if name == FIRST_SYNC:
         return {"checked": n, "updated": n, "actions": 0}
+    if name == FLOOR:  # every power state written; the started ones powered off
+        return {"checked": n, "updated": n, "actions": drifts}
     # The destroyed ones are recorded off and wait out stop_grace (no path acts on a VM that
     # went off less than stop_grace ago): written, not acted on. The started ones are powered off.
     return {"checked": n, "updated": n if name == NOVA else 2 * drifts, "actions": drifts}
@@ -503,7 +526,7 @@ def markdown(result: dict) -> str:
     ])
 
 
-FLOOR_IS = "one bulk listing, one transaction"
+FLOOR_IS = "one bulk listing, the power-offs the scenario calls for, one transaction"
 
 
 def against_floor(result: dict) -> list[harness.FloorRow]:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import gc
 import logging
 import threading
 import time
@@ -615,7 +616,8 @@ class HostOperations:
                 report["queued"] = covered_by
                 return report
             began = self._clock()  # a wake-up due by then is answered by this sync
-            self._sync_held(report, retries, boot_id, test)
+            with _collector_paused():
+                self._sync_held(report, retries, boot_id, test)
         if retries:
             report["retry_at"] = round(now() + min(retries), 3)
         if not test:
@@ -974,6 +976,28 @@ class HostOperations:
             if isinstance(result["event_loop"].get("metrics"), dict):
                 result["metrics"] = result["event_loop"]["metrics"]
         return result
+
+
+@contextlib.contextmanager
+def _collector_paused() -> Iterator[None]:
+    """Python's cyclic garbage collector paused for the block (left off where it was off).
+
+    A sync of thousands of domains holds tens of thousands of objects at once (the listing, a
+    libvirt handle per domain, the records), which reference counting frees when the sync
+    ends. Their number alone makes the collector run meanwhile, move them to its oldest
+    generation and then traverse the whole heap of the process: at 10,000 domains, about a
+    tenth of the sync. Paused, it collects whatever cycles the block made once it resumes.
+    The collector is the process's: in a process that runs jobs on threads, the others'
+    cycles wait for the end of the sync too (each libvirt call of a sync is bounded, so the
+    sync ends)."""
+    if not gc.isenabled():
+        yield
+        return
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
 
 
 def _may_migrate(live: LiveState) -> bool:

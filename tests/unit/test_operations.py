@@ -1,6 +1,7 @@
 """HostOperations on libvirt's test driver and a real SQLite file: sync, reconcile, stop,
 start and history, with the rules deciding."""
 
+import gc
 import threading
 import time
 
@@ -50,6 +51,31 @@ def test_sync_adopts_every_domain_then_finds_nothing_to_do(store, testdriver):
     assert store.get(stopped.UUIDString()).vm_state.value == "stopped"
     second = ops.sync()
     assert (second["updated"], second["actions"]) == (0, [])
+
+
+def test_a_sync_pauses_the_cyclic_collector_and_leaves_it_as_it_found_it(store, testdriver,
+                                                                           monkeypatch):
+    testdriver.define("web")
+    ops = operations(store)
+    during = []
+    listing = Hypervisor.list_all
+
+    def list_all(hv):
+        during.append(gc.isenabled())
+        return listing(hv)
+    monkeypatch.setattr(Hypervisor, "list_all", list_all)
+    ops.sync()
+    assert during == [False] and gc.isenabled()
+    gc.disable()  # a process that turned it off keeps it off
+    try:
+        ops.sync()
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+    monkeypatch.setattr(Hypervisor, "list_all", lambda hv: 1 / 0)
+    with pytest.raises(ZeroDivisionError):  # a sync that fails resumes it too
+        ops.sync()
+    assert during == [False, False] and gc.isenabled()
 
 
 def test_sync_records_a_shutdown_guest_as_stopped(store, testdriver):
