@@ -21,6 +21,7 @@ from vmpower_lab import hosts as labhosts
 
 from .helpers import (
     beacon_config,
+    beacon_status,
     history,
     salt_call,
     start_and_settle,
@@ -28,6 +29,7 @@ from .helpers import (
     wait_for_event,
     wait_for_job_return,
     wait_for_start_syncs,
+    wait_until,
 )
 
 libvirt = pytest.importorskip("libvirt")
@@ -73,6 +75,10 @@ def test_a_libvirtd_restart_in_the_migration_grace_never_starts_the_source_copy(
             labhosts.migrate(dom, conn_b, persistent=True)
         finally:
             conn_b.close()
+        # libvirtd sends the STOPPED (migrated) to the beacon after the migration returns: a
+        # restart before it was sent loses it, and there is then nothing held to test.
+        wait_until(lambda: beacon_status(minion).get("held"), GRACE,
+                   "the beacon to hold the migration's STOPPED in its grace")
         restarted = time.time()  # before: the beacon may reconnect before the restart returns
         host_a.restart_libvirtd()  # within the grace: the STOPPED (migrated) is still held
         assert _state(host_a.uri, guest.uuid) == (libvirt.VIR_DOMAIN_SHUTOFF,
