@@ -201,7 +201,6 @@ class Watcher:
         self._grace: StopGrace[Pending] = StopGrace(settings.grace(stop_grace), monotonic)
         self._burst = BurstGuard(settings.burst_limit)
         self._pending: list[Pending] = []
-        self._overflows = 0  # overflow resyncs in _pending: most rounds have none to move
         # Read by health() from any thread (plain attributes, each written by one thread).
         self.state = "connecting"
         self.state_since = clock()
@@ -645,8 +644,6 @@ class Watcher:
     def _resync(self, reason: str, lost: int) -> None:
         self.last_resync = {"reason": reason, "lost": lost, "at": self._clock()}
         self.resyncs[reason] += 1
-        if reason == "overflow":
-            self._overflows += 1
         gap = ("", GAP, reason, self._monotonic(), self._clock()) if reason in GAP_RESYNCS else None
         self._pending.append((resync_data(reason, lost), gap))
 
@@ -689,7 +686,7 @@ class Watcher:
         if not self._pending:
             return
         pending = self._journal_round(self._pending)
-        self._pending, overflows, self._overflows = [], self._overflows, 0
+        self._pending = []
         if not pending:
             return
         deliver = self._deliver if self.settings.immediate else None
@@ -712,12 +709,9 @@ class Watcher:
                 self.failures.note("deliver", "the minion's bus did not take %d event(s); they "
                                    "go through the beacon's tick", len(pending))
         # Waiting for the tick, every overflow so far is one resync at the head of the outbox.
-        lost = 0
-        if overflows:
-            lost = sum(item["lost"] for item in pending if _is_overflow(item))
-            pending = [item for item in pending if not _is_overflow(item)]
+        lost = sum(item["lost"] for item in pending if _is_overflow(item))
         with self._cond:
-            self._outbox.extend(pending)
+            self._outbox.extend(item for item in pending if not _is_overflow(item))
         self._trim_outbox(lost)
 
     def _trim_outbox(self, lost: int = 0) -> None:
