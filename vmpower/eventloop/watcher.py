@@ -264,6 +264,9 @@ class Watcher:
                 self._callback_drops += 1
         queue.append(item)
         if self._asleep:
+            # One wake-up per sleep: until the watcher's thread runs again (it may wait for the
+            # GIL for a while), the callbacks after this one would each take _cond for nothing.
+            self._asleep = False
             self._poke()
 
     def _poke(self) -> None:
@@ -369,6 +372,8 @@ class Watcher:
             with self._cond:
                 # Told before it looks at the queue: a callback that appends after the look
                 # finds it asleep and wakes it (it takes _cond, so only once the wait began).
+                # A callback that finds it awake again after that look was preceded by one
+                # that woke it, so the wait ends all the same.
                 self._asleep = True
                 if not self._poked and not self._raw:
                     self._cond.wait(self._wait_time())
