@@ -71,7 +71,7 @@ def run(smoke: bool, scratch: Path) -> dict:
                     measured_rounds.append(harness.in_subprocess(
                         measure, implementation=implementation, n=n, scratch=str(scratch)))
             for implementation, measured_rounds in rounds.items():
-                best = sync_scale._best_round(implementation, measured_rounds)
+                best = sync_scale.best_round(implementation, measured_rounds)
                 series[implementation].append({"n": n, **best[implementation]})
     finally:
         daemon.stop()

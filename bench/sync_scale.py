@@ -409,7 +409,7 @@ def run(smoke: bool, scratch: Path) -> dict:
                                      "max_rss_kib": measured["max_rss_kib"]})
                 rounds[implementation].append(measured)
         for implementation, measured in rounds.items():
-            _add(series, n, _best_round(implementation, measured))
+            _add(series, n, best_round(implementation, measured))
     largest = max(sizes)
     print(f"sync_scale: where the time goes, N={largest:,}", file=sys.stderr, flush=True)
     breakdown = harness.in_subprocess(measure_breakdown, n=largest, scratch=str(scratch))
@@ -458,7 +458,7 @@ def _add(series: dict[str, list[dict]], n: int, measured: dict) -> None:
         series[name].append({"n": n, **point, "process_max_rss_kib": rss})
 
 
-def _best_round(implementation: str, rounds: list[dict]) -> dict:
+def best_round(implementation: str, rounds: list[dict]) -> dict:
     """One implementation's head-to-head rounds as one point: the best round's time and work,
     every round's runs, and the largest peak heap of any round."""
     points = [measured[implementation] for measured in rounds]
