@@ -20,20 +20,22 @@ REST = "the rest"
 
 
 class Phases:
-    """Exclusive wall time per phase of the calls made inside ``timing()``."""
+    """Exclusive time per phase of the calls made inside ``timing()``: wall time, or what
+    ``clock`` counts (``time.process_time``: the CPU of every thread of the process)."""
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Callable[[], float] = time.perf_counter) -> None:
+        self._clock = clock
         self.seconds: dict[str, float] = {}
         self._stack: list[list] = []  # [phase, started, time spent in timed calls inside it]
         self._patched: list[tuple[object, str, object]] = []
         self._thread = threading.main_thread()
 
     def _enter(self, phase: str) -> None:
-        self._stack.append([phase, time.perf_counter(), 0.0])
+        self._stack.append([phase, self._clock(), 0.0])
 
     def _leave(self) -> None:
         phase, started, inner = self._stack.pop()
-        took = time.perf_counter() - started
+        took = self._clock() - started
         self.seconds[phase] = self.seconds.get(phase, 0.0) + took - inner
         if self._stack:
             self._stack[-1][2] += took
@@ -47,9 +49,11 @@ class Phases:
         finally:
             self._leave()
 
-    def wrap(self, owner: object, attribute: str, phase: str, context: bool = False) -> None:
-        """Time every call of ``owner.attribute`` (a function or method) as ``phase``; with
-        ``context``, the context manager it returns is timed on entering and leaving too."""
+    def wrap(self, owner: object, attribute: str, phase: str | Callable[..., str],
+             context: bool = False) -> None:
+        """Time every call of ``owner.attribute`` (a function or method) as ``phase`` (or as
+        what ``phase`` returns for the call's arguments); with ``context``, the context manager
+        it returns is timed on entering and leaving too."""
         original = owner.__dict__[attribute] if attribute in getattr(owner, "__dict__", {}) \
             else getattr(owner, attribute)
         function = original.__func__ if isinstance(original, staticmethod) else original
@@ -58,10 +62,11 @@ class Phases:
         def timed(*args, **kwargs):
             if threading.current_thread() is not self._thread:
                 return function(*args, **kwargs)
-            with self.phase(phase):
+            name = phase(*args, **kwargs) if callable(phase) else phase
+            with self.phase(name):
                 result = function(*args, **kwargs)
             if context:
-                return _TimedContext(self, phase, result)
+                return _TimedContext(self, name, result)
             return result
 
         setattr(owner, attribute, staticmethod(timed) if isinstance(original, staticmethod) else timed)
@@ -74,13 +79,13 @@ class Phases:
         self._patched.clear()
 
     def timing(self, call: Callable[[], object]) -> tuple[float, object]:
-        """``call()``'s wall time and result; its phases add up into ``seconds``, with
+        """``call()``'s time and result; its phases add up into ``seconds``, with
         what no phase covers as ``REST``."""
         self.seconds = {}
         with self.phase(REST):
-            started = time.perf_counter()
+            started = self._clock()
             result = call()
-            took = time.perf_counter() - started
+            took = self._clock() - started
         return took, result
 
 

@@ -23,6 +23,7 @@ With ``--uri qemu:///system`` it needs a libvirtd (run it in a lane: ``scripts/l
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import statistics
@@ -34,47 +35,23 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from bench.breakdown import Phases  # after the path above: this runs as a script
+
 TEST_DOMAIN = "test"  # the test driver's own running domain
 
 
-class Phases:
-    """Exclusive CPU time (``time.process_time``) per phase of the calls made in this process."""
+def _lock_phase(_store, keys, *_args, **_kwargs) -> str:
+    """The phase of a store lock call: the schema lock, which a store takes while it opens
+    an incomplete schema, counts as opening it."""
+    from vmpower.store.base import SCHEMA_LOCK
 
-    def __init__(self) -> None:
-        self.seconds: dict[str, float] = {}
-        self.wall: dict[str, float] = {}
-        self._stack: list[list] = []
-
-    def wrap(self, owner, attribute: str, phase: str, schema_lock: str | None = None) -> None:
-        """Time ``owner.attribute`` as ``phase``; a lock method called for ``schema_lock`` (the
-        store's schema lock, taken while it is opened) as the store's opening."""
-        original = owner.__dict__[attribute]
-        function = original.__func__ if isinstance(original, staticmethod) else original
-
-        def timed(*args, **kwargs):
-            named = phase
-            if schema_lock is not None and len(args) > 1 and schema_lock in (
-                    args[1] if isinstance(args[1], list) else [args[1]]):
-                named = "store open"
-            self._stack.append([time.process_time(), 0.0, time.perf_counter(), 0.0])
-            try:
-                return function(*args, **kwargs)
-            finally:
-                started, inner, wall_started, wall_inner = self._stack.pop()
-                took = time.process_time() - started
-                wall = time.perf_counter() - wall_started
-                self.seconds[named] = self.seconds.get(named, 0.0) + took - inner
-                self.wall[named] = self.wall.get(named, 0.0) + wall - wall_inner
-                if self._stack:
-                    self._stack[-1][1] += took
-                    self._stack[-1][3] += wall
-
-        timed.__wrapped__ = function
-        setattr(owner, attribute, staticmethod(timed) if isinstance(original, staticmethod) else timed)
+    named = (keys,) if isinstance(keys, str) else keys if isinstance(keys, (list, tuple)) else ()
+    return "store open" if SCHEMA_LOCK in named else "instance lock"
 
 
-def _instrument(phases: Phases) -> None:
-    """Time the methods of each phase of a reconcile (in the job's process only)."""
+def _instrument(clocks: dict[str, Phases]) -> None:
+    """Time the methods of each phase of a reconcile (in the job's process only), once for
+    each of ``clocks``."""
     from vmpower import fleet, hostinfo, hypervisor, journal, measurements, minion, operations, wakeup
     from vmpower.store import base, sqlite
 
@@ -92,9 +69,9 @@ def _instrument(phases: Phases) -> None:
         (hypervisor.Hypervisor, "find", "libvirt reads"),
         (hypervisor.Hypervisor, "migration_job", "libvirt reads"),
         (hypervisor.Hypervisor, "on_crash", "libvirt reads"),
-        (base.Store, "locks", "instance lock"),
-        (base.Store, "_wait_for", "instance lock"),
-        (base.Store, "_release_all", "instance lock"),
+        (base.Store, "locks", _lock_phase),
+        (base.Store, "_wait_for", _lock_phase),
+        (base.Store, "_release_all", _lock_phase),
         (base.Store, "get", "record read"),
         (operations, "decide", "decision (rules)"),
         (operations.HostOperations, "_settle", "action"),
@@ -107,14 +84,14 @@ def _instrument(phases: Phases) -> None:
         (wakeup.WakeUps, "update", "wake-up"),
         (fleet, "seal", "seal"),
     ]
-    for owner, attribute, phase in wraps:
-        phases.wrap(owner, attribute, phase, base.SCHEMA_LOCK if phase == "instance lock" else None)
+    for phases in clocks.values():
+        for owner, attribute, phase in wraps:
+            phases.wrap(owner, attribute, phase)
     # HostOperations took these as defaults when its class was made: time them there too.
-    defaults = list(operations.HostOperations.__init__.__defaults__)
-    defaults = [hostinfo.boot_id if d is getattr(hostinfo.boot_id, "__wrapped__", None) else
-                hostinfo.host_stopping if d is getattr(hostinfo.host_stopping, "__wrapped__", None)
-                else d for d in defaults]
-    operations.HostOperations.__init__.__defaults__ = tuple(defaults)
+    timed = (hostinfo.boot_id, hostinfo.host_stopping)
+    operations.HostOperations.__init__.__defaults__ = tuple(
+        next((function for function in timed if inspect.unwrap(function) is default), default)
+        for default in operations.HostOperations.__init__.__defaults__)
 
 
 def _opts(root: Path, uri: str) -> dict:
@@ -187,7 +164,7 @@ def _job(functions, uuid: str, seq: int, profile: str | None) -> dict:
     import gc
 
     before = set(sys.modules)
-    phases = Phases()
+    cpu, wall_phases = Phases(time.process_time), Phases()
     collected = {"seconds": 0.0, "by_generation": [0, 0, 0]}
     gc_started = []
 
@@ -210,20 +187,20 @@ def _job(functions, uuid: str, seq: int, profile: str | None) -> dict:
     reconcile = functions["vmpower.reconcile"]  # the loader loads the module here
     loaded = time.process_time()
     wall_loaded = time.perf_counter()
-    _instrument(phases)
+    _instrument({"cpu": cpu, "wall": wall_phases})
     instrumented = time.process_time()
     result = reconcile(uuid, transition="started", seq=seq)
     done = time.process_time()
     if profiler is not None:
         profiler.disable()
         profiler.dump_stats(profile)
-    phases.seconds["loader (module, __virtual__, imports)"] = loaded - started
+    cpu.seconds["loader (module, __virtual__, imports)"] = loaded - started
     call = done - instrumented
-    phases.seconds["the rest of the call"] = call - sum(
-        v for k, v in phases.seconds.items() if not k.startswith("loader"))
-    phases.wall["loader (module, __virtual__, imports)"] = wall_loaded - wall
+    cpu.seconds["the rest of the call"] = call - sum(
+        v for k, v in cpu.seconds.items() if not k.startswith("loader"))
+    wall_phases.seconds["loader (module, __virtual__, imports)"] = wall_loaded - wall
     gc.callbacks.remove(on_gc)
-    return {"gc": collected, "objects": len(gc.get_objects()), "phases": phases.seconds, "wall_phases": phases.wall, "total": (loaded - started) + call,
+    return {"gc": collected, "objects": len(gc.get_objects()), "phases": cpu.seconds, "wall_phases": wall_phases.seconds, "total": (loaded - started) + call,
             "wall": time.perf_counter() - wall - (instrumented - loaded),
             "imported": sorted(set(sys.modules) - before),
             "result": {k: result.get(k) for k in ("action", "rule", "result", "reason")}}
