@@ -990,14 +990,13 @@ def _collector_paused() -> Iterator[None]:
     The collector is the process's: in a process that runs jobs on threads, the others'
     cycles wait for the end of the sync too (each libvirt call of a sync is bounded, so the
     sync ends)."""
-    if not gc.isenabled():
-        yield
-        return
+    enabled = gc.isenabled()
     gc.disable()
     try:
         yield
     finally:
-        gc.enable()
+        if enabled:
+            gc.enable()
 
 
 def _may_migrate(live: LiveState) -> bool:
