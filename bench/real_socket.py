@@ -14,7 +14,6 @@ its own (``bash scripts/lane.sh ROOT ...``).
 
 from __future__ import annotations
 
-import operator
 import subprocess
 import sys
 from pathlib import Path
@@ -28,7 +27,6 @@ URI = "test+unix:///default"
 SIZES = (1_000, 10_000)
 SMOKE_SIZES = (200,)  # not 100: part 1's smoke table is found by its "| 100 |" rows
 TARGET_N = 10_000
-TARGET_SPEEDUP = 50.0
 IMPLEMENTATIONS = (sync_scale.VMPOWER, sync_scale.NOVA, sync_scale.FLOOR)
 
 
@@ -88,10 +86,11 @@ def run(smoke: bool, scratch: Path) -> dict:
                    rounds(sync_scale.VMPOWER, n), rounds(sync_scale.FLOOR, n))]}
               for n in sizes]
     at = next((r for r in ratios if r["n"] == TARGET_N), None)
-    measured = at["nova_over_vmpower"] if at else None
-    targets = [{"target": f"vmpower at least {TARGET_SPEEDUP:g}× faster than nova-style through "
+    measured = at["vmpower_over_floor"] if at else None
+    # Part 1's target, through the socket; the Nova-style ratio is context, not a target.
+    targets = [{"target": f"vmpower within {sync_scale.TARGET_OVER_FLOOR:g}× of the floor through "
                           f"libvirtd's socket", "n": TARGET_N, "measured": measured,
-                "met": None if measured is None else operator.ge(measured, TARGET_SPEEDUP)}]
+                "met": None if measured is None else measured <= sync_scale.TARGET_OVER_FLOOR}]
     return {"uri": URI, "sizes": list(sizes), "series": series, "ratios": ratios, "targets": targets}
 
 

@@ -15,8 +15,9 @@ process of its own (``harness.in_subprocess``):
     pattern differs.
 ``nova-style, changed rows``
     the same, committing only the rows that change, as Nova's ``instance.save()`` does
-    (it returns early when no field changed). The 20× target is not measured against it;
-    it shows how much of the gap is the commits and how much the per-instance calls.
+    (it returns early when no field changed). Both Nova-style ratios are context, not
+    targets; this one shows how much of the gap is the commits and how much the per-instance
+    calls.
 ``floor``
     one bulk listing (``getAllDomainStats(VIR_DOMAIN_STATS_STATE)``), the power-offs the
     scenario calls for (a ``destroy()`` each on the listing's handles: libvirt has no bulk
@@ -75,7 +76,6 @@ REPEATS = 5        # best of this many runs for time ...
 RUN_BUDGET = 15.0  # ... or fewer, once the runs of one measurement have taken this long (s)
 ROUNDS = 3         # vmpower and the floor, head to head: this many fresh processes each
 TARGET_N = 10_000
-TARGET_SPEEDUP = 20.0   # vmpower at least this many times faster than nova-style
 TARGET_OVER_FLOOR = 1.3  # vmpower at most this many times the floor
 TARGET_HEAP_OVER_FLOOR = 2.0  # vmpower's peak heap at most this many times the floor's
 
@@ -438,8 +438,6 @@ def run(smoke: bool, scratch: Path) -> dict:
     at_target = next((r for r in ratios if r["n"] == TARGET_N), None)
     targets = []
     for text, key, goal, met in (
-            (f"vmpower at least {TARGET_SPEEDUP:g}× faster than nova-style", "nova_over_vmpower",
-             TARGET_SPEEDUP, operator.ge),
             (f"vmpower within {TARGET_OVER_FLOOR:g}× of the floor", "vmpower_over_floor",
              TARGET_OVER_FLOOR, operator.le),
             (f"vmpower's peak heap within {TARGET_HEAP_OVER_FLOOR:g}× of the floor's",
