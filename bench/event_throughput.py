@@ -22,6 +22,12 @@ What is measured, each in a fresh process (``harness.in_subprocess``), time the 
 ``floor``
     the same operations with a callback that only counts: what libvirt costs to produce the
     events and deliver them to Python. vmpower's overhead is its ratio to this.
+``floor, handed off`` (context)
+    the least any beacon pays that does its work after the callback, not in it: the callback
+    queues each event and wakes a second thread once per sleep, as the watcher's does; that
+    thread takes the events and reads each one's domain UUID (the least a translation needs),
+    and nothing else. Its ratio to the floor is what the hand-off alone costs in this process,
+    where the producer, libvirt's thread and the second thread share one GIL.
 ``vmpower, stop_grace 0`` and ``vmpower, stop_grace 15 s``
     a ``Watcher`` with the beacon's default ``queue_size``, drained every ``DRAIN_INTERVAL``
     while another thread performs the operations; the measuring thread counts the dicts by
@@ -116,10 +122,12 @@ TRANSITION = {libvirt.virDomain.suspend: "paused", libvirt.virDomain.resume: "re
 ROUND_EVENTS = len(ROUND) * DOMAINS
 
 # The measurements: the kinds of run ``measure`` knows, and the series of the report.
-OPERATIONS, FLOOR, VMPOWER, REPLAY, STORM = "operations", "floor", "vmpower", "replay", "storm"
+OPERATIONS, FLOOR, HANDOFF, VMPOWER, REPLAY, STORM = (
+    "operations", "floor", "handoff", "vmpower", "replay", "storm")
 THROUGHPUT = (  # (series, kind, stop_grace), in the order they are tabulated and drawn
     ("test driver alone", OPERATIONS, 0.0),
     ("floor", FLOOR, 0.0),
+    ("floor, handed off", HANDOFF, 0.0),
     ("vmpower, stop_grace 0", VMPOWER, 0.0),
     (f"vmpower, stop_grace {DEFAULT_STOP_GRACE:g} s", VMPOWER, DEFAULT_STOP_GRACE),
     ("vmpower's own work, stop_grace 0", REPLAY, 0.0),
@@ -128,6 +136,8 @@ THROUGHPUT = (  # (series, kind, stop_grace), in the order they are tabulated an
 WHAT = {
     OPERATIONS: "the operations; no callback registered",
     FLOOR: "the operations; libvirt calls a callback that only counts",
+    HANDOFF: ("the operations; libvirt calls a callback that queues, a second thread reads "
+              "each domain's UUID"),
     VMPOWER: f"the operations; libvirt calls the Watcher; drained every {DRAIN_INTERVAL * 1e3:g} ms",
     REPLAY: "recorded callbacks replayed into the Watcher and drained; one thread, no libvirt",
 }
@@ -158,6 +168,49 @@ class Count:
 
     def __call__(self, _conn, _dom, _event: int, _detail: int, _opaque) -> None:
         self.count += 1
+
+
+class HandOff:
+    """A lifecycle callback that hands each event to a thread of its own, which reads the
+    event's domain UUID and drops it: the floor of a beacon that works after the callback.
+
+    The hand-off is the watcher's: a deque the callback appends to, and a wake-up only when
+    the thread sleeps."""
+
+    def __init__(self) -> None:
+        self.count = 0  # events the thread has taken (written by the thread alone)
+        self._queue: collections.deque = collections.deque()
+        self._cond = threading.Condition(threading.Lock())
+        self._asleep = self._poked = self._stopped = False
+        self._thread = threading.Thread(target=self._run, name="bench-handoff", daemon=True)
+        self._thread.start()
+
+    def __call__(self, _conn, dom, event: int, detail: int, _opaque) -> None:
+        self._queue.append((dom, event, detail))
+        if self._asleep:
+            self._asleep = False
+            with self._cond:
+                self._poked = True
+                self._cond.notify()
+
+    def _run(self) -> None:
+        queue = self._queue
+        while not self._stopped:
+            with self._cond:
+                self._asleep = True
+                if not self._poked and not queue:
+                    self._cond.wait(0.5)
+                self._asleep = self._poked = False
+            taken = [queue.popleft() for _ in range(len(queue))]
+            for dom, _event, _detail in taken:
+                dom.UUID()
+            self.count += len(taken)
+
+    def close(self) -> None:
+        self._stopped = True
+        with self._cond:
+            self._cond.notify()
+        self._thread.join()
 
 
 class Listener:
@@ -292,6 +345,11 @@ def stream_floor(host: Host, events: int, count: Count) -> dict:
     return {"callbacks": count.count, **timing}
 
 
+def stream_handoff(host: Host, events: int, handoff: HandOff) -> dict:
+    timing = stream(host, events, lambda: handoff.count >= events)
+    return {"callbacks": handoff.count, **timing}
+
+
 def stream_vmpower(host: Host, events: int, watcher: eventloop.Watcher) -> dict:
     tally = Tally()
 
@@ -361,7 +419,7 @@ def expected_work(kind: str, events: int, stop_grace: float, queue_size: int) ->
     """What a run must report. With a grace every STOPPED is cancelled by the start after it."""
     if kind == OPERATIONS:
         return {"operations": events}
-    if kind == FLOOR:
+    if kind in (FLOOR, HANDOFF):
         return {"callbacks": events}
     kept = transitions(events)[-queue_size:] if kind == STORM else transitions(events)
     fired = collections.Counter(kept)
@@ -386,6 +444,9 @@ def measure(kind: str, events: int, stop_grace: float = 0.0,
     elif kind == FLOOR:
         point = harness.best_of(REPEATS, RUN_BUDGET, _counting,
                                 lambda count: stream_floor(host, events, count))
+    elif kind == HANDOFF:
+        point = harness.best_of(REPEATS, RUN_BUDGET, _handing_off,
+                                lambda handoff: stream_handoff(host, events, handoff))
     elif kind == VMPOWER:
         point = harness.best_of(REPEATS, RUN_BUDGET, lambda: watching(stop_grace, queue_size),
                                 lambda watcher: stream_vmpower(host, events, watcher))
@@ -414,6 +475,13 @@ def _counting() -> Iterator[Count]:
         yield count
 
 
+@contextlib.contextmanager
+def _handing_off() -> Iterator[HandOff]:
+    handoff = HandOff()
+    with contextlib.closing(handoff), contextlib.closing(Listener(handoff)):
+        yield handoff
+
+
 # In run.py's process ---------------------------------------------------------------------
 
 def run(smoke: bool, scratch: Path) -> dict:
@@ -428,7 +496,7 @@ def run(smoke: bool, scratch: Path) -> dict:
                        "us_per_event": point["seconds"] / events * 1e6})
     floor = next(point for point in series if point["kind"] == FLOOR)
     for point in series:
-        if point["kind"] in (FLOOR, VMPOWER):
+        if point["kind"] in (FLOOR, HANDOFF, VMPOWER):
             point["over_floor"] = point["seconds"] / floor["seconds"]
             point["cpu_us_per_event"] = point["work"]["cpu_seconds"] / events * 1e6
             point["cpu_over_floor"] = point["work"]["cpu_seconds"] / floor["work"]["cpu_seconds"]
@@ -466,11 +534,14 @@ def run(smoke: bool, scratch: Path) -> dict:
                        point["events_per_second"], "events/s", point["events_per_second"] >= TARGET_RATE)
                 for point in vmpower]
     main = vmpower[0]
+    handoff = next(point for point in series if point["kind"] == HANDOFF)
     summary = {  # the headline figures, each also in its series or storm point
         "events_per_second_vmpower": main["events_per_second"],
         "events_per_second_floor": floor["events_per_second"],
         "ratio": main["over_floor"],  # vmpower's time over the floor's, stop_grace 0
         "cpu_ratio": main["cpu_over_floor"],  # the same, in CPU time of the whole process
+        "handoff_ratio": handoff["over_floor"],  # what handing events to a thread costs alone
+        "over_handoff": main["seconds"] / handoff["seconds"],  # vmpower over that
         "callback_us": replayed["callback_us"],  # CPU time per event, libvirt's thread
         "drain_us": replayed["drain_us"],  # CPU time per event, the watcher's thread and drain()
         "storm": [{"burst": point["burst"], "queue_size": queue_size, "peak_bytes": point["peak_bytes"],
@@ -528,7 +599,9 @@ def markdown(result: dict) -> str:
         f"against the floor's {summary['events_per_second_floor']:,.0f}: "
         f"{harness.ratio(summary['ratio'])} the floor's time ({harness.ratio(summary['cpu_ratio'])} "
         f"its CPU time); the callback's own cost {summary['callback_us']:.2f} µs an event, the "
-        f"drain's {summary['drain_us']:.2f} µs (CPU time)."),
+        f"drain's {summary['drain_us']:.2f} µs (CPU time). Handing the events to a second thread "
+        f"that only reads their domains' UUIDs takes {harness.ratio(summary['handoff_ratio'])} the "
+        f"floor's time on its own; vmpower takes {harness.ratio(summary['over_handoff'])} of that."),
         ("**Throughput** (÷ floor: the run's time over the floor's; CPU: the whole process's CPU "
         "time per event, and its ratio to the floor's; lag: how long after the last operation "
         "returned everything was drained)"),
@@ -572,7 +645,7 @@ def against_floor(result: dict) -> list[harness.FloorRow]:
 
     floor, replayed = point(FLOOR)["seconds"], point(REPLAY)
     counting = "libvirt delivering them to a callback that only counts"
-    return [
+    rows = [
         harness.FloorRow(PART, f"{events:,} events through the beacon's path, end to end",
                          point(VMPOWER)["seconds"], floor, counting, TARGET_RATIO, "s",
                          judged, note),
@@ -582,13 +655,20 @@ def against_floor(result: dict) -> list[harness.FloorRow]:
                          replayed["callback_us"] * 1e-6, TARGET_CALLBACK_US * 1e-6,
                          "a stated budget", 1.0, "s", judged, note),
     ]
+    handoff = [p for p in result["series"] if p["kind"] == HANDOFF]
+    if handoff:  # context: what handing each event to a second thread costs, doing nothing else
+        rows.insert(2, harness.FloorRow(
+            PART, "the same events handed to a second thread that reads each domain's UUID "
+                  "(context)", handoff[0]["seconds"], floor, counting, None, "s"))
+    return rows
 
 
 def plot(result: dict, figure) -> None:
     rate_ax, storm_ax = figure.subplots(1, 2)
     series = result["series"]
     names = [point["name"] for point in series]
-    colours = {OPERATIONS: "tab:gray", FLOOR: "tab:green", VMPOWER: "tab:blue", REPLAY: "tab:cyan"}
+    colours = {OPERATIONS: "tab:gray", FLOOR: "tab:green", HANDOFF: "tab:olive", VMPOWER: "tab:blue",
+               REPLAY: "tab:cyan"}
     rate_ax.barh(names, [point["events_per_second"] / 1e3 for point in series],
                  color=[colours[point["kind"]] for point in series])
     rate_ax.axvline(TARGET_RATE / 1e3, color="tab:red", linestyle="--",

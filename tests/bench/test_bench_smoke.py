@@ -50,12 +50,13 @@ def test_json_has_every_event_throughput_series_and_the_storm(results):
     events = json.loads((results / "latest.json").read_text())["benchmarks"]["event_throughput"]
     assert events["events"] == 2_000
     assert [point["name"] for point in events["series"]] == [
-        "test driver alone", "floor", "vmpower, stop_grace 0", "vmpower, stop_grace 15 s",
+        "test driver alone", "floor", "floor, handed off", "vmpower, stop_grace 0", "vmpower, stop_grace 15 s",
         "vmpower's own work, stop_grace 0", "vmpower's own work, stop_grace 15 s"]
     for point in events["series"]:
         assert point["seconds"] > 0 and point["events_per_second"] > 0 and point["peak_bytes"] >= 0
-    floor, *watchers = [point for point in events["series"] if point["kind"] in ("floor", "vmpower")]
-    assert floor["work"]["callbacks"] == 2_000
+    floor, handoff, *watchers = [point for point in events["series"]
+                                 if point["kind"] in ("floor", "handoff", "vmpower")]
+    assert floor["work"]["callbacks"] == handoff["work"]["callbacks"] == 2_000
     for point in watchers + [point for point in events["series"] if point["kind"] == "replay"]:
         # Every callback translated; with a grace, each STOPPED was cancelled by the restart.
         assert point["work"]["callbacks"] == 2_000
@@ -75,6 +76,8 @@ def test_json_has_every_event_throughput_series_and_the_storm(results):
     assert {"events_per_second_vmpower", "events_per_second_floor", "ratio", "cpu_ratio",
             "callback_us", "drain_us"} <= summary.keys()
     assert summary["ratio"] == watchers[0]["over_floor"] > 0
+    assert summary["handoff_ratio"] == handoff["over_floor"] > 0
+    assert summary["over_handoff"] == pytest.approx(watchers[0]["seconds"] / handoff["seconds"])
     assert summary["callback_us"] > 0 and summary["drain_us"] > 0
     assert [(point["burst"], point["lost"]) for point in summary["storm"]] == [(2_000, 1_000), (4_000, 3_000)]
 

@@ -91,6 +91,15 @@ def test_event_throughput_rows():
     assert {row.met for row in event_throughput.against_floor(event_result(2_000))} == {None}
 
 
+def test_event_throughput_shows_the_hand_off_as_context():
+    result = event_result(100_000)
+    result["series"].insert(2, {"kind": "handoff", "stop_grace": 0.0, "seconds": 1.25})
+    end_to_end, grace, handoff, callback = event_throughput.against_floor(result)
+    assert handoff.measured.startswith("the same events handed to a second thread")
+    assert handoff.ratio == pytest.approx(1.25) and handoff.target is None and handoff.met is None
+    assert end_to_end.met is True and callback.met is True
+
+
 def e2e_result(floor: bool, cycles: int = 4):
     def path(p50, p99):
         return {"immediate": {"decision": {"n": 48, "p50": p50, "p99": p99}}}
