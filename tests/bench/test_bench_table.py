@@ -94,7 +94,7 @@ def test_event_throughput_rows():
 def test_event_throughput_shows_the_hand_off_as_context():
     result = event_result(100_000)
     result["series"].insert(2, {"kind": "handoff", "stop_grace": 0.0, "seconds": 1.25})
-    end_to_end, grace, handoff, callback = event_throughput.against_floor(result)
+    end_to_end, _grace, handoff, callback = event_throughput.against_floor(result)
     assert handoff.measured.startswith("the same events handed to a second thread")
     assert handoff.ratio == pytest.approx(1.25) and handoff.target is None and handoff.met is None
     assert end_to_end.met is True and callback.met is True
