@@ -77,13 +77,9 @@ def run(smoke: bool, scratch: Path) -> dict:
     def seconds(name: str, n: int) -> float:
         return next(p["seconds"] for p in series[name] if p["n"] == n)
 
-    def rounds(name: str, n: int) -> list[float]:
-        return next(p["rounds"] for p in series[name] if p["n"] == n)
-
     ratios = [{"n": n, "nova_over_vmpower": seconds(sync_scale.NOVA, n) / seconds(sync_scale.VMPOWER, n),
                "vmpower_over_floor": seconds(sync_scale.VMPOWER, n) / seconds(sync_scale.FLOOR, n),
-               "vmpower_over_floor_rounds": [ours / theirs for ours, theirs in zip(
-                   rounds(sync_scale.VMPOWER, n), rounds(sync_scale.FLOOR, n))]}
+               "vmpower_over_floor_rounds": sync_scale.round_ratios(series, n)}
               for n in sizes]
     at = next((r for r in ratios if r["n"] == TARGET_N), None)
     measured = at["vmpower_over_floor"] if at else None
@@ -113,7 +109,7 @@ def markdown(result: dict) -> str:
         harness.table(["N", *IMPLEMENTATIONS, "nova-style ÷ vmpower", "vmpower ÷ floor"], rows),
         "vmpower ÷ floor in each head-to-head round (each implementation's best run of the "
         "round): " + "; ".join(
-            f"N = {r['n']:,}: " + ", ".join(harness.ratio(x) for x in r.get("vmpower_over_floor_rounds", ()))
+            f"N = {r['n']:,}: " + ", ".join(harness.ratio(x) for x in r["vmpower_over_floor_rounds"])
             for r in result["ratios"]) + ".",
         f"**Targets** (at N = {TARGET_N:,})",
         harness.table(["target", "measured", "verdict"],

@@ -266,11 +266,16 @@ def floor_listing(to_power_off: frozenset[str] = frozenset()) -> list[tuple[str,
     conn = libvirt.open(URI)
     try:
         stats = conn.getAllDomainStats(libvirt.VIR_DOMAIN_STATS_STATE)
-        rows = [(POWER[values["state.state"]], dom.UUIDString()) for dom, values in stats]
-        if to_power_off:
-            floor_power_offs([dom for dom, _values in stats if dom.UUIDString() in to_power_off])
-            rows = [(POWER_OFF if uuid in to_power_off else power, uuid) for power, uuid in rows]
-        del stats  # its handles are freed here, as vmpower's are when it closes its connection
+        rows, doomed = [], []
+        for dom, values in stats:  # each domain's UUID read once
+            uuid = dom.UUIDString()
+            if uuid in to_power_off:
+                doomed.append(dom)
+                rows.append((POWER_OFF, uuid))
+            else:
+                rows.append((POWER[values["state.state"]], uuid))
+        floor_power_offs(doomed)
+        del stats, doomed  # their handles are freed here, as vmpower's when it closes its connection
     finally:
         conn.close()
     return rows
@@ -427,11 +432,7 @@ def run(smoke: bool, scratch: Path) -> dict:
                      "memory": harness.growth(sizes, [p["peak_bytes"] for p in points])}
               for name, points in series.items()}
     for ratio in ratios:
-        # Round by round: how far the best-of ratio moves with the machine's load.
-        ratio["vmpower_over_floor_rounds"] = [
-            ours / theirs for ours, theirs in zip(
-                next(p["rounds"] for p in series[VMPOWER] if p["n"] == ratio["n"]),
-                next(p["rounds"] for p in series[FLOOR] if p["n"] == ratio["n"]))]
+        ratio["vmpower_over_floor_rounds"] = round_ratios(series, ratio["n"])
         ratio["vmpower_heap_over_floor"] = (
             next(p["peak_bytes"] for p in series[VMPOWER] if p["n"] == ratio["n"])
             / next(p["peak_bytes"] for p in series[FLOOR] if p["n"] == ratio["n"]))
@@ -454,6 +455,14 @@ def _add(series: dict[str, list[dict]], n: int, measured: dict) -> None:
     rss = measured.pop("max_rss_kib")  # the whole process's, test driver included
     for name, point in measured.items():
         series[name].append({"n": n, **point, "process_max_rss_kib": rss})
+
+
+def round_ratios(series: dict[str, list[dict]], n: int) -> list[float]:
+    """vmpower ÷ floor in each head-to-head round at ``n``: how far the best-of ratio moves
+    with the machine's load."""
+    def rounds(name: str) -> list[float]:
+        return next(point["rounds"] for point in series[name] if point["n"] == n)
+    return [ours / theirs for ours, theirs in zip(rounds(VMPOWER), rounds(FLOOR))]
 
 
 def best_round(implementation: str, rounds: list[dict]) -> dict:
