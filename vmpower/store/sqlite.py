@@ -28,12 +28,9 @@ CREATE TRIGGER IF NOT EXISTS audit_no_delete BEFORE DELETE ON audit
     BEGIN SELECT RAISE(ABORT, '{APPEND_ONLY}'); END;
 """
 _SCHEMA_OBJECTS = re.findall(r"CREATE (?:TABLE|INDEX|TRIGGER) IF NOT EXISTS (\w+)", SCHEMA)
-# True when the file holds all of SCHEMA and the columns added since the first release (a
-# store of an older vmpower lacks some), as PostgresStore's SCHEMA_READY.
-SCHEMA_READY = (f"SELECT (SELECT count(*) FROM sqlite_master WHERE name IN "
-                f"({', '.join(repr(name) for name in _SCHEMA_OBJECTS)})) = {len(_SCHEMA_OBJECTS)} "
-                f"AND (SELECT count(*) FROM pragma_table_info('instances') WHERE name IN "
-                f"({', '.join(repr(name) for name, _ in ADDED_COLUMNS)})) = {len(ADDED_COLUMNS)}")
+# True when the file holds every table, index and trigger of SCHEMA.
+SCHEMA_PRESENT = (f"SELECT count(*) = {len(_SCHEMA_OBJECTS)} FROM sqlite_master WHERE name IN "
+                  f"({', '.join(repr(name) for name in _SCHEMA_OBJECTS)})")
 
 
 class SqliteStore(Store):
@@ -69,9 +66,10 @@ class SqliteStore(Store):
             raise self._unreadable(exc) from exc
 
     def _ready(self) -> bool:
-        """Whether the file is in WAL mode with the whole schema (a file that is not a
-        database raises sqlite3.Error)."""
-        return (self._db.execute(SCHEMA_READY).fetchone()[0] == 1
+        """Whether the file is in WAL mode with the whole schema, the columns added since the
+        first release included (a file that is not a database raises sqlite3.Error)."""
+        return (self._db.execute(SCHEMA_PRESENT).fetchone()[0] == 1
+                and not self._missing_columns()
                 and self._db.execute("PRAGMA journal_mode").fetchone()[0] == "wal")
 
     def _missing_columns(self):
